@@ -1,0 +1,25 @@
+"""mobilenet: the MobileNet family (V1, V2, V3), built as the papers describe them.
+
+>>> import mobilenet
+>>> model = mobilenet.create_model("mobilenet_v2", width_mult=0.5, num_classes=10)
+>>> mobilenet.cost(model, resolution=160).madds
+"""
+
+from .cost import Cost, cost
+from .errors import CheckpointError, MobileNetError
+from .models import MobileNet, ModelConfig, create_model, list_models
+from .weights import load_weights, save_weights
+
+__all__ = [
+    "CheckpointError",
+    "Cost",
+    "MobileNet",
+    "MobileNetError",
+    "ModelConfig",
+    "cost",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "save_weights",
+]
+__version__ = "0.1.0"

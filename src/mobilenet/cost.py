@@ -1,0 +1,208 @@
+"""Cost model: parameters, multiply-adds and activation memory, per layer and by type.
+
+Conventions (all three papers): MAdds are the multiply-accumulates of convolutions and
+fully connected layers only; BatchNorm, activations, pooling and residual additions are
+free. A convolution producing ``N x Ho x Wo`` from ``M / groups`` input channels per
+group with a ``k x k`` kernel costs ``k*k*(M/groups)*N*Ho*Wo``; a linear layer
+``in * out``. Parameters are all parameters (BatchNorm included), so they agree with
+``sum(p.numel() for p in model.parameters())``.
+
+Activation memory is measured on the traced graph of a plain forward pass at batch 1:
+every operation's output is a tensor that lives from the operation that makes it to the
+last operation that reads it (views and identities share their input's storage). The
+peak is the largest total of tensors alive at once; the largest single tensor is the
+bound the V2 paper's memory-efficient inference (Section 5.1) improves on.
+
+Golden figures at 224 (1000 classes): V1 4,231,976 params / 568.7M MAdds;
+V2 3,504,872 / 300.8M; V3-Large 5,483,032 / 216.6M; V3-Small 2,542,856 / 56.5M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import MobileNetError
+
+__all__ = ["LAYER_TYPES", "Cost", "LayerCost", "check_resolution", "cost", "layer_type"]
+
+LAYER_TYPES = ("conv1x1", "depthwise", "conv", "linear", "norm")
+MIN_RESOLUTION = 32
+
+# Operations whose output shares its input's storage in eager PyTorch.
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.Tensor.view, torch.Tensor.reshape}
+_VIEW_METHODS = {"flatten", "view", "reshape", "contiguous"}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    type: str
+    output_shape: tuple[int, ...]
+    params: int
+    madds: int
+
+
+@dataclass
+class Cost:
+    model: str
+    width_mult: float
+    resolution: int
+    num_classes: int
+    params: int
+    madds: int
+    largest_activation_bytes: int
+    peak_activation_bytes: int
+    by_type: dict[str, dict[str, int]]
+    layers: list[LayerCost] = field(repr=False)
+
+    def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        out["layers"] = [asdict(layer) for layer in self.layers] if per_layer else None
+        if not per_layer:
+            del out["layers"]
+        return out
+
+
+def check_resolution(resolution: int) -> int:
+    if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+        raise MobileNetError(
+            f"resolution must be an integer >= {MIN_RESOLUTION} (the network's output "
+            f"stride), got {resolution!r}"
+        )
+    return resolution
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The cost category of a module: conv1x1, depthwise, conv (full kxk), linear, norm."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups > 1 and module.groups == module.in_channels:
+            return "depthwise"
+        return "conv1x1" if module.kernel_size == (1, 1) else "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "norm"
+    return None
+
+
+def _madds(module: nn.Module, output: torch.Size) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return 0
+
+
+def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
+    """Measure a model at ``resolution x resolution`` input, batch 1.
+
+    ``model`` is a module (e.g. from :func:`mobilenet.create_model`) or a registered name.
+    A MobileNet needs ``resolution >= 32``, its output stride; any other module taking a
+    3-channel image is measured as it is.
+    """
+    from .models import MobileNet, create_model
+
+    if isinstance(model, str):
+        model = create_model(model)
+    if isinstance(model, MobileNet):
+        check_resolution(resolution)
+    config = getattr(model, "config", None)
+    was_training = model.training
+    model.eval()
+    try:
+        graph_module = fx.symbolic_trace(model)
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(
+                torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
+            )
+    finally:
+        model.train(was_training)
+
+    modules = dict(graph_module.named_modules())
+    layers: list[LayerCost] = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        kind = layer_type(module)
+        if kind is None:
+            continue
+        shape = node.meta["tensor_meta"].shape
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        layers.append(LayerCost(node.target, kind, tuple(shape), params, _madds(module, shape)))
+
+    by_type = {kind: {"params": 0, "madds": 0} for kind in LAYER_TYPES}
+    for layer in layers:
+        by_type[layer.type]["params"] += layer.params
+        by_type[layer.type]["madds"] += layer.madds
+    counted = sum(v["params"] for v in by_type.values())
+    total_params = sum(p.numel() for p in model.parameters())
+    if total_params != counted:
+        by_type["other"] = {"params": total_params - counted, "madds": 0}
+
+    largest, peak = _activation_memory(graph_module)
+    return Cost(
+        model=config.name if config is not None else type(model).__name__,
+        width_mult=config.width_mult if config is not None else 1.0,
+        resolution=resolution,
+        num_classes=config.num_classes if config is not None else -1,
+        params=total_params,
+        madds=sum(layer.madds for layer in layers),
+        largest_activation_bytes=largest,
+        peak_activation_bytes=peak,
+        by_type=by_type,
+        layers=layers,
+    )
+
+
+def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _IDENTITY_MODULES)
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return False
+
+
+def _activation_memory(graph_module: fx.GraphModule) -> tuple[int, int]:
+    """(largest single tensor, peak of live tensors) in bytes, from a shape-propagated graph."""
+    modules = dict(graph_module.named_modules())
+    nodes = list(graph_module.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    storage: dict[fx.Node, fx.Node] = {}  # node -> the node that allocated its storage
+    size: dict[fx.Node, int] = {}
+    last_use: dict[fx.Node, int] = {}
+    for node in nodes:
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(meta, fx.passes.shape_prop.TensorMetadata):
+            continue
+        if _is_view(node, modules) and node.args and node.args[0] in storage:
+            storage[node] = storage[node.args[0]]
+        else:
+            storage[node] = node
+            size[node] = meta.shape.numel() * meta.dtype.itemsize
+            last_use[node] = position[node]
+    # A storage lives until the last reader of it or of any view of it.
+    for node, root in storage.items():
+        for user in node.users:
+            last_use[root] = max(last_use[root], position[user])
+    largest = max(size.values())
+    events = [0] * (len(nodes) + 1)
+    for node, nbytes in size.items():
+        events[position[node]] += nbytes
+        events[last_use[node] + 1] -= nbytes
+    peak = live = 0
+    for delta in events:
+        live += delta
+        peak = max(peak, live)
+    return largest, peak

@@ -1,0 +1,122 @@
+"""Layers shared by every MobileNet: conv-BN-activation, squeeze-excite, residual add.
+
+BatchNorm defaults follow the TensorFlow reference implementations of the papers
+(epsilon 1e-3, moving-average decay 0.99, i.e. PyTorch momentum 0.01). A model carries
+its own ``bn_eps``: checkpoints trained with another epsilon (torchvision's V2 and timm's
+models use PyTorch's 1e-5) set it when they are loaded, so their outputs are reproduced
+exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BN_EPS",
+    "BN_MOMENTUM",
+    "ActLayer",
+    "ConvBNAct",
+    "ResidualAdd",
+    "SqueezeExcite",
+    "make_divisible",
+    "set_bn_eps",
+]
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+
+ActLayer = Callable[[], nn.Module]
+"""A zero-argument factory of an activation module, e.g. ``nn.ReLU6`` or ``nn.Hardswish``.
+
+h-swish (V3 Section 5.2) is ``x * ReLU6(x + 3) / 6`` and h-sigmoid is ``ReLU6(x + 3) / 6``:
+PyTorch's ``nn.Hardswish`` and ``nn.Hardsigmoid`` compute exactly these, with fused kernels
+and standard ONNX and quantized counterparts, so the toolkit uses them directly.
+"""
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round a channel count to the nearest multiple of ``divisor``.
+
+    The rule of the TensorFlow reference code, used by torchvision and timm alike: never
+    below ``min_value`` (default ``divisor``) and never more than 10% below ``value``.
+    This is how the width multiplier alpha turns a paper channel count ``c`` into
+    ``make_divisible(c * alpha)``.
+    """
+    if min_value is None:
+        min_value = divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias) -> BatchNorm -> activation; ``act=None`` leaves it linear.
+
+    ``groups == in_channels == out_channels`` makes it a depthwise convolution. Padding is
+    ``kernel_size // 2`` on every side, as in torchvision and timm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: ActLayer | None = nn.ReLU6,
+    ) -> None:
+        super().__init__()
+        self.stride = stride
+        self.out_channels = out_channels
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            groups=groups,
+            bias=False,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.act = act() if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite as MobileNetV3 uses it (V3 Section 5.3, Figure 4).
+
+    Global average pool -> 1x1 conv to ``squeeze_channels`` -> ReLU -> 1x1 conv back to
+    ``channels`` -> h-sigmoid -> channel-wise scale of the input.
+    """
+
+    def __init__(self, channels: int, squeeze_channels: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = self.gate(self.fc2(self.act(self.fc1(scale))))
+        return x * scale
+
+
+class ResidualAdd(nn.Module):
+    """``shortcut + residual`` as a module, so quantization can swap the op in one place."""
+
+    def forward(self, shortcut: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return shortcut + residual
+
+
+def set_bn_eps(model: nn.Module, eps: float) -> None:
+    """Set the epsilon of every BatchNorm layer (running statistics depend on it)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eps = eps

@@ -1,0 +1,169 @@
+"""The model class every MobileNet shares, and its configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import BN_EPS, ActLayer, set_bn_eps
+
+__all__ = ["EvalConfig", "FeatureInfo", "MobileNet", "ModelConfig"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model: stored with its weights as metadata."""
+
+    name: str
+    width_mult: float = 1.0
+    num_classes: int = 1000
+    dropout: float = 0.2
+    bn_eps: float = BN_EPS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to feed the model at evaluation: resize to ``resolution / crop_pct``, centre-crop."""
+
+    resolution: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """The last layer of ``features`` at one output stride."""
+
+    index: int
+    stride: int
+    channels: int
+
+
+class HeadFC(nn.Module):
+    """MobileNetV3's hidden head layer after pooling (V3 Tables 1-2: "conv2d 1x1, NBN")."""
+
+    def __init__(self, in_features: int, out_features: int, act: ActLayer) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class MobileNet(nn.Module):
+    """A MobileNet: ``features`` (stem, blocks, last conv) -> pool -> [hidden fc] -> classifier.
+
+    The uniform API follows timm: :meth:`forward_features` returns the last feature map,
+    :meth:`forward_head` pools and classifies it, :meth:`reset_classifier` swaps the
+    classifier, and :meth:`feature_maps` returns the feature map at every output stride
+    (2, 4, 8, 16, 32) for detection backbones. ``feature_info`` lists, for each output
+    stride, the index in ``features`` of the last layer at that stride and its channels.
+    """
+
+    def __init__(
+        self,
+        features: list[nn.Module],
+        config: ModelConfig,
+        head_channels: int | None = None,
+        head_act: ActLayer | None = None,
+        eval_config: EvalConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.eval_config = eval_config or EvalConfig()
+        self.features = nn.Sequential(*features)
+        self.feature_info = _feature_info(self.features)
+        num_features = self.feature_info[-1].channels
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if head_channels is not None:
+            assert head_act is not None
+            self.pre_logits: nn.Module = HeadFC(num_features, head_channels, head_act)
+            num_features = head_channels
+        else:
+            self.pre_logits = nn.Identity()
+        self.num_features = num_features
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier: nn.Module = _classifier(num_features, config.num_classes)
+        _init_weights(self)
+        set_bn_eps(self, config.bn_eps)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(torch.flatten(self.pool(x), 1))
+        if pre_logits:
+            return x
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def feature_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Feature map at each output stride: ``{2: ..., 4: ..., 8: ..., 16: ..., 32: ...}``."""
+        wanted = {info.index: info.stride for info in self.feature_info}
+        maps: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in wanted:
+                maps[wanted[index]] = x
+        return maps
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one (0 removes it)."""
+        self.classifier = _classifier(self.num_features, num_classes)
+        _init_weights(self.classifier)
+        self.config = ModelConfig(**{**self.config.to_dict(), "num_classes": num_classes})
+
+    def set_bn_eps(self, eps: float) -> None:
+        """Use the BatchNorm epsilon a checkpoint was trained with."""
+        set_bn_eps(self, eps)
+        self.config = ModelConfig(**{**self.config.to_dict(), "bn_eps": eps})
+
+
+def _classifier(in_features: int, num_classes: int) -> nn.Module:
+    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _feature_info(features: nn.Sequential) -> list[FeatureInfo]:
+    infos: list[FeatureInfo] = []
+    stride = 1
+    for index, layer in enumerate(features):
+        stride *= layer.stride
+        info = FeatureInfo(index, stride, layer.out_channels)
+        if infos and infos[-1].stride == stride:
+            infos[-1] = info
+        else:
+            infos.append(info)
+    return infos
+
+
+def _init_weights(root: nn.Module) -> None:
+    """He-normal convs, unit BatchNorm, small-normal linears: as torchvision and timm do."""
+    for m in root.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

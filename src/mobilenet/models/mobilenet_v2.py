@@ -1,0 +1,65 @@
+"""MobileNetV2 (Sandler et al., CVPR 2018, arXiv 1801.04381).
+
+ImageNet results (V2 Table 4): MobileNetV2 1.0-224: 72.0% top-1, 3.4M params, 300M MAdds;
+MobileNetV2 1.4-224: 74.7% top-1, 6.9M params, 585M MAdds (the released 1.4 model counts
+6.06M params and 582M MAdds with ``make_divisible`` rounding).
+
+Width multiplier: every channel count ``c`` becomes ``make_divisible(c * alpha)``, except
+the last 1280-channel conv, which is never thinned (it is widened for alpha > 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from ..blocks import InvertedResidual
+from ..layers import ConvBNAct, make_divisible
+from .base import MobileNet, ModelConfig
+from .registry import register_model
+
+__all__ = ["V2_TABLE_2", "mobilenet_v2"]
+
+
+class Bottleneck(NamedTuple):
+    """One row of V2 Table 2: expansion t, output channels c, repeats n, first stride s."""
+
+    t: int
+    c: int
+    n: int
+    s: int
+
+
+STEM_CHANNELS = 32  # Table 2, row 1: conv2d 3x3, 32, stride 2
+LAST_CHANNELS = 1280  # Table 2: conv2d 1x1, 1280
+
+# V2 Table 2: the bottleneck rows, 224x224x3 input.
+V2_TABLE_2 = (
+    #          t    c  n  s
+    Bottleneck(1, 16, 1, 1),  # 112x112x32 -> 112x112x16
+    Bottleneck(6, 24, 2, 2),  # -> 56x56x24
+    Bottleneck(6, 32, 3, 2),  # -> 28x28x32
+    Bottleneck(6, 64, 4, 2),  # -> 14x14x64
+    Bottleneck(6, 96, 3, 1),  # -> 14x14x96
+    Bottleneck(6, 160, 3, 2),  # -> 7x7x160
+    Bottleneck(6, 320, 1, 1),  # -> 7x7x320
+)
+
+
+@register_model
+def mobilenet_v2(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNet:
+    """MobileNetV2 (V2 Table 2): 3,504,872 params and 300.8M MAdds at 1.0-224."""
+    in_channels = make_divisible(STEM_CHANNELS * width_mult)
+    layers: list[nn.Module] = [ConvBNAct(3, in_channels, 3, stride=2)]
+    for row in V2_TABLE_2:
+        out = make_divisible(row.c * width_mult)
+        for i in range(row.n):
+            stride = row.s if i == 0 else 1
+            layers.append(InvertedResidual(in_channels, in_channels * row.t, out, 3, stride))
+            in_channels = out
+    last = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
+    layers.append(ConvBNAct(in_channels, last, 1))
+    return MobileNet(layers, ModelConfig("mobilenet_v2", width_mult, num_classes, dropout))

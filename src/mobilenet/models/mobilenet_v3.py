@@ -1,0 +1,159 @@
+"""MobileNetV3 (Howard et al., ICCV 2019, arXiv 1905.02244).
+
+ImageNet results (V3 Table 3; top-1 / MAdds / params):
+
+=============================  ======  =====  ======
+model                          top-1   MAdds  params
+=============================  ======  =====  ======
+Large 1.0                      75.2%   219M   5.4M
+Large 0.75                     73.3%   155M   4.0M
+Small 1.0                      67.4%    56M   2.5M
+Small 0.75                     65.4%    44M   2.0M
+Large minimalistic             72.3%   209M   3.9M
+Small minimalistic             61.9%    65M   2.0M
+=============================  ======  =====  ======
+
+The tables below keep the paper's columns, expansion sizes ``exp`` included. Width
+multiplier alpha, as in the authors' TF reference (and timm): ``out`` becomes
+``make_divisible(out * alpha)``; the expansion keeps its ratio to the block's input,
+``make_divisible(exp / in * in_alpha)``; the stem never drops below 16 channels and the
+1280 / 1024-channel head layer is never scaled. At alpha = 1 this is exactly the paper's
+table (and torchvision's model). "Minimalistic" variants (V3 Section 6.1.1 and the TF
+reference) drop squeeze-excite and h-swish and use 3x3 kernels only: one switch applied
+to the same table.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from ..blocks import InvertedResidual
+from ..layers import ActLayer, ConvBNAct, make_divisible
+from .base import MobileNet, ModelConfig
+from .registry import register_model
+
+__all__ = ["V3_LARGE", "V3_SMALL", "mobilenet_v3_large", "mobilenet_v3_small"]
+
+RE, HS = "RE", "HS"
+ACTIVATIONS: dict[str, ActLayer] = {RE: nn.ReLU, HS: nn.Hardswish}
+
+
+class Bneck(NamedTuple):
+    """One bneck row of V3 Tables 1-2: kernel k, expansion size, out channels, SE, NL, s."""
+
+    k: int
+    exp: int
+    out: int
+    se: bool
+    nl: str
+    s: int
+
+
+class Spec(NamedTuple):
+    stem: int  # conv2d 3x3, stride 2, HS
+    bnecks: tuple[Bneck, ...]
+    last: int  # conv2d 1x1, HS (pooled afterwards)
+    head: int  # conv2d 1x1 NBN on the pooled features, HS
+
+
+# V3 Table 1: MobileNetV3-Large, 224x224x3 input.
+V3_LARGE = Spec(
+    stem=16,
+    bnecks=(
+        #     k  exp  out   SE     NL  s
+        Bneck(3, 16, 16, False, RE, 1),  # 112x112x16
+        Bneck(3, 64, 24, False, RE, 2),  # 112x112x16 -> 56x56
+        Bneck(3, 72, 24, False, RE, 1),  # 56x56x24
+        Bneck(5, 72, 40, True, RE, 2),  # 56x56x24 -> 28x28
+        Bneck(5, 120, 40, True, RE, 1),  # 28x28x40
+        Bneck(5, 120, 40, True, RE, 1),  # 28x28x40
+        Bneck(3, 240, 80, False, HS, 2),  # 28x28x40 -> 14x14
+        Bneck(3, 200, 80, False, HS, 1),  # 14x14x80
+        Bneck(3, 184, 80, False, HS, 1),  # 14x14x80
+        Bneck(3, 184, 80, False, HS, 1),  # 14x14x80
+        Bneck(3, 480, 112, True, HS, 1),  # 14x14x80
+        Bneck(3, 672, 112, True, HS, 1),  # 14x14x112
+        Bneck(5, 672, 160, True, HS, 2),  # 14x14x112 -> 7x7
+        Bneck(5, 960, 160, True, HS, 1),  # 7x7x160
+        Bneck(5, 960, 160, True, HS, 1),  # 7x7x160
+    ),
+    last=960,
+    head=1280,
+)
+
+# V3 Table 2: MobileNetV3-Small, 224x224x3 input. (The table marks SE on the last 1x1
+# conv too; the released models, like torchvision and timm, apply none there.)
+V3_SMALL = Spec(
+    stem=16,
+    bnecks=(
+        #     k  exp  out   SE     NL  s
+        Bneck(3, 16, 16, True, RE, 2),  # 112x112x16 -> 56x56
+        Bneck(3, 72, 24, False, RE, 2),  # 56x56x16 -> 28x28
+        Bneck(3, 88, 24, False, RE, 1),  # 28x28x24
+        Bneck(5, 96, 40, True, HS, 2),  # 28x28x24 -> 14x14
+        Bneck(5, 240, 40, True, HS, 1),  # 14x14x40
+        Bneck(5, 240, 40, True, HS, 1),  # 14x14x40
+        Bneck(5, 120, 48, True, HS, 1),  # 14x14x40
+        Bneck(5, 144, 48, True, HS, 1),  # 14x14x48
+        Bneck(5, 288, 96, True, HS, 2),  # 14x14x48 -> 7x7
+        Bneck(5, 576, 96, True, HS, 1),  # 7x7x96
+        Bneck(5, 576, 96, True, HS, 1),  # 7x7x96
+    ),
+    last=576,
+    head=1024,
+)
+
+
+def _build(
+    name: str, spec: Spec, width_mult: float, num_classes: int, dropout: float, minimal: bool
+) -> MobileNet:
+    def act(nl: str) -> ActLayer:
+        return nn.ReLU if minimal else ACTIVATIONS[nl]
+
+    stem = max(spec.stem, make_divisible(spec.stem * width_mult))
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act(HS))]
+    paper_in, in_channels = spec.stem, stem
+    for row in spec.bnecks:
+        exp = make_divisible(in_channels * row.exp / paper_in)
+        out = make_divisible(row.out * width_mult)
+        kernel = 3 if minimal else row.k
+        use_se = row.se and not minimal
+        layers.append(InvertedResidual(in_channels, exp, out, kernel, row.s, use_se, act(row.nl)))
+        paper_in, in_channels = row.out, out
+    layers.append(ConvBNAct(in_channels, make_divisible(spec.last * width_mult), 1, act=act(HS)))
+    config = ModelConfig(name, width_mult, num_classes, dropout)
+    return MobileNet(layers, config, head_channels=spec.head, head_act=act(HS))
+
+
+@register_model
+def mobilenet_v3_large(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNet:
+    """MobileNetV3-Large (V3 Table 1): 5,483,032 params and 216.6M MAdds at 1.0-224."""
+    return _build("mobilenet_v3_large", V3_LARGE, width_mult, num_classes, dropout, False)
+
+
+@register_model
+def mobilenet_v3_small(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNet:
+    """MobileNetV3-Small (V3 Table 2): 2,542,856 params and 56.5M MAdds at 1.0-224."""
+    return _build("mobilenet_v3_small", V3_SMALL, width_mult, num_classes, dropout, False)
+
+
+@register_model
+def mobilenet_v3_large_minimal(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNet:
+    """MobileNetV3-Large minimalistic: no SE, ReLU only, 3x3 kernels only."""
+    return _build("mobilenet_v3_large_minimal", V3_LARGE, width_mult, num_classes, dropout, True)
+
+
+@register_model
+def mobilenet_v3_small_minimal(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNet:
+    """MobileNetV3-Small minimalistic: no SE, ReLU only, 3x3 kernels only."""
+    return _build("mobilenet_v3_small_minimal", V3_SMALL, width_mult, num_classes, dropout, True)
