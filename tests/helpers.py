@@ -26,7 +26,11 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def recalibrate_bn(model: nn.Module, resolution: int = 96, seed: int = 0) -> nn.Module:
-    """Set BatchNorm running statistics to those of a random batch (cumulative average)."""
+    """Set BatchNorm running statistics to those of a random batch (cumulative average).
+
+    Keeps every layer's output near unit scale, so that logits are O(1) and an absolute
+    tolerance on them means something; affine parameters are left as they are.
+    """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 3, resolution, resolution, generator=g)
     saved = {}

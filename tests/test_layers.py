@@ -7,7 +7,9 @@ from mobilenet.blocks import DepthwiseSeparable, InvertedResidual
 from mobilenet.layers import ConvBNAct, SqueezeExcite, make_divisible
 
 
-@pytest.mark.parametrize("value", [3.5, 8, 11.2, 12, 16.8, 18, 33.6, 56.0, 88.08, 117.3, 1280 * 1.4])
+@pytest.mark.parametrize(
+    "value", [3.5, 8, 11.2, 12, 16.8, 18, 33.6, 56.0, 88.08, 117.3, 1280 * 1.4]
+)
 def test_make_divisible_matches_torchvision(value):
     assert make_divisible(value) == tv_make_divisible(value, 8)
     assert make_divisible(value) % 8 == 0

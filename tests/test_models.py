@@ -31,7 +31,12 @@ def test_forward_shapes(name, resolution):
     with torch.no_grad():
         features = model.forward_features(x)
         logits = model.forward_head(features)
-    assert features.shape == (2, model.feature_info[-1].channels, resolution // 32, resolution // 32)
+    assert features.shape == (
+        2,
+        model.feature_info[-1].channels,
+        resolution // 32,
+        resolution // 32,
+    )
     assert logits.shape == (2, 7)
     assert torch.isfinite(logits).all()
 
@@ -108,7 +113,23 @@ def test_v3_large_table_1():
     blocks = [b for b in model.features if isinstance(b, InvertedResidual)]
     exp = [b.dw.conv.out_channels for b in blocks]
     assert exp == [16, 64, 72, 72, 120, 120, 240, 200, 184, 184, 480, 672, 672, 960, 960]
-    assert [b.dw.conv.kernel_size[0] for b in blocks] == [3, 3, 3, 5, 5, 5, 3, 3, 3, 3, 3, 3, 5, 5, 5]
+    assert [b.dw.conv.kernel_size[0] for b in blocks] == [
+        3,
+        3,
+        3,
+        5,
+        5,
+        5,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        5,
+        5,
+        5,
+    ]
     assert [not isinstance(b.se, nn.Identity) for b in blocks] == [False] * 3 + [True] * 3 + [
         False
     ] * 4 + [True] * 5

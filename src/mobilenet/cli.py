@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .cost import LAYER_TYPES, Cost, check_resolution, cost
@@ -28,8 +29,10 @@ def _width(text: str) -> float:
 def _resolution(text: str) -> int:
     try:
         return check_resolution(int(text))
-    except (ValueError, MobileNetError) as e:
+    except MobileNetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 32, got {text!r}") from None
 
 
 def _classes(text: str) -> int:
@@ -55,8 +58,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_classes, default=None, help="classifier outputs")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mobilenet",
         description="The MobileNet family (V1, V2, V3), as the papers describe it.",
     )

@@ -1,0 +1,113 @@
+"""The command line: tables, JSON, conversion, and one clear line for every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from mobilenet import create_model
+from mobilenet.cli import main
+
+from .helpers import randomize_bn
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mobilenet", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_cost_json(capsys):
+    assert main(["cost", "mobilenet_v2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "mobilenet_v2" and out["width_mult"] == 1.0
+    assert out["resolution"] == 224
+    assert out["params"] == 3_504_872
+    assert round(out["madds"] / 1e6, 1) == 300.8
+    assert out["peak_activation_bytes"] >= out["largest_activation_bytes"] > 0
+    for kind in ("conv1x1", "depthwise", "conv", "linear"):
+        assert set(out["by_type"][kind]) == {"params", "madds"}
+    assert out["by_type"]["linear"]["madds"] == 1280 * 1000
+
+
+def test_cost_options(capsys):
+    args = ["cost", "mobilenet_v1", "--width-mult", "0.5", "--resolution", "160"]
+    assert main([*args, "--num-classes", "10", "--per-layer", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["width_mult"], out["resolution"], out["num_classes"]) == (0.5, 160, 10)
+    assert out["layers"][-1]["name"] == "classifier" and out["layers"][-1]["madds"] == 512 * 10
+    assert main(["cost", "mobilenet_v1"]) == 0
+    table = capsys.readouterr().out
+    assert "4,231,976" in table and "568.7M" in table and "94.86%" in table
+
+
+def test_cost_all_is_fast():
+    start = time.perf_counter()
+    result = run("cost", "--all")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    for name in ("mobilenet_v1_conv", "mobilenet_v3_small_minimal"):
+        assert name in result.stdout
+    assert elapsed < 10, f"mobilenet cost --all took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cost", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
+        (["cost", "mobilenet_v2", "--width-mult", "0"], "must be > 0"),
+        (["cost", "mobilenet_v2", "--width-mult", "-0.5"], "must be > 0"),
+        (["cost", "mobilenet_v2", "--resolution", "31"], ">= 32"),
+        (["cost", "mobilenet_v2", "--resolution", "abc"], ">= 32"),
+        (["cost"], "give a model name or --all"),
+        (["convert", "missing.pth", "out.safetensors", "--model", "mobilenet_v2"], "not found"),
+    ],
+)
+def test_bad_input_gives_one_clear_message(args, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenet", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_torchvision_checkpoint(tmp_path, capsys):
+    ref = randomize_bn(torchvision.models.mobilenet_v3_small(num_classes=12)).eval()
+    torch.save(ref.state_dict(), tmp_path / "tv.pth")
+    dst = tmp_path / "small.safetensors"
+    assert (
+        main(["convert", str(tmp_path / "tv.pth"), str(dst), "--model", "mobilenet_v3_small"]) == 0
+    )
+    assert "12 classes" in capsys.readouterr().out
+    model = create_model("mobilenet_v3_small", weights=str(dst)).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert (model(x) - ref(x)).abs().max() <= 1e-5
+
+
+def test_convert_refuses_a_mismatch_and_writes_nothing(tmp_path, capsys):
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "v2.pth")
+    dst = tmp_path / "out.safetensors"
+    args = ["convert", str(tmp_path / "v2.pth"), str(dst), "--model", "mobilenet_v2"]
+    assert main([*args, "--width-mult", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit mobilenet_v2 (width 0.5" in err and "mis-shaped" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "v2.pth"]
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenet_v3_large_minimal" in out and "mobilenet_v2.tv2_in1k" in out
