@@ -57,19 +57,34 @@ def test_cost_all_is_fast():
     assert elapsed < 10, f"mobilenet cost --all took {elapsed:.1f} s"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["cost", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
-        (["cost", "mobilenet_v2", "--width-mult", "0"], "must be > 0"),
-        (["cost", "mobilenet_v2", "--width-mult", "-0.5"], "must be > 0"),
-        (["cost", "mobilenet_v2", "--resolution", "31"], ">= 32"),
-        (["cost", "mobilenet_v2", "--resolution", "abc"], ">= 32"),
-        (["cost"], "give a model name or --all"),
-        (["convert", "missing.pth", "out.safetensors", "--model", "mobilenet_v2"], "not found"),
-    ],
-)
-def test_bad_input_gives_one_clear_message(args, message, tmp_path):
+BAD_INPUT = [
+    (["cost", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
+    (["cost", "mobilenet_v2", "--width-mult", "0"], "must be > 0"),
+    (["cost", "mobilenet_v2", "--width-mult", "-0.5"], "must be > 0"),
+    (["cost", "mobilenet_v2", "--resolution", "31"], ">= 32"),
+    (["cost", "mobilenet_v2", "--resolution", "abc"], ">= 32"),
+    (["cost"], "give a model name or --all"),
+    (["cost", "mobilenet_v2", "--bogus"], "unrecognized arguments: --bogus"),
+    (["convert", "missing.pth", "out.safetensors", "--model", "mobilenet_v2"], "not found"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_gives_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [BAD_INPUT[0], BAD_INPUT[-1]])
+def test_bad_input_end_to_end_has_no_traceback(args, message, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mobilenet", *args],
         capture_output=True,
@@ -77,10 +92,10 @@ def test_bad_input_gives_one_clear_message(args, message, tmp_path):
         cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out.safetensors").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_convert_torchvision_checkpoint(tmp_path, capsys):

@@ -23,6 +23,7 @@ TORCHVISION = [
 ]
 TIMM = [
     ("mobilenetv1_100", "mobilenet_v1", 1.0),
+    ("mobilenetv1_125", "mobilenet_v1", 1.25),
     ("mobilenetv2_035", "mobilenet_v2", 0.35),
     ("mobilenetv2_050", "mobilenet_v2", 0.5),
     ("mobilenetv2_075", "mobilenet_v2", 0.75),

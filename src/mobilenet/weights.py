@@ -4,7 +4,7 @@
 
 * torchvision state dicts: ``mobilenet_v2``, ``mobilenet_v3_large``, ``mobilenet_v3_small``
   (the ``.pth`` files torchvision downloads, or ``model.state_dict()`` saved by a user);
-* timm state dicts: ``mobilenetv1_100``, ``mobilenetv2_{035,050,075,100,140}``,
+* timm state dicts: ``mobilenetv1_{100,125}``, ``mobilenetv2_{035,050,075,100,140}``,
   ``mobilenetv3_large_{075,100}``, ``mobilenetv3_small_{050,075,100}`` (``.pth``,
   ``.bin`` or ``model.safetensors`` from the Hugging Face hub, or a timm training
   checkpoint holding ``state_dict``);
