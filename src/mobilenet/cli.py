@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
@@ -44,6 +45,24 @@ def _classes(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _classes(text)
+
+
+def _positive_float(text: str) -> float:
+    return _width(text)
 
 
 def _model_name(text: str) -> str:
@@ -92,7 +111,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=_model_name, help="model name")
     _add_model_args(p)
     p.set_defaults(func=cmd_convert)
+
+    _add_train_parser(sub)
+
+    p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained weights on a dataset")
+    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--data", required=True, help="image folder or built-in dataset (mnist, digits)")
+    p.add_argument("--model", type=_model_name, help="needed for torchvision/timm checkpoints")
+    p.add_argument("--width-mult", type=_width, default=None, help="width multiplier alpha")
+    p.add_argument("--resolution", type=_resolution, default=None, help="input size")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify images: the top-5 classes of each")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--model", type=_model_name, help="needed for torchvision/timm checkpoints")
+    p.add_argument("--width-mult", type=_width, default=None, help="width multiplier alpha")
+    p.add_argument("--resolution", type=_resolution, default=None, help="input size")
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .train.recipes import RECIPES
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune on an image folder or a built-in dataset",
+        description="Train on one process, or on many under torchrun "
+        "(torchrun --nproc-per-node N -m mobilenet train ...).",
+    )
+    p.add_argument("--model", type=_model_name, default="mobilenet_v3_small")
+    p.add_argument("--width-mult", type=_width, default=1.0, help="width multiplier alpha")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="image folder (one sub-folder per class) or a built-in dataset: mnist, digits",
+    )
+    p.add_argument("--val-data", help="separate validation image folder")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of --data held out when there is no --val-data (default 0.1)",
+    )
+    p.add_argument("--recipe", default="demo", help=f"one of: {', '.join(RECIPES)}")
+    p.add_argument("--epochs", type=_positive_int, help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=_positive_int, help="global batch size (all processes)")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        help="learning rate (default: the recipe's, scaled to the batch size)",
+    )
+    p.add_argument("--resolution", type=_resolution, help="training input size")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--pretrained", help="start from these weights (classifier reset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_non_negative_int, default=2, help="data loading processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(func=cmd_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,6 +256,73 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"wrote {args.dst}: {cfg.name} (width {cfg.width_mult}, {cfg.num_classes} classes, "
         f"BatchNorm eps {cfg.bn_eps:g}) from a {source} checkpoint"
     )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, get_recipe, train
+
+    recipe = get_recipe(
+        args.recipe, epochs=args.epochs, batch_size=args.batch_size, resolution=args.resolution
+    )
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        recipe=recipe,
+        width_mult=args.width_mult,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        lr=args.lr,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        pretrained=args.pretrained,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = f"{result.best_top1:.2f}% (epoch {result.best_epoch})" if result.best_top1 else "-"
+        print(
+            f"done in {result.seconds:.0f} s: best validation top-1 {best}\n"
+            f"  weights  {result.out / 'best.safetensors'}\n"
+            f"  curves   {result.out / 'curves.png'}\n"
+            f"  metrics  {result.out / 'metrics.csv'}"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .inference import evaluate_on, load_trained
+
+    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    metrics = evaluate_on(trained, args.data, args.batch_size, args.workers, args.device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"{trained.model.config.name} on {args.data}: top-1 {metrics['top1']:.2f}%  "
+            f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+            f"({metrics['images']} images at {trained.resolution}x{trained.resolution})"
+        )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import load_trained, predict
+
+    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    results = predict(trained, args.images, args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(result["image"])
+        for entry in result["top"]:
+            print(f"  {entry['probability']:7.2%}  {entry['class']}")
     return 0
 
 

@@ -1,0 +1,20 @@
+"""Data: image folders, built-in offline datasets, and their transforms."""
+
+from .datasets import BUILTIN, ImageFolder, Split, TensorImages, builtin_splits, folder_splits
+from .images import find_broken, load_rgb, to_rgb
+from .transforms import Augment, eval_transform, train_transform
+
+__all__ = [
+    "BUILTIN",
+    "Augment",
+    "ImageFolder",
+    "Split",
+    "TensorImages",
+    "builtin_splits",
+    "eval_transform",
+    "find_broken",
+    "folder_splits",
+    "load_rgb",
+    "to_rgb",
+    "train_transform",
+]

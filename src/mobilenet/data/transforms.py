@@ -1,0 +1,63 @@
+"""torchvision transforms v2 pipelines for training and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from ..models.base import EvalConfig
+
+__all__ = ["Augment", "eval_transform", "train_transform"]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: random-resized crop, flip and the recipe's extras."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception-style crop (Szegedy et al.)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = None  # "trivialaugment" | "autoaugment" | None
+    random_erasing: float = 0.0
+
+
+def _auto_augment(name: str | None) -> list[v2.Transform]:
+    if name is None:
+        return []
+    if name == "trivialaugment":
+        return [v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)]
+    if name == "autoaugment":
+        return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, InterpolationMode.BILINEAR)]
+    raise ValueError(f"unknown auto-augment policy {name!r}")
+
+
+def train_transform(resolution: int, augment: Augment, config: EvalConfig) -> v2.Compose:
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(
+            resolution, scale=augment.crop_scale, ratio=augment.crop_ratio, antialias=True
+        ),
+    ]
+    if augment.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(augment.hflip))
+    steps += _auto_augment(augment.auto_augment)
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
+    if augment.random_erasing > 0:
+        steps.append(v2.RandomErasing(augment.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+def eval_transform(resolution: int, config: EvalConfig) -> v2.Compose:
+    """Resize to ``resolution / crop_pct`` and take the central ``resolution`` square."""
+    resize = round(resolution / config.crop_pct)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize, antialias=True),
+            v2.CenterCrop(resolution),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(config.mean, config.std),
+        ]
+    )

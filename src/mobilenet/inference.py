@@ -1,0 +1,105 @@
+"""Using a trained model: load it with its classes, evaluate it, classify images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data import builtin_splits, eval_transform, load_rgb
+from .data.datasets import BUILTIN, ImageFolder
+from .errors import MobileNetError
+from .models import MobileNet, create_model
+from .weights import read_checkpoint, resolve_weights, saved_config
+
+__all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
+
+
+@dataclass
+class Trained:
+    model: MobileNet
+    classes: list[str]
+    resolution: int
+
+
+def load_trained(
+    weights: str,
+    model: str | None = None,
+    width_mult: float | None = None,
+    resolution: int | None = None,
+) -> Trained:
+    """A model ready for inference, with its class names and input resolution.
+
+    Our own files carry the model name, width, classes and training resolution; for a
+    torchvision or timm checkpoint, ``model`` (and ``width_mult``) must be given and the
+    classes are numbered.
+    """
+    path = resolve_weights(weights)
+    _, metadata = read_checkpoint(path)
+    saved = saved_config(metadata)
+    name = model or (saved.name if saved else None)
+    if name is None:
+        raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
+    kwargs = {} if width_mult is None else {"width_mult": width_mult}
+    net = create_model(name, weights=str(path), **kwargs).eval()
+    classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+    if classes is None or len(classes) != net.num_classes:
+        classes = [str(i) for i in range(net.num_classes)]
+    res = resolution or int(metadata.get("resolution", net.eval_config.resolution))
+    return Trained(net, classes, res)
+
+
+def evaluate_on(
+    trained: Trained,
+    data: str,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Top-1, top-5 and loss on a folder (class names matched) or a built-in dataset."""
+    from .train.distributed import Distributed, resolve_device
+    from .train.evaluate import evaluate
+
+    transform = eval_transform(trained.resolution, trained.model.eval_config)
+    if data in BUILTIN:
+        dataset = builtin_splits(data, transform, transform).val
+    elif Path(data).is_dir():
+        dataset = ImageFolder(data, transform, classes=trained.classes)
+    else:
+        raise MobileNetError(
+            f"data not found: {data} (an image folder, or one of: {', '.join(BUILTIN)})"
+        )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    dist = Distributed(0, 1, 0, resolve_device(device))
+    model = trained.model.to(dist.device, memory_format=torch.channels_last)
+    return evaluate(model, loader, dist)
+
+
+@torch.no_grad()
+def predict(trained: Trained, images: list[str], top: int = 5) -> list[dict]:
+    """The ``top`` classes of each image, with probabilities. Unreadable images raise."""
+    transform = eval_transform(trained.resolution, trained.model.eval_config)
+    batch = []
+    for image in images:
+        try:
+            batch.append(transform(load_rgb(image)))
+        except FileNotFoundError:
+            raise MobileNetError(f"image not found: {image}") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise MobileNetError(f"{image}: not a readable image ({e})") from None
+    probs = trained.model(torch.stack(batch)).softmax(1)
+    k = min(top, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [
+        {
+            "image": image,
+            "top": [
+                {"class": trained.classes[i], "probability": p}
+                for p, i in zip(v.tolist(), ix.tolist(), strict=True)
+            ],
+        }
+        for image, v, ix in zip(images, values, indices, strict=True)
+    ]

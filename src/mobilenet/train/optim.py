@@ -1,0 +1,143 @@
+"""Optimizers, parameter groups, learning-rate schedules and the weight EMA."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel
+
+from .recipes import Recipe
+
+__all__ = ["RMSpropTF", "build_ema", "build_optimizer", "build_scheduler", "param_groups"]
+
+
+class RMSpropTF(Optimizer):
+    """RMSProp as TensorFlow computes it, the optimizer of the MobileNet papers.
+
+    For each parameter ``p`` with gradient ``g`` (weight decay ``wd`` is an L2 term, added
+    to the gradient as TF adds it to the loss)::
+
+        g    = g + wd * p
+        ms   = decay * ms + (1 - decay) * g**2          # ms starts at 1, not 0
+        mom  = momentum * mom + lr * g / sqrt(ms + eps) # eps inside the square root
+        p    = p - mom
+
+    It differs from ``torch.optim.RMSprop`` in three ways that matter for the papers'
+    hyper-parameters: the mean square starts at one, epsilon sits inside the square root,
+    and the learning rate enters the momentum buffer (so a learning-rate change acts
+    gradually).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 0.01,
+        decay: float = 0.9,
+        momentum: float = 0.9,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or not 0 <= decay < 1 or momentum < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError("invalid RMSpropTF hyper-parameters")
+        defaults = dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if not state:
+                    state["square_avg"] = torch.ones_like(p)
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                square_avg = state["square_avg"]
+                square_avg.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+                update = grad / square_avg.add(group["eps"]).sqrt_()
+                buf = state["momentum_buffer"]
+                buf.mul_(momentum).add_(update, alpha=lr)
+                p.sub_(buf)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: bool) -> list[dict]:
+    """Split parameters so BatchNorm weights and biases can go without weight decay."""
+    if norm_weight_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm)
+            (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> Optimizer:
+    groups = param_groups(model, recipe.weight_decay, recipe.norm_weight_decay)
+    wd = recipe.weight_decay
+    if recipe.optimizer == "rmsprop_tf":
+        return RMSpropTF(groups, lr, recipe.rmsprop_decay, recipe.momentum, recipe.rmsprop_eps, wd)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr, momentum=recipe.momentum, nesterov=True, weight_decay=wd)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def lr_factor(recipe: Recipe, epoch: float, epochs: int) -> float:
+    """The learning rate at (fractional) ``epoch`` as a fraction of the initial rate."""
+    if recipe.warmup_epochs and epoch < recipe.warmup_epochs:
+        return (epoch + 1e-3) / recipe.warmup_epochs
+    if recipe.schedule == "exponential":  # staircase: x decay_rate every decay_epochs
+        return recipe.decay_rate ** math.floor(epoch / recipe.decay_epochs)
+    if recipe.schedule == "cosine":
+        span = max(epochs - recipe.warmup_epochs, 1e-9)
+        progress = min(max(epoch - recipe.warmup_epochs, 0.0) / span, 1.0)
+        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+    raise ValueError(f"unknown schedule {recipe.schedule!r}")
+
+
+def build_scheduler(
+    optimizer: Optimizer, recipe: Recipe, epochs: int, steps_per_epoch: int
+) -> LambdaLR:
+    """A per-step schedule (call ``step()`` after every optimizer step)."""
+    return LambdaLR(optimizer, lambda step: lr_factor(recipe, step / steps_per_epoch, epochs))
+
+
+def build_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics.
+
+    As TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``, which the papers'
+    reference code uses, the decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so early
+    averages are not dominated by the random initialisation.
+    """
+    if not decay:
+        return None
+
+    def ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor):
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        return averaged * d + current * (1 - d)
+
+    return AveragedModel(model, avg_fn=ema, use_buffers=True)

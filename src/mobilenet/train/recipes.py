@@ -1,0 +1,142 @@
+"""Training recipes as data: each default cites where it comes from.
+
+A recipe is a frozen dataclass; command-line flags override fields with
+``dataclasses.replace`` and the resolved recipe is saved with the run (``config.json``).
+Learning rates are given for a reference global batch (``lr_batch``) and scaled linearly
+to the batch actually used (Goyal et al., 2017), unless ``--lr`` sets the rate itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from ..data.transforms import Augment
+from ..errors import MobileNetError
+
+__all__ = ["RECIPES", "Recipe", "get_recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    epochs: int
+    batch_size: int  # global batch (all processes together)
+    optimizer: str  # "rmsprop_tf" | "sgd" (Nesterov) | "adamw"
+    lr: float  # for a global batch of lr_batch images
+    lr_batch: int
+    momentum: float = 0.9
+    rmsprop_decay: float = 0.9
+    rmsprop_eps: float = 1e-3
+    weight_decay: float = 0.0
+    norm_weight_decay: bool = True  # also decay BatchNorm weights and biases?
+    schedule: str = "exponential"  # "exponential" (staircase) | "cosine"
+    decay_rate: float = 1.0  # exponential: x decay_rate ...
+    decay_epochs: float = 1.0  # ... every decay_epochs
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: final lr / initial lr
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    dropout: float | None = None  # None keeps the model's default
+    bn_momentum: float | None = None  # None keeps the model's default (TF's 0.99 decay)
+    resolution: int = 224
+    augment: Augment = field(default_factory=Augment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def scaled_lr(self, batch_size: int) -> float:
+        return self.lr * batch_size / self.lr_batch
+
+
+RECIPES: dict[str, Recipe] = {
+    # V2 Section 6.1: "RMSPropOptimizer with both decay and momentum set to 0.9 ... weight
+    # decay 0.00004 ... initial learning rate of 0.045, and learning rate decay rate of
+    # 0.98 per epoch ... 16 GPU asynchronous workers, and a batch size of 96" (so 0.045 is
+    # the rate for 96 images). Label smoothing 0.1 and the weight EMA (decay 0.9999) are
+    # those of the TF-Slim training setup the paper used (Szegedy et al., 2016). V1 was
+    # trained the same way (V1 Section 4: RMSprop, asynchronous, little regularisation).
+    "paper-v2": Recipe(
+        name="paper-v2",
+        epochs=300,
+        batch_size=96,
+        optimizer="rmsprop_tf",
+        lr=0.045,
+        lr_batch=96,
+        weight_decay=4e-5,
+        schedule="exponential",
+        decay_rate=0.98,
+        decay_epochs=1.0,
+        label_smoothing=0.1,
+        ema_decay=0.9999,
+    ),
+    # V3 Section 6.1: "RMSPropOptimizer with 0.9 momentum ... initial learning rate of 0.1,
+    # with batch size 4096 (128 images per chip), and learning rate decay rate of 0.01 every
+    # 3 epochs. We use dropout of 0.8, and l2 weight decay 1e-5 ... exponential moving
+    # average with decay 0.9999". Dropout 0.8 there is the keep probability: 0.2 here.
+    "paper-v3": Recipe(
+        name="paper-v3",
+        epochs=300,
+        batch_size=128,
+        optimizer="rmsprop_tf",
+        lr=0.1,
+        lr_batch=4096,
+        weight_decay=1e-5,
+        schedule="exponential",
+        decay_rate=0.99,
+        decay_epochs=3.0,
+        dropout=0.2,
+        ema_decay=0.9999,
+    ),
+    # torchvision's current classification recipe ("How to train state-of-the-art models
+    # using TorchVision's latest primitives", 2021): SGD lr 0.5 for batch 1024, cosine with
+    # 5 linear warm-up epochs, label smoothing 0.1, TrivialAugment, random erasing 0.1,
+    # weight decay 2e-5 with none on norm layers, EMA of the weights, 600 epochs.
+    "modern": Recipe(
+        name="modern",
+        epochs=600,
+        batch_size=128,
+        optimizer="sgd",
+        lr=0.5,
+        lr_batch=1024,
+        weight_decay=2e-5,
+        norm_weight_decay=False,
+        schedule="cosine",
+        warmup_epochs=5,
+        label_smoothing=0.1,
+        ema_decay=0.99998,
+        augment=Augment(auto_augment="trivialaugment", random_erasing=0.1),
+    ),
+    # Fastest to the demo target on the built-in MNIST (>= 97% top-1 on 1,000 held-out
+    # digits in minutes on 2 CPU cores): AdamW with a short warm-up and cosine decay,
+    # faster BatchNorm statistics for a short run, and no horizontal flip (digits are
+    # not mirror-symmetric).
+    "demo": Recipe(
+        name="demo",
+        epochs=12,
+        batch_size=64,
+        optimizer="adamw",
+        lr=2e-3,
+        lr_batch=64,
+        weight_decay=0.05,
+        norm_weight_decay=False,
+        schedule="cosine",
+        warmup_epochs=1,
+        label_smoothing=0.1,
+        dropout=0.1,
+        bn_momentum=0.1,
+        resolution=32,
+        augment=Augment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=0.0),
+    ),
+}
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """A named recipe with some fields replaced (``None`` values are ignored)."""
+    if name not in RECIPES:
+        raise MobileNetError(f"unknown recipe {name!r}; choose from: {', '.join(RECIPES)}")
+    names = {f.name for f in fields(Recipe)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise MobileNetError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
