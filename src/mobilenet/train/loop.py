@@ -159,6 +159,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             train_stats = _train_one_epoch(
                 ddp, train_loader, optimizer, scheduler, scaler, ema, dist, cfg, epoch
             )
+            # Each process updated its BatchNorm statistics on its own shard: average them,
+            # so every replica (and its EMA) evaluates and saves the same network.
+            _average_buffers(model, dist)
+            if ema is not None:
+                _average_buffers(ema.module, dist)
             evaluated = ema.module if ema is not None else model
             val = (
                 evaluate(evaluated, val_loader, dist, cfg.channels_last, cfg.amp)
@@ -209,8 +214,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                     print(_epoch_line(row, recipe.epochs), flush=True)
             dist.barrier()
 
+        checksums = _replica_checksums(model, dist)
         if dist.is_main and history:
             plot_curves(history, out / "curves.png", f"{cfg.model} on {cfg.data}")
+            summary = {
+                "best_val_top1": best_top1 if split.val is not None else None,
+                "best_epoch": best_epoch,
+                "final": history[-1],
+                "seconds": time.perf_counter() - start_time,
+                "world_size": dist.world_size,
+                # One checksum per process: DistributedDataParallel keeps replicas equal.
+                "replica_checksums": checksums,
+            }
+            ckpt.write_json(out / "summary.json", summary)
         if tensorboard is not None:
             tensorboard.close()
         return TrainResult(
@@ -369,6 +385,24 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> MobileNet:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = recipe.bn_momentum
     return model
+
+
+def _average_buffers(module: nn.Module, dist: Distributed) -> None:
+    if not dist.enabled:
+        return
+    with torch.no_grad():
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer).div_(dist.world_size)
+
+
+def _replica_checksums(model: nn.Module, dist: Distributed) -> list[float]:
+    """A checksum of this process's weights and buffers, gathered from every process."""
+    with torch.no_grad():
+        local = sum((t.double() * (i + 1)).sum() for i, t in enumerate(model.state_dict().values()))
+    gathered = torch.zeros(dist.world_size, dtype=torch.float64, device=dist.device)
+    gathered[dist.rank] = local
+    return dist.all_reduce(gathered).tolist()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -113,7 +113,7 @@ RECIPES: dict[str, Recipe] = {
     # not mirror-symmetric).
     "demo": Recipe(
         name="demo",
-        epochs=12,
+        epochs=8,
         batch_size=64,
         optimizer="adamw",
         lr=2e-3,
@@ -125,7 +125,7 @@ RECIPES: dict[str, Recipe] = {
         label_smoothing=0.1,
         dropout=0.1,
         bn_momentum=0.1,
-        resolution=32,
+        resolution=48,
         augment=Augment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=0.0),
     ),
 }

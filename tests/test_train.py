@@ -1,0 +1,260 @@
+"""Training end to end: outputs, exact resume, DDP, bad data, bad flags, divergence."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mobilenet import create_model
+from mobilenet.cli import main
+from mobilenet.train import TrainConfig, TrainingDiverged, get_recipe, train
+from mobilenet.weights import read_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
+QUICK += ["--workers", "0", "--quiet"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mobilenet", *args], capture_output=True, text=True, env=ENV, cwd=cwd
+    )
+
+
+def _digit_images(tmp_path: Path, n: int = 3) -> list[str]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"digit_{digits.target[i]}_{i}.png"
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_train_writes_the_run_folder_then_eval_and_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(out), *QUICK]) == 0
+    assert "best validation top-1" in capsys.readouterr().out
+    files = {p.name for p in out.iterdir()}
+    assert {"best.safetensors", "last.pt", "metrics.csv", "config.json", "curves.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert {"train_loss", "val_top1", "val_top5", "images_per_s", "lr"} <= set(rows[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["name"] == "demo" and config["recipe"]["epochs"] == 3
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, metadata = read_checkpoint(out / "best.safetensors")
+    assert json.loads(metadata["classes"]) == [str(i) for i in range(10)]
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and {"optimizer", "scheduler", "rng", "model"} <= set(last)
+
+    weights = str(out / "best.safetensors")
+    assert main(["eval", "--weights", weights, "--data", "digits", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"top1", "top5", "loss", "images"} and metrics["images"] == 297
+    assert metrics["top1"] > 30 and metrics["top5"] >= metrics["top1"]  # chance is 10%
+    best_row = max(rows, key=lambda r: float(r["val_top1"]))
+    assert metrics["top1"] == pytest.approx(float(best_row["val_top1"]), abs=1e-6)
+
+    images = _digit_images(tmp_path)
+    assert main(["predict", "--weights", weights, *images, "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in predictions] == images
+    for p in predictions:
+        probs = [t["probability"] for t in p["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert {t["class"] for t in p["top"]} <= {str(i) for i in range(10)}
+
+
+def test_predict_and_eval_bad_input(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--epochs", "1", "--out", str(out), *QUICK]) == 0
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    weights = str(out / "best.safetensors")
+    capsys.readouterr()
+    assert main(["predict", "--weights", weights, str(bad)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main(["eval", "--weights", weights, "--data", str(tmp_path / "missing")]) == 2
+    assert "data not found" in capsys.readouterr().err
+
+
+def _final_state(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    args = ["train", "--data", "digits", "--recipe", "paper-v2", "--epochs", "3", *QUICK]
+    # The interrupted run: killed in the middle of an epoch.
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mobilenet", *args, "--out", str(interrupted)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while not (interrupted / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    rows = list(csv.DictReader((interrupted / "metrics.csv").open()))
+    time.sleep(float(rows[-1]["epoch_seconds"]) / 2)  # half-way through the next epoch
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = _final_state(interrupted)["epoch"]
+    assert killed_at < 3
+
+    resumed = cli(*args, "--out", str(interrupted), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    uninterrupted = cli(*args, "--out", str(tmp_path / "straight"))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    a, b = _final_state(interrupted), _final_state(tmp_path / "straight")
+    assert a["epoch"] == b["epoch"] == 3
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    assert a["history"][-1]["val_top1"] == b["history"][-1]["val_top1"]
+
+
+def test_resume_without_a_run_fails_cleanly(tmp_path):
+    result = cli("train", "--data", "digits", "--out", str(tmp_path / "new"), "--resume", *QUICK)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_distributed_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mobilenet", "train", "--data", "digits", "--epochs", "2", "--out", str(out),
+        *QUICK,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("best validation top-1") == 1  # only rank 0 prints
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.safetensors", "last.pt", "metrics.csv", "config.json", "curves.png", "summary.json"]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    first, second = summary["replica_checksums"]
+    assert first == second  # both ranks hold identical weights and statistics
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 2
+
+
+def _folder_with_bad_files(root: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for cls in (0, 1, 2):
+        (root / f"digit{cls}").mkdir(parents=True)
+        images = digits.images[digits.target == cls][:30]
+        for i, image in enumerate(images):
+            array = (image * 255 / 16).astype(np.uint8)
+            Image.fromarray(array).resize((24, 24)).save(root / f"digit{cls}" / f"{i}.jpg")
+    jpeg = (root / "digit0" / "0.jpg").read_bytes()
+    (root / "digit0" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "digit1" / "empty.jpg").write_bytes(b"")
+    (root / "digit2" / "text.png").write_text("this is text")
+    return root
+
+
+def test_training_on_a_folder_with_broken_files(tmp_path):
+    data = _folder_with_bad_files(tmp_path / "data")
+    out = tmp_path / "run"
+    result = cli("train", "--data", str(data), "--epochs", "1", "--out", str(out), *QUICK[:-3],
+                 "--batch-size", "16", "--workers", "1", "--quiet")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "skipped 3 unreadable image file(s)" in result.stderr
+    for name in ("truncated.jpg", "empty.jpg", "text.png"):
+        assert name in result.stderr
+    _, metadata = read_checkpoint(out / "best.safetensors")
+    assert json.loads(metadata["classes"]) == ["digit0", "digit1", "digit2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "no/such/folder"], "data not found: no/such/folder"),
+        (["--data", "digits", "--recipe", "turbo"], "unknown recipe 'turbo'"),
+        (["--data", "digits", "--epochs", "-3"], "must be > 0"),
+        (["--data", "digits", "--val-data", "missing"], "validation data folder not found"),
+        (["--data", "digits", "--pretrained", "missing.pth"], "pretrained checkpoint not found"),
+    ],
+)
+def test_bad_train_flags_write_nothing(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    try:
+        code = main(["train", *args, "--out", str(out), *QUICK])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "last.pt").write_bytes(b"precious")
+    assert main(["train", "--data", "digits", "--out", str(out), *QUICK]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == b"precious"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import mobilenet.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.F.cross_entropy
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 25 else loss  # epoch 2 of 23 steps
+
+    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
+    out = tmp_path / "run"
+    recipe = get_recipe("demo", epochs=3, batch_size=64, resolution=32)
+    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=0, progress=False)
+    with pytest.raises(TrainingDiverged, match="the loss became nan at epoch 2"):
+        train(cfg)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in last["model"].values())
+
+
+def test_pretrained_backbone_with_a_new_classifier(tmp_path):
+    import torchvision
+
+    source = torchvision.models.mobilenet_v3_small()
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    out = tmp_path / "run"
+    recipe = get_recipe("demo", epochs=1, batch_size=64, resolution=32)
+    cfg = TrainConfig(
+        "mobilenet_v3_small", "digits", out, recipe, workers=0, progress=False, lr=1e-12,
+        pretrained=str(tmp_path / "tv.pth"),
+    )  # fmt: skip
+    train(cfg)
+    model = create_model("mobilenet_v3_small", weights=str(out / "best.safetensors"))
+    assert model.num_classes == 10
+    # The backbone came from the checkpoint (an lr of 1e-12 barely moves it).
+    torch.testing.assert_close(
+        model.features[3].dw.conv.weight, source.features[3].block[1][0].weight, atol=1e-6, rtol=0
+    )
