@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo costs test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Trains mobilenet_v3_small on the built-in MNIST digits (4,000 train / 1,000 held out),
+# evaluates the best weights and prints where the curves are. About 3 minutes on 2 cores.
+DEMO_OUT ?= runs/demo
 demo: setup
+	rm -rf $(DEMO_OUT)
+	OMP_NUM_THREADS=2 $(BIN)/mobilenet train --data mnist --model mobilenet_v3_small \
+		--recipe demo --workers 0 --out $(DEMO_OUT)
+	OMP_NUM_THREADS=2 $(BIN)/mobilenet eval --weights $(DEMO_OUT)/best.safetensors --data mnist
+
+costs: setup
 	$(BIN)/mobilenet cost --all
 
 test: setup lint

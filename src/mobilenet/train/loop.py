@@ -28,6 +28,7 @@ from ..errors import MobileNetError
 from ..models import MobileNet, create_model
 from ..weights import load_weights, save_weights
 from . import checkpoint as ckpt
+from .cpu import keep_freed_memory
 from .distributed import Distributed, setup
 from .evaluate import ShardSampler, evaluate
 from .optim import build_ema, build_optimizer, build_scheduler
@@ -83,6 +84,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     recipe = cfg.recipe
     _check_config(cfg)
     dist = setup(cfg.device)
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # see mobilenet.train.cpu: fewer page faults per step
     try:
         if cfg.amp and dist.device.type != "cuda":
             raise MobileNetError("--amp needs a CUDA device")
