@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from mobilenet import create_model
+from mobilenet import create_model, list_models
 from mobilenet.cli import main
 
 from .helpers import randomize_bn
@@ -47,14 +47,20 @@ def test_cost_options(capsys):
     assert "4,231,976" in table and "568.7M" in table and "94.86%" in table
 
 
-def test_cost_all_is_fast():
+def test_cost_all_is_fast(capsys):
+    # The command's own work, timed in-process: the interpreter and `import torch` add
+    # about 2 s on top when it runs as `mobilenet cost --all`, which is checked end to end
+    # (output, exit status) below without a clock, as a loaded test machine makes
+    # start-up times meaningless.
     start = time.perf_counter()
-    result = run("cost", "--all")
+    assert main(["cost", "--all"]) == 0
     elapsed = time.perf_counter() - start
-    assert result.returncode == 0, result.stderr
-    for name in ("mobilenet_v1_conv", "mobilenet_v3_small_minimal"):
-        assert name in result.stdout
-    assert elapsed < 10, f"mobilenet cost --all took {elapsed:.1f} s"
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert name in out
+    assert elapsed < 8, f"mobilenet cost --all took {elapsed:.1f} s"
+    result = run("cost", "--all")
+    assert result.returncode == 0 and result.stdout == out
 
 
 BAD_INPUT = [
