@@ -14,7 +14,7 @@ import mobilenet
 from mobilenet import CheckpointError, create_model, load_weights, save_weights
 from mobilenet import weights as W
 
-from .helpers import randomize_bn, recalibrate_bn
+from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 
 TORCHVISION = [
     ("mobilenet_v2", "mobilenet_v2", 1.0),
@@ -44,13 +44,8 @@ def _reference(library: str, name: str, num_classes: int = 1000) -> torch.nn.Mod
     else:
         ref = timm.create_model(name, pretrained=False, num_classes=num_classes)
     ref = recalibrate_bn(randomize_bn(ref), resolution=64)
-    # Unit-scale logits, so the absolute tolerance below is also a relative one.
-    with torch.no_grad():
-        classifier = ref.get_classifier() if library == "timm" else ref.classifier[-1]
-        std = ref(torch.randn(4, 3, 160, 160)).std()
-        classifier.weight /= std
-        classifier.bias /= std
-    return ref
+    classifier = ref.get_classifier() if library == "timm" else ref.classifier[-1]
+    return unit_scale_logits(ref, classifier)
 
 
 def _assert_same_outputs(ref, ours, resolutions=(224, 160)):

@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
 
+    p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("--model", required=True, type=_model_name, help="model name")
+    _add_model_args(p)
+    p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--resolution", type=_resolution, default=None, help="input size")
+    p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default 17)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained weights on a dataset")
     p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
     p.add_argument("--data", required=True, help="image folder or built-in dataset (mnist, digits)")
@@ -292,6 +302,36 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"  curves   {result.out / 'curves.png'}\n"
             f"  metrics  {result.out / 'metrics.csv'}"
         )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
+
+    if args.weights:
+        from .inference import load_trained
+
+        trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+        if trained.model.config.name != args.model:
+            raise MobileNetError(
+                f"{args.weights} holds {trained.model.config.name}, not {args.model}"
+            )
+        model, resolution = trained.model, trained.resolution
+    else:  # random initialisation: for checking a deployment path, not for use
+        kwargs: dict = {"width_mult": args.width_mult}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model, resolution = create_model(args.model, **kwargs), args.resolution or 224
+    if args.format == "onnx":
+        diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET)
+        checked = "ONNX Runtime"
+    else:
+        diff = export_torchscript(model, args.out, resolution)
+        checked = "TorchScript"
+    print(
+        f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
+        f"{checked} vs PyTorch max abs difference {diff:.2e}"
+    )
     return 0
 
 

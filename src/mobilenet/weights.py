@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from torch import nn
 
 from .blocks import DepthwiseSeparable, InvertedResidual
 from .errors import CheckpointError
+from .fileio import atomic_write
 from .layers import ConvBNAct
 from .models.base import MobileNet, ModelConfig
 
@@ -363,25 +363,13 @@ def save_weights(
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), **(metadata or {})}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
 def saved_config(metadata: Mapping[str, str]) -> ModelConfig | None:
     """The model config stored in our safetensors metadata (None for other checkpoints)."""
     return _saved_config(metadata)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- official files
@@ -461,7 +449,7 @@ def download(url: str, sha256: str | None = None, directory: PathLike | None = N
                 f"{url}: SHA-256 {digest[:16]}... does not match the expected {sha256}"
             )
 
-    _atomic_write(target, fetch)
+    atomic_write(target, fetch)
     return target
 
 

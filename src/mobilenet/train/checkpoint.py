@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import atomic_write
 
-__all__ = ["append_metrics", "atomic_write", "load_last", "rng_state", "save_last", "set_rng_state"]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then rename ``tmp`` to ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+__all__ = ["append_metrics", "load_last", "rng_state", "save_last", "set_rng_state", "write_json"]
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
+from ..fileio import atomic_write
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:

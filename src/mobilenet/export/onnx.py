@@ -1,0 +1,111 @@
+"""Export to ONNX (checked against ONNX Runtime) and TorchScript."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MobileNetError
+from ..fileio import atomic_write
+from .prepare import prepare_for_inference
+
+__all__ = ["DEFAULT_OPSET", "export_onnx", "export_torchscript", "onnx_session"]
+
+DEFAULT_OPSET = 17  # HardSwish (14+) and HardSigmoid are standard ops at this opset
+TOLERANCE = 1e-4  # max abs difference, for logits of unit scale (see _check)
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session; a corrupt file gives a clear error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MobileNetError(f"{path}: not a model ONNX Runtime can load ({first})") from None
+
+
+def _check(run, model: nn.Module, resolution: int, what: str) -> float:
+    """Max abs difference between ``run`` and the PyTorch model on random batches of 1 and 3.
+
+    The tolerance is 1e-4 for logits up to 1 in magnitude and scales with larger ones:
+    float32 kernels that sum in another order differ by a relative ~1e-6 per layer, so
+    logits of 20 may differ by more than 1e-4 without anything being wrong.
+    """
+    g = torch.Generator().manual_seed(0)
+    worst, scale = 0.0, 1.0
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, resolution, resolution, generator=g)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        worst = max(worst, float(np.abs(run(x) - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    if not worst <= TOLERANCE * scale:
+        raise MobileNetError(
+            f"{what} differs from PyTorch by {worst:.2e} (tolerance {TOLERANCE * scale:.1e}); "
+            "nothing written"
+        )
+    return worst
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, resolution: int = 224, opset: int = DEFAULT_OPSET
+) -> float:
+    """Write ``model`` as ONNX with a dynamic batch dimension; returns the max abs
+    difference between ONNX Runtime and PyTorch, checked before the file appears."""
+    path = Path(path)
+    model = model.eval()
+    prepared = prepare_for_inference(model, channels_last=False)
+    x = torch.randn(1, 3, resolution, resolution)
+    result: dict[str, float] = {}
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                prepared,
+                (x,),
+                str(tmp),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        session = onnx_session(tmp)
+        result["diff"] = _check(
+            lambda t: session.run(None, {"images": t.numpy()})[0], model, resolution, "ONNX Runtime"
+        )
+
+    atomic_write(path, write)
+    return result["diff"]
+
+
+def export_torchscript(model: nn.Module, path: str | Path, resolution: int = 224) -> float:
+    """Write a traced TorchScript module (BatchNorm folded); returns the checked difference."""
+    path = Path(path)
+    model = model.eval()
+    prepared = prepare_for_inference(model, channels_last=False)
+    result: dict[str, float] = {}
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(prepared, torch.randn(1, 3, resolution, resolution))
+            torch.jit.save(traced, str(tmp))
+            loaded = torch.jit.load(str(tmp))
+        result["diff"] = _check(
+            lambda t: loaded(t).detach().numpy(), model, resolution, "TorchScript"
+        )
+
+    atomic_write(path, write)
+    return result["diff"]

@@ -1,0 +1,106 @@
+"""Deployment: BatchNorm folding and ONNX / TorchScript export checked against PyTorch."""
+
+import numpy as np
+import pytest
+import torch
+
+from mobilenet import MobileNetError, create_model, list_models, save_weights
+from mobilenet.cli import main
+from mobilenet.export import export_onnx, fold_batchnorm, onnx_session, prepare_for_inference
+
+from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+
+
+def _model(name: str, **kwargs):
+    model = recalibrate_bn(randomize_bn(create_model(name, **kwargs)), resolution=64)
+    return unit_scale_logits(model, model.classifier)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_batchnorm_folding_is_exact(name):
+    model = _model(name)
+    prepared = prepare_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert all(not p.requires_grad for p in prepared.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            prepared(x.to(memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("resolution", [224, 128])
+def test_onnx_runtime_matches_pytorch(name, resolution, tmp_path):
+    model = _model(name)
+    path = tmp_path / f"{name}.onnx"
+    reported = export_onnx(model, path, resolution)
+    session = onnx_session(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, resolution, resolution)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        actual = session.run(None, {"images": x.numpy()})[0]
+        assert actual.shape == (batch, 1000)
+        assert np.abs(actual - expected).max() <= 1e-4
+    assert reported <= 1e-4
+    ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
+    assert "BatchNormalization" not in ops  # folded before export
+    if name == "mobilenet_v3_large":
+        assert {"HardSwish", "HardSigmoid"} <= ops  # standard ops, no custom ones
+
+
+def test_export_cli_with_trained_weights_and_torchscript(tmp_path, capsys):
+    model = _model("mobilenet_v3_small", num_classes=4)
+    weights = save_weights(model, tmp_path / "w.safetensors", {"classes": '["a","b","c","d"]'})
+    out = tmp_path / "m.onnx"
+    args = ["export", "--model", "mobilenet_v3_small", "--weights", str(weights)]
+    assert main([*args, "--out", str(out), "--resolution", "96"]) == 0
+    assert "max abs difference" in capsys.readouterr().out
+    session = onnx_session(out)
+    x = torch.randn(5, 3, 96, 96)  # a batch size the export never saw
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max() <= 1e-4
+    ts = tmp_path / "m.pt"
+    assert main([*args, "--format", "torchscript", "--out", str(ts), "--resolution", "96"]) == 0
+    loaded = torch.jit.load(str(ts))
+    torch.testing.assert_close(loaded(x), torch.from_numpy(expected), atol=1e-4, rtol=0)
+
+
+def test_export_refuses_bad_weights_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--model", "mobilenet_v2", "--weights", str(bad), "--out", str(out)])
+    assert code == 2 and "not a readable checkpoint" in capsys.readouterr().err
+    other = save_weights(create_model("mobilenet_v3_small"), tmp_path / "small.safetensors")
+    code = main(["export", "--model", "mobilenet_v2", "--weights", str(other), "--out", str(out)])
+    assert code == 2 and "mobilenet_v3_small" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "small.safetensors"]
+
+
+def test_a_failed_check_leaves_no_file(tmp_path, monkeypatch):
+    import mobilenet.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)
+    with pytest.raises(MobileNetError, match="nothing written"):
+        export_onnx(_model("mobilenet_v3_small"), tmp_path / "m.onnx", 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_onnx_file(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"definitely not protobuf")
+    with pytest.raises(MobileNetError, match="not a model ONNX Runtime can load"):
+        onnx_session(path)
+
+
+def test_fold_batchnorm_in_place_keeps_outputs():
+    model = _model("mobilenet_v2").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        fold_batchnorm(model)
+        torch.testing.assert_close(model(x), before, atol=1e-4, rtol=0)
