@@ -124,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default 17)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("bench", help="time every inference engine on this machine")
+    p.add_argument("model", type=_model_name, help="model name")
+    p.add_argument("--width-mult", type=_width, default=1.0, help="width multiplier alpha")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--resolution", type=_resolution, default=224)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--engines", default=None, help="comma-separated (default: all)")
+    p.add_argument("--rounds", type=_positive_int, default=7, help="interleaved rounds")
+    p.add_argument("--iterations", type=_positive_int, default=10, help="calls per round")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained weights on a dataset")
     p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
     p.add_argument("--data", required=True, help="image folder or built-in dataset (mnist, digits)")
@@ -332,6 +344,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
     )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import ENGINES, BenchConfig, check_engines, format_table, run_bench
+
+    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    engines = check_engines([e.strip() for e in engines if e.strip()], args.model, args.width_mult)
+    cfg = BenchConfig(
+        args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
+        args.iterations,
+    )  # fmt: skip
+    result = run_bench(cfg, engines, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
