@@ -58,7 +58,7 @@ def test_cost_all_is_fast(capsys):
     out = capsys.readouterr().out
     for name in list_models():
         assert name in out
-    assert elapsed < 8, f"mobilenet cost --all took {elapsed:.1f} s"
+    assert elapsed < 10, f"mobilenet cost --all took {elapsed:.1f} s"
     result = run("cost", "--all")
     assert result.returncode == 0 and result.stdout == out
 

@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default 17)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime, QDQ)")
+    p.add_argument("--model", type=_model_name, help="needed for torchvision/timm checkpoints")
+    p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
+    p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
+    p.add_argument("--method", choices=["ptq"], default="ptq", help="post-training (static)")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--calibration-images", type=_positive_int, default=512)
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("bench", help="time every inference engine on this machine")
     p.add_argument("model", type=_model_name, help="model name")
     p.add_argument("--width-mult", type=_width, default=1.0, help="width multiplier alpha")
@@ -343,6 +353,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
+    )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .export.quantize import quantize_onnx
+    from .inference import OnnxModel, load_trained
+
+    trained = load_trained(args.weights, args.model)
+    if isinstance(trained.model, OnnxModel):
+        raise MobileNetError(f"{args.weights} is already an ONNX model: quantize the weights")
+    out = quantize_onnx(trained, args.data, args.out, args.calibration_images)
+    print(
+        f"wrote {out}: {trained.model.config.name} int8 (QDQ, per-channel weights), calibrated "
+        f"on {args.calibration_images} images of {args.data}; evaluate it with "
+        f"`mobilenet eval --weights {out} --data ...`"
     )
     return 0
 

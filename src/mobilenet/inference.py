@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import MobileNetError
-from .models import MobileNet, create_model
+from .models import EvalConfig, MobileNet, ModelConfig, create_model
 from .weights import read_checkpoint, resolve_weights, saved_config
 
 __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
@@ -20,7 +21,7 @@ __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
 
 @dataclass
 class Trained:
-    model: MobileNet
+    model: MobileNet | OnnxModel
     classes: list[str]
     resolution: int
 
@@ -38,6 +39,8 @@ def load_trained(
     classes are numbered.
     """
     path = resolve_weights(weights)
+    if path.suffix == ".onnx":
+        return _load_onnx(path, resolution)
     _, metadata = read_checkpoint(path)
     saved = saved_config(metadata)
     name = model or (saved.name if saved else None)
@@ -50,6 +53,41 @@ def load_trained(
         classes = [str(i) for i in range(net.num_classes)]
     res = resolution or int(metadata.get("resolution", net.eval_config.resolution))
     return Trained(net, classes, res)
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session behind the ``nn.Module`` call interface."""
+
+    def __init__(self, session, config: ModelConfig) -> None:
+        super().__init__()
+        self.session = session
+        self.config = config
+        self.eval_config = EvalConfig()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"images": images})[0])
+
+
+def _load_onnx(path: Path, resolution: int | None) -> Trained:
+    from .export.onnx import onnx_session, read_metadata
+
+    session = onnx_session(path)
+    metadata = read_metadata(session)
+    if "config" not in metadata:
+        raise MobileNetError(f"{path}: not an ONNX file written by mobilenet export/quantize")
+    config = ModelConfig(**json.loads(metadata["config"]))
+    classes = json.loads(metadata.get("classes", "null")) or [
+        str(i) for i in range(config.num_classes)
+    ]
+    res = int(metadata["resolution"])
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    return Trained(OnnxModel(session, config), classes, res)
 
 
 def evaluate_on(
@@ -74,6 +112,8 @@ def evaluate_on(
         )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     dist = Distributed(0, 1, 0, resolve_device(device))
+    if isinstance(trained.model, OnnxModel):
+        return evaluate(trained.model, loader, dist, channels_last=False)
     model = trained.model.to(dist.device, memory_format=torch.channels_last)
     return evaluate(model, loader, dist)
 

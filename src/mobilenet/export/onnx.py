@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -58,10 +59,18 @@ def _check(run, model: nn.Module, resolution: int, what: str) -> float:
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, resolution: int = 224, opset: int = DEFAULT_OPSET
+    model: nn.Module,
+    path: str | Path,
+    resolution: int = 224,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
 ) -> float:
     """Write ``model`` as ONNX with a dynamic batch dimension; returns the max abs
-    difference between ONNX Runtime and PyTorch, checked before the file appears."""
+    difference between ONNX Runtime and PyTorch, checked before the file appears.
+
+    The file's metadata holds the model config, the input resolution and any
+    ``metadata`` given (e.g. class names), so ``mobilenet eval`` can use it alone.
+    """
     path = Path(path)
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
@@ -81,6 +90,7 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
+        set_metadata(tmp, {**_model_metadata(model, resolution), **(metadata or {})})
         session = onnx_session(tmp)
         result["diff"] = _check(
             lambda t: session.run(None, {"images": t.numpy()})[0], model, resolution, "ONNX Runtime"
@@ -88,6 +98,30 @@ def export_onnx(
 
     atomic_write(path, write)
     return result["diff"]
+
+
+def _model_metadata(model: nn.Module, resolution: int) -> dict[str, str]:
+    config = getattr(model, "config", None)
+    meta = {"resolution": str(resolution)}
+    if config is not None:
+        meta["config"] = json.dumps(config.to_dict())
+    return meta
+
+
+def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Store string key/values in an ONNX file's ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def read_metadata(session) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
 
 
 def export_torchscript(model: nn.Module, path: str | Path, resolution: int = 224) -> float:
