@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,6 @@ def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
 
 def _build(engine: str, cfg: BenchConfig, tmp: Path):
     """A zero-argument callable that runs one batch with ``engine``."""
-    import numpy as np
     import torch
 
     from .export import export_onnx, onnx_session, prepare_for_inference
@@ -100,44 +100,21 @@ def _build(engine: str, cfg: BenchConfig, tmp: Path):
     path = tmp / "model.onnx"
     export_onnx(model, path, cfg.resolution)
     if engine == "onnxruntime-int8":
-        path = _quantize_onnx(path, tmp / "model.int8.onnx", cfg, np)
+        from .export.quantize import quantize_file
+
+        quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution))
+        path = tmp / "model.int8.onnx"
     session = onnx_session(path, cfg.threads)
     feed = {"images": x.numpy()}
     return lambda: session.run(None, feed)
 
 
-def _quantize_onnx(path: Path, out: Path, cfg: BenchConfig, np) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def _random_batches(resolution: int) -> Iterator[dict]:
+    import numpy as np
 
-    class RandomImages(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            shape = (1, 3, cfg.resolution, cfg.resolution)
-            self.batches = iter(
-                [{"images": rng.standard_normal(shape, dtype=np.float32)} for _ in range(8)]
-            )
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(path), str(pre))
-    quantize_static(
-        str(pre),
-        str(out),
-        RandomImages(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        activation_type=QuantType.QUInt8,
-    )
-    return out
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        yield {"images": rng.standard_normal((1, 3, resolution, resolution), dtype=np.float32)}
 
 
 def _no_grad(model, x):

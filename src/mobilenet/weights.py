@@ -53,6 +53,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_weights",
     "save_weights",
+    "saved_config",
 ]
 
 StateDict = dict[str, torch.Tensor]

@@ -9,7 +9,9 @@ activations. The file keeps the model's config, classes and resolution as metada
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from ..errors import MobileNetError
 from ..fileio import atomic_write
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 
-__all__ = ["quantize_onnx"]
+__all__ = ["quantize_file", "quantize_onnx"]
 
 
 def _calibration_batches(trained, data: str, images: int, seed: int):
@@ -40,10 +42,8 @@ def _calibration_batches(trained, data: str, images: int, seed: int):
         yield {"images": batch.numpy().astype(np.float32)}
 
 
-def quantize_onnx(
-    trained, data: str, out: str | Path, calibration_images: int = 512, seed: int = 0
-) -> Path:
-    """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``data``."""
+def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> None:
+    """Quantize a float ONNX file to int8 QDQ, calibrating on ``batches`` of inputs."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -53,33 +53,37 @@ def quantize_onnx(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = _calibration_batches(trained, data, calibration_images, seed)
-
         def get_next(self):
-            return next(self.batches, None)
+            return next(batches, None)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(src), str(pre))  # shape inference and graph clean-up
+        quantize_static(
+            str(pre),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+        )
+
+
+def quantize_onnx(
+    trained, data: str, out: str | Path, calibration_images: int = 512, seed: int = 0
+) -> Path:
+    """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``data``."""
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
-        import json
-
-        export_onnx(trained.model, fp32, trained.resolution, metadata={
-            "classes": json.dumps(trained.classes), "precision": "int8",
-        })  # fmt: skip
-        metadata = read_metadata(onnx_session(fp32))
-        quant_pre_process(str(fp32), str(pre))
+        fp32 = Path(tmp) / "fp32.onnx"
+        classes = json.dumps(trained.classes)
+        export_onnx(trained.model, fp32, trained.resolution, metadata={"classes": classes})
+        metadata = {**read_metadata(onnx_session(fp32)), "precision": "int8"}
 
         def write(target: Path) -> None:
-            quantize_static(
-                str(pre),
-                str(target),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                activation_type=QuantType.QUInt8,
-            )
+            batches = _calibration_batches(trained, data, calibration_images, seed)
+            quantize_file(fp32, target, batches)
             set_metadata(target, metadata)
             onnx_session(target)  # it must load
 

@@ -1,0 +1,57 @@
+"""Record `mobilenet bench` tables for V2, V3-Large and V3-Small at batch 1 and 32, 1 and 2
+threads, into benchmarks/inference_bench.json (and print them).
+
+    python benchmarks/inference_bench.py [--engines LIST] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from mobilenet.bench import BenchConfig, format_table, run_bench
+
+
+def machine() -> str:
+    model = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--engines", default="eager,eager-fused,onnxruntime,onnxruntime-int8,torchvision-eager"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,mobilenet_v3_small")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).with_name("inference_bench.json")
+    )
+    args = parser.parse_args()
+    results = []
+    for model in args.models.split(","):
+        for batch in (1, 32):
+            for threads in (1, 2):
+                iterations = 10 if batch == 1 else 2
+                cfg = BenchConfig(model, 1.0, batch, 224, threads, args.rounds, iterations)
+                result = run_bench(cfg, args.engines.split(","))
+                print(format_table(result), "\n", flush=True)
+                results.append(result)
+    record = {
+        "machine": machine(),
+        "command": "python benchmarks/inference_bench.py " + " ".join(sys.argv[1:]),
+        "results": results,
+    }
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
