@@ -9,3 +9,9 @@ torch.set_num_threads(1)
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Downloads and exported files go to a per-test cache, never the user's."""
+    monkeypatch.setenv("MOBILENET_HOME", str(tmp_path_factory.mktemp("cache")))

@@ -1,6 +1,7 @@
 """Deployment: BatchNorm folding and ONNX / TorchScript export checked against PyTorch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,28 @@ def test_bench_json(capsys):
 def test_bench_unknown_engine(capsys):
     assert main(["bench", "mobilenet_v2", "--engines", "eager,tensorrt"]) == 2
     assert "unknown engine 'tensorrt'" in capsys.readouterr().err
+
+
+def test_predict_engines_agree_and_the_onnx_file_is_cached(tmp_path, capsys):
+    import os
+
+    from PIL import Image
+
+    model = _model("mobilenet_v3_small", num_classes=3)
+    weights = save_weights(model, tmp_path / "w.safetensors", {"classes": '["a","b","c"]'})
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(image)
+    results = {}
+    for engine in ("onnxruntime", "eager-fused", "eager"):
+        args = ["predict", "--weights", str(weights), str(image), "--engine", engine, "--json"]
+        assert main([*args, "--resolution", "64"]) == 0
+        results[engine] = json.loads(capsys.readouterr().out)[0]["top"]
+    for engine in ("eager-fused", "eager"):
+        assert [t["class"] for t in results[engine]] == [t["class"] for t in results["onnxruntime"]]
+        for a, b in zip(results[engine], results["onnxruntime"], strict=True):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+    cached = list((Path(os.environ["MOBILENET_HOME"]) / "onnx").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-64.onnx")
+    stamp = cached[0].stat().st_mtime_ns
+    assert main(["predict", "--weights", str(weights), str(image), "--resolution", "64"]) == 0
+    assert cached[0].stat().st_mtime_ns == stamp  # exported once, reused

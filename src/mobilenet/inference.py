@@ -24,6 +24,7 @@ class Trained:
     model: MobileNet | OnnxModel
     classes: list[str]
     resolution: int
+    path: Path | None = None  # the weights file it came from
 
 
 def load_trained(
@@ -52,7 +53,7 @@ def load_trained(
     if classes is None or len(classes) != net.num_classes:
         classes = [str(i) for i in range(net.num_classes)]
     res = resolution or int(metadata.get("resolution", net.eval_config.resolution))
-    return Trained(net, classes, res)
+    return Trained(net, classes, res, path)
 
 
 class OnnxModel(nn.Module):
@@ -87,7 +88,7 @@ def _load_onnx(path: Path, resolution: int | None) -> Trained:
     res = int(metadata["resolution"])
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    return Trained(OnnxModel(session, config), classes, res)
+    return Trained(OnnxModel(session, config), classes, res, path)
 
 
 def evaluate_on(
@@ -118,8 +119,44 @@ def evaluate_on(
     return evaluate(model, loader, dist)
 
 
+PREDICT_ENGINES = ("onnxruntime", "eager-fused", "eager")
+
+
+def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module:
+    """The model behind ``predict``, run by ``engine``.
+
+    ``onnxruntime``, the fastest on CPUs in ``mobilenet bench`` (about 0.35x the latency of
+    eager PyTorch for mobilenet_v2 at batch 1), exports the weights once and keeps the
+    checked ONNX file in the cache (``$MOBILENET_HOME/onnx``, keyed by the weights' hash
+    and the resolution); ``eager-fused`` folds BatchNorm; ``eager`` runs the model as is.
+    """
+    model = trained.model
+    if isinstance(model, OnnxModel) or engine == "eager":
+        return model
+    if engine == "eager-fused":
+        from .export import prepare_for_inference
+
+        return prepare_for_inference(model, channels_last=False)
+    if engine != "onnxruntime":
+        raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
+    from .export.onnx import export_onnx
+    from .weights import _sha256, cache_dir
+
+    if trained.path is None:
+        raise MobileNetError("the onnxruntime engine needs weights loaded from a file")
+    name = f"{_sha256(trained.path)[:16]}-{trained.resolution}.onnx"
+    onnx_path = cache_dir() / "onnx" / name
+    if not onnx_path.is_file():
+        export_onnx(model, onnx_path, trained.resolution, metadata={
+            "classes": json.dumps(trained.classes),
+        })  # fmt: skip
+    return _load_onnx(onnx_path, trained.resolution).model
+
+
 @torch.no_grad()
-def predict(trained: Trained, images: list[str], top: int = 5) -> list[dict]:
+def predict(
+    trained: Trained, images: list[str], top: int = 5, engine: str = "onnxruntime"
+) -> list[dict]:
     """The ``top`` classes of each image, with probabilities. Unreadable images raise."""
     transform = eval_transform(trained.resolution, trained.model.eval_config)
     batch = []
@@ -130,7 +167,8 @@ def predict(trained: Trained, images: list[str], top: int = 5) -> list[dict]:
             raise MobileNetError(f"image not found: {image}") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise MobileNetError(f"{image}: not a readable image ({e})") from None
-    probs = trained.model(torch.stack(batch)).softmax(1)
+    model = inference_engine(trained, engine)
+    probs = model(torch.stack(batch)).softmax(1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [
