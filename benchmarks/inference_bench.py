@@ -8,21 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
-from mobilenet.bench import BenchConfig, format_table, run_bench
-
-
-def machine() -> str:
-    model = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} cores"
+from mobilenet.bench import BenchConfig, format_table, machine, run_bench
 
 
 def main() -> None:

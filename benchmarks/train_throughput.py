@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mobilenet.bench import machine
 
 VARIANTS = {
     # name: (library, channels_last, keep freed memory)
@@ -35,15 +36,6 @@ VARIANTS = {
     "mobilenet eager": ("mobilenet", False, False),
     "mobilenet train (CPU)": ("mobilenet", True, True),
 }
-
-
-def machine() -> str:
-    model = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def worker(name: str, threads: int, batch: int, res: int) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from .errors import MobileNetError
 
-__all__ = ["ENGINES", "BenchConfig", "run_bench"]
+__all__ = ["ENGINES", "BenchConfig", "machine", "run_bench"]
 
 ENGINES = (
     "eager",
@@ -54,6 +55,18 @@ class BenchConfig:
     threads: int = 1
     rounds: int = 7
     iterations: int = 10  # timed calls per round
+
+
+def machine() -> str:
+    """The CPU model and core count, for recorded results."""
+    model = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
