@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import MobileNetError
-from .models import EvalConfig, MobileNet, ModelConfig, create_model
+from .models import EvalConfig, MobileNet, ModelConfig
+from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, resolve_weights, saved_config
 
 __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
@@ -42,13 +43,13 @@ def load_trained(
     path = resolve_weights(weights)
     if path.suffix == ".onnx":
         return _load_onnx(path, resolution)
-    _, metadata = read_checkpoint(path)
+    state_dict, metadata = read_checkpoint(path)
     saved = saved_config(metadata)
     name = model or (saved.name if saved else None)
     if name is None:
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
-    net = create_model(name, weights=str(path), **kwargs).eval()
+    net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
     classes = json.loads(metadata["classes"]) if "classes" in metadata else None
     if classes is None or len(classes) != net.num_classes:
         classes = [str(i) for i in range(net.num_classes)]
@@ -140,11 +141,11 @@ def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module
     if engine != "onnxruntime":
         raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
     from .export.onnx import export_onnx
-    from .weights import _sha256, cache_dir
+    from .weights import cache_dir, sha256_file
 
     if trained.path is None:
         raise MobileNetError("the onnxruntime engine needs weights loaded from a file")
-    name = f"{_sha256(trained.path)[:16]}-{trained.resolution}.onnx"
+    name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}.onnx"
     onnx_path = cache_dir() / "onnx" / name
     if not onnx_path.is_file():
         export_onnx(model, onnx_path, trained.resolution, metadata={

@@ -435,7 +435,7 @@ def download(url: str, sha256: str | None = None, directory: PathLike | None = N
     directory = Path(directory) if directory is not None else cache_dir()
     name = Path(urllib.parse.urlparse(url).path).name or "checkpoint"
     target = directory / name
-    if target.is_file() and (sha256 is None or _sha256(target).startswith(sha256)):
+    if target.is_file() and (sha256 is None or sha256_file(target).startswith(sha256)):
         return target
 
     def fetch(tmp: Path) -> None:
@@ -445,7 +445,7 @@ def download(url: str, sha256: str | None = None, directory: PathLike | None = N
                     f.write(chunk)
         except OSError as e:
             raise CheckpointError(f"could not download {url}: {e}") from None
-        if sha256 is not None and not (digest := _sha256(tmp)).startswith(sha256):
+        if sha256 is not None and not (digest := sha256_file(tmp)).startswith(sha256):
             raise CheckpointError(
                 f"{url}: SHA-256 {digest[:16]}... does not match the expected {sha256}"
             )
@@ -454,7 +454,7 @@ def download(url: str, sha256: str | None = None, directory: PathLike | None = N
     return target
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):

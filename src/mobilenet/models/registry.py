@@ -8,7 +8,13 @@ from typing import Any, TypeVar
 from ..errors import MobileNetError
 from .base import MobileNet
 
-__all__ = ["check_width_mult", "create_model", "list_models", "register_model"]
+__all__ = [
+    "check_width_mult",
+    "create_model",
+    "list_models",
+    "model_from_checkpoint",
+    "register_model",
+]
 
 _REGISTRY: dict[str, Callable[..., MobileNet]] = {}
 
@@ -53,20 +59,31 @@ def create_model(name: str, weights: str | None = None, **kwargs: Any) -> Mobile
         raise MobileNetError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if weights is None:
         return _REGISTRY[name](**kwargs)
-    from ..weights import (
-        infer_num_classes,
-        load_weights,
-        read_checkpoint,
-        resolve_weights,
-        saved_config,
-    )
+    from ..weights import read_checkpoint, resolve_weights
 
     path = resolve_weights(weights)
     state_dict, metadata = read_checkpoint(path)
+    return model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
+
+
+def model_from_checkpoint(
+    name: str,
+    state_dict: dict[str, Any],
+    metadata: dict[str, str],
+    source_name: str = "checkpoint",
+    **kwargs: Any,
+) -> MobileNet:
+    """Build ``name`` to fit a checkpoint already read, and load it.
+
+    Our own files supply width, dropout and classes as defaults; for other checkpoints
+    the number of classes is read from the classifier. ``kwargs`` override both.
+    """
+    from ..weights import infer_num_classes, load_weights, saved_config
+
     saved = saved_config(metadata)
     if saved is not None and saved.name == name:  # our own file: its config is the default
         kwargs = {"width_mult": saved.width_mult, "dropout": saved.dropout, **kwargs}
     kwargs.setdefault("num_classes", infer_num_classes(state_dict))
-    model = _REGISTRY[name](**kwargs)
-    load_weights(model, state_dict, source_name=str(path), metadata=metadata)
+    model = create_model(name, **kwargs)
+    load_weights(model, state_dict, source_name=source_name, metadata=metadata)
     return model

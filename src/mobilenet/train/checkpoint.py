@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError
 from ..fileio import atomic_write
 
-__all__ = ["append_metrics", "load_last", "rng_state", "save_last", "set_rng_state", "write_json"]
+__all__ = ["load_last", "rng_state", "save_last", "set_rng_state", "write_json", "write_metrics"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +47,7 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
-def append_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` with every epoch so far (atomically)."""
 
     def write(tmp: Path) -> None:

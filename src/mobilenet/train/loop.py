@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..data import builtin_splits, eval_transform, folder_splits, train_transform
 from ..data.datasets import BUILTIN, Split
 from ..errors import MobileNetError
-from ..models import MobileNet, create_model
+from ..models import EvalConfig, MobileNet, create_model
 from ..weights import load_weights, save_weights
 from . import checkpoint as ckpt
 from .cpu import keep_freed_memory
@@ -98,9 +98,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         resumed = ckpt.load_last(last_path) if cfg.resume else None
         torch.manual_seed(cfg.seed)
 
-        # ---- data: shard each global batch across processes
-        split = _datasets(cfg)
+        # ---- model first: its evaluation config sets the transforms; data: shard each
+        # global batch across processes; then a classifier for the data's classes
+        model = _build_model(cfg)
+        split = _datasets(cfg, model.eval_config)
         cfg.classes = split.classes
+        model.reset_classifier(len(split.classes))
         sampler = DistributedSampler(
             split.train, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
@@ -118,8 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"{recipe.batch_size}; lower --batch-size"
             )
 
-        # ---- model, optimizer, schedule, EMA
-        model = _build_model(cfg, len(split.classes))
+        # ---- optimizer, schedule, EMA
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model.to(dist.device, memory_format=memory_format)
         lr = cfg.lr if cfg.lr is not None else recipe.scaled_lr(recipe.batch_size)
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if dist.is_main:
                 if improved:
                     _save_best(evaluated, best_path, cfg, epoch + 1, val)
-                ckpt.append_metrics(out / "metrics.csv", history)
+                ckpt.write_metrics(out / "metrics.csv", history)
                 if tensorboard is not None:
                     for key, value in row.items():
                         if key != "epoch" and value is not None:
@@ -339,9 +341,8 @@ def _check_config(cfg: TrainConfig) -> None:
         )
 
 
-def _datasets(cfg: TrainConfig) -> Split:
+def _datasets(cfg: TrainConfig, eval_config: EvalConfig) -> Split:
     # Transforms follow from the model's own evaluation config (mean, std, crop ratio).
-    eval_config = create_model(cfg.model).eval_config
     res, aug = cfg.recipe.resolution, cfg.recipe.augment
     train_tf = train_transform(res, aug, eval_config)
     eval_tf = eval_transform(res, eval_config)
@@ -367,22 +368,22 @@ def _loader(dataset, batch_size, sampler, workers, generator, drop_last) -> Data
     )
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> MobileNet:
+def _build_model(cfg: TrainConfig) -> MobileNet:
+    """The network without its classifier (the caller adds one for the data's classes)."""
     recipe = cfg.recipe
-    kwargs: dict[str, Any] = {"width_mult": cfg.width_mult, "num_classes": num_classes}
+    kwargs: dict[str, Any] = {"width_mult": cfg.width_mult, "num_classes": 0}
     if recipe.dropout is not None:
         kwargs["dropout"] = recipe.dropout
     model = create_model(cfg.model, **kwargs)
     if cfg.pretrained:
-        # Start from any checkpoint load_weights accepts; the classifier is then reset to
-        # the dataset's classes.
+        # Start from any checkpoint load_weights accepts; its classifier is replaced by
+        # one for the dataset's classes afterwards.
         from ..weights import infer_num_classes, read_checkpoint
 
         state_dict, metadata = read_checkpoint(cfg.pretrained)
         source_classes = infer_num_classes(state_dict)
         model.reset_classifier(source_classes)
         load_weights(model, state_dict, source_name=cfg.pretrained, metadata=metadata)
-        model.reset_classifier(num_classes)
     if recipe.bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
