@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -124,14 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default 17)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime, QDQ)")
+    p = sub.add_parser(
+        "quantize",
+        help="int8 quantization: post-training or quantization-aware, PyTorch or ONNX",
+        description="PTQ calibrates activation ranges on --calibration-images images; QAT "
+        "fine-tunes with fake quantization for --epochs epochs (PyTorch format only). The "
+        "format follows --out (.onnx: ONNX Runtime QDQ; otherwise PyTorch int8 safetensors).",
+    )
     p.add_argument("--model", type=_model_name, help="needed for torchvision/timm checkpoints")
     p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
     p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
-    p.add_argument("--method", choices=["ptq"], default="ptq", help="post-training (static)")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--calibration-images", type=_positive_int, default=512)
-    p.add_argument("--out", required=True, help="output .onnx file")
+    p.add_argument("--method", choices=["ptq", "qat"], default="ptq")
+    p.add_argument("--format", choices=["torch", "onnx"], default=None)
+    p.add_argument("--calibration-images", type=_positive_int, default=512, help="PTQ")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="QAT fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (SGD)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="QAT batch size")
+    p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="time every inference engine on this machine")
@@ -364,16 +374,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .export.int8 import QATConfig, quantize_torch, save_int8
     from .export.quantize import quantize_onnx
-    from .inference import OnnxModel, load_trained
+    from .inference import Int8Model, OnnxModel, load_trained
 
+    fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
+    if fmt == "onnx" and args.method == "qat":
+        raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise MobileNetError(f"--lr must be positive, got {args.lr}")
     trained = load_trained(args.weights, args.model)
-    if isinstance(trained.model, OnnxModel):
-        raise MobileNetError(f"{args.weights} is already an ONNX model: quantize the weights")
-    out = quantize_onnx(trained, args.data, args.out, args.calibration_images)
+    if isinstance(trained.model, OnnxModel | Int8Model):
+        raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
+    name = trained.model.config.name
+    if fmt == "onnx":
+        out = quantize_onnx(trained, args.data, args.out, args.calibration_images)
+        how = f"ONNX QDQ, calibrated on {args.calibration_images} images of {args.data}"
+    else:
+        qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+        model = quantize_torch(
+            trained, args.data, args.method, args.calibration_images, qat, progress=log
+        )
+        out = save_int8(model, args.out, trained.classes, trained.resolution)
+        how = (
+            f"PyTorch x86, calibrated on {args.calibration_images} images of {args.data}"
+            if args.method == "ptq"
+            else f"PyTorch x86, {args.epochs} epochs of QAT on {args.data}"
+        )
     print(
-        f"wrote {out}: {trained.model.config.name} int8 (QDQ, per-channel weights), calibrated "
-        f"on {args.calibration_images} images of {args.data}; evaluate it with "
+        f"wrote {out}: {name} int8 ({how}; per-channel weights); evaluate it with "
         f"`mobilenet eval --weights {out} --data ...`"
     )
     return 0

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import MobileNetError
+from .export.int8 import Int8Model, is_int8_checkpoint
 from .models import EvalConfig, MobileNet, ModelConfig
 from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, resolve_weights, saved_config
@@ -22,7 +23,7 @@ __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
 
 @dataclass
 class Trained:
-    model: MobileNet | OnnxModel
+    model: MobileNet | OnnxModel | Int8Model
     classes: list[str]
     resolution: int
     path: Path | None = None  # the weights file it came from
@@ -44,6 +45,8 @@ def load_trained(
     if path.suffix == ".onnx":
         return _load_onnx(path, resolution)
     state_dict, metadata = read_checkpoint(path)
+    if is_int8_checkpoint(metadata):
+        return _load_int8(state_dict, metadata, path, resolution)
     saved = saved_config(metadata)
     name = model or (saved.name if saved else None)
     if name is None:
@@ -92,6 +95,19 @@ def _load_onnx(path: Path, resolution: int | None) -> Trained:
     return Trained(OnnxModel(session, config), classes, res, path)
 
 
+def _load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
+    from .export.int8 import int8_from_checkpoint
+
+    model = int8_from_checkpoint(state_dict, metadata, str(path))
+    res = int(metadata["resolution"])
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    classes = json.loads(metadata.get("classes", "null")) or [
+        str(i) for i in range(model.num_classes)
+    ]
+    return Trained(model, classes, res, path)
+
+
 def evaluate_on(
     trained: Trained,
     data: str,
@@ -114,7 +130,7 @@ def evaluate_on(
         )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     dist = Distributed(0, 1, 0, resolve_device(device))
-    if isinstance(trained.model, OnnxModel):
+    if isinstance(trained.model, OnnxModel | Int8Model):
         return evaluate(trained.model, loader, dist, channels_last=False)
     model = trained.model.to(dist.device, memory_format=torch.channels_last)
     return evaluate(model, loader, dist)
@@ -132,7 +148,7 @@ def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module
     and the resolution); ``eager-fused`` folds BatchNorm; ``eager`` runs the model as is.
     """
     model = trained.model
-    if isinstance(model, OnnxModel) or engine == "eager":
+    if isinstance(model, OnnxModel | Int8Model) or engine == "eager":
         return model
     if engine == "eager-fused":
         from .export import prepare_for_inference

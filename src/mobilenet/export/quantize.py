@@ -18,24 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import MobileNetError
 from ..fileio import atomic_write
+from .int8 import calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 
 __all__ = ["quantize_file", "quantize_onnx"]
 
 
 def _calibration_batches(trained, data: str, images: int, seed: int):
-    from ..data import builtin_splits, eval_transform
-    from ..data.datasets import BUILTIN, ImageFolder
-
-    transform = eval_transform(trained.resolution, trained.model.eval_config)
-    if data in BUILTIN:
-        dataset = builtin_splits(data, transform, transform).train  # never the held-out set
-    elif Path(data).is_dir():
-        dataset = ImageFolder(data, transform, classes=trained.classes)
-    else:
-        raise MobileNetError(f"data not found: {data}")
+    dataset = calibration_dataset(trained, data)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     subset = Subset(dataset, order[: min(images, len(dataset))].tolist())
     for batch, _ in DataLoader(subset, batch_size=32):
