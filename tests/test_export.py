@@ -111,7 +111,12 @@ def test_fold_batchnorm_in_place_keeps_outputs():
 
 def test_bench_json(capsys):
     args = ["bench", "mobilenet_v3_small", "--resolution", "64", "--rounds", "2"]
-    args += ["--iterations", "2", "--engines", "eager,eager-fused,onnxruntime,torchvision-eager"]
+    args += [
+        "--iterations",
+        "2",
+        "--engines",
+        "eager,eager-fused,onnxruntime,torch-int8,torchvision-eager",
+    ]
     assert main([*args, "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
@@ -122,7 +127,13 @@ def test_bench_json(capsys):
         "threads": 1,
     }
     engines = {row["engine"]: row for row in result["engines"]}
-    assert list(engines) == ["eager", "eager-fused", "onnxruntime", "torchvision-eager"]
+    assert list(engines) == [
+        "eager",
+        "eager-fused",
+        "onnxruntime",
+        "torch-int8",
+        "torchvision-eager",
+    ]
     assert engines["eager"]["ratio_to_eager"] == 1.0
     for row in engines.values():
         assert row["median_ms"] > 0 and row["peak_rss_bytes"] > 0

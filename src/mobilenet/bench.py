@@ -13,6 +13,8 @@ Engines:
   onnxruntime        the exported ONNX model in ONNX Runtime
   onnxruntime-int8   ONNX Runtime, static int8 quantization (QDQ, per-channel weights),
                      calibrated on random images: for speed, not accuracy
+  torch-int8         PyTorch int8 (FX graph mode, x86 backend, per-channel weights),
+                     calibrated on random images
   torchvision-eager  torchvision's own implementation of the same network, when it has one
 """
 
@@ -41,6 +43,7 @@ ENGINES = (
     "compile",
     "onnxruntime",
     "onnxruntime-int8",
+    "torch-int8",
     "torchvision-eager",
 )
 TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
@@ -99,6 +102,12 @@ def _build(engine: str, cfg: BenchConfig, tmp: Path):
     model = create_model(cfg.model, width_mult=cfg.width_mult).eval()
     if engine == "eager":
         return lambda: _no_grad(model, x)
+    if engine == "torch-int8":
+        from .export.int8 import quantize_model
+
+        calibration = (torch.randn(1, 3, cfg.resolution, cfg.resolution) for _ in range(8))
+        int8 = quantize_model(model, calibration, cfg.resolution)
+        return lambda: _no_grad(int8, x)
     if engine in ("eager-fused", "compile"):
         fused = prepare_for_inference(model)
         if engine == "compile":

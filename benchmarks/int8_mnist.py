@@ -1,0 +1,90 @@
+"""int8 accuracy on the built-in MNIST models: top-1 before and after quantization.
+
+For each model, trains it with the demo recipe (`mobilenet train --data mnist --recipe
+demo`, unless ``RUNS/q_MODEL/best.safetensors`` exists already), then quantizes it three
+ways and evaluates each on the 1,000 held-out digits:
+
+* ``torch-ptq``  PyTorch FX, x86 backend, 512 calibration images
+* ``torch-qat``  PyTorch FX, x86 backend, 3 epochs of quantization-aware fine-tuning
+* ``onnx-ptq``   ONNX Runtime static QDQ, 512 calibration images
+
+Goals (deploy issue): drop <= 0.5 point for mobilenet_v2 (PTQ), <= 1 point for the V3
+models (PTQ or QAT).
+
+    python benchmarks/int8_mnist.py [--runs runs] [--models mobilenet_v2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mobilenet.bench import machine
+
+MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
+METHODS = {
+    "torch-ptq": ["--method", "ptq", "--format", "torch", "--calibration-images", "512"],
+    "torch-qat": ["--method", "qat", "--format", "torch", "--epochs", "3"],
+    "onnx-ptq": ["--method", "ptq", "--format", "onnx", "--calibration-images", "512"],
+}
+
+
+def mobilenet(*args: str) -> str:
+    command = [sys.executable, "-m", "mobilenet", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def top1(weights: Path) -> float:
+    out = mobilenet("eval", "--weights", str(weights), "--data", "mnist", "--json")
+    return json.loads(out)["top1"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--json", type=Path, default=Path(__file__).with_name("int8_mnist.json"))
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        run = args.runs / f"q_{model}"
+        weights = run / "best.safetensors"
+        if not weights.is_file():
+            mobilenet("train", "--model", model, "--data", "mnist", "--recipe", "demo",
+                      "--workers", "0", "--quiet", "--out", str(run))  # fmt: skip
+        row = {"model": model, "float_top1": top1(weights)}
+        for method, flags in METHODS.items():
+            suffix = ".onnx" if "onnx" in method else ".safetensors"
+            out = run / f"int8-{method}{suffix}"
+            start = time.perf_counter()
+            mobilenet("quantize", "--weights", str(weights), "--data", "mnist", "--out", str(out),
+                      *flags)  # fmt: skip
+            seconds = time.perf_counter() - start
+            row[method] = {"top1": top1(out), "seconds": round(seconds, 1)}
+            row[method]["drop"] = round(row["float_top1"] - row[method]["top1"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    header = f"{'model':<20} {'float':>7}" + "".join(f" {m:>16}" for m in METHODS)
+    print(header)
+    for row in rows:
+        cells = "".join(f" {row[m]['top1']:>8.2f} ({-row[m]['drop']:+.1f})" for m in METHODS)
+        print(f"{row['model']:<20} {row['float_top1']:>7.2f}{cells}")
+    record = {
+        "command": "python benchmarks/int8_mnist.py",
+        "machine": machine(),
+        "torch": torch.__version__,
+        "data": "built-in mnist, 1,000 held-out digits at 48x48",
+        "rows": rows,
+    }
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
