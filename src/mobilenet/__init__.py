@@ -7,6 +7,7 @@
 
 from .cost import Cost, cost
 from .errors import CheckpointError, MobileNetError
+from .memory import memory_efficient
 from .models import MobileNet, ModelConfig, create_model, list_models
 from .weights import load_weights, save_weights
 
@@ -20,6 +21,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_weights",
+    "memory_efficient",
     "save_weights",
 ]
 __version__ = "0.1.0"

@@ -156,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser(
+        "memory", help="peak activation memory: standard vs memory-efficient (V2 Section 5.1)"
+    )
+    p.add_argument("model", type=_model_name, help="an inverted-residual model (V2, V3)")
+    p.add_argument("--width-mult", type=_width, default=1.0, help="width multiplier alpha")
+    p.add_argument("--splits", type=int, default=4, help="channel groups t per block (>= 1)")
+    p.add_argument("--resolution", type=_resolution, default=224)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--band-rows", type=_positive_int, default=16, help="rows per tiled band")
+    p.add_argument("--no-tiling", dest="band_rows", action="store_const", const=None)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed calls per forward")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_memory)
+
     p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained weights on a dataset")
     p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
     p.add_argument("--data", required=True, help="image folder or built-in dataset (mnist, digits)")
@@ -420,6 +435,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     result = run_bench(cfg, engines, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .memory import format_report, memory_report
+
+    torch.set_num_threads(args.threads)
+    report = memory_report(
+        args.model, args.width_mult, args.splits, args.resolution, args.batch, args.band_rows,
+        args.repeats,
+    )  # fmt: skip
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
 
