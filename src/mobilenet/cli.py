@@ -74,6 +74,15 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _any_model_name(text: str) -> str:
+    """A classifier or a detector (``mobilenet cost``, ``mobilenet export``)."""
+    if text not in list_models(task=None):
+        raise argparse.ArgumentTypeError(
+            f"unknown model {text!r}; choose from: {', '.join(list_models(task=None))}"
+        )
+    return text
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width-mult", type=_width, default=1.0, help="width multiplier alpha")
     p.add_argument("--num-classes", type=_classes, default=None, help="classifier outputs")
@@ -98,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("cost", help="params, multiply-adds and activation memory of a model")
-    p.add_argument("model", nargs="?", type=_model_name, help="model name (see `mobilenet list`)")
+    p.add_argument(
+        "model", nargs="?", type=_any_model_name, help="model name (see `mobilenet list`)"
+    )
     p.add_argument("--all", action="store_true", help="one row per registered model")
     _add_model_args(p)
     p.add_argument("--resolution", type=_resolution, default=224, help="input size (>= 32)")
@@ -114,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     _add_train_parser(sub)
+
+    from .detection.cli import add_detect_parser
+
+    add_detect_parser(sub)
 
     p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
     p.add_argument("--model", required=True, type=_model_name, help="model name")
@@ -198,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "experiment",
+        help="reproduce a claim of the papers: plots, JSON/CSV and a report",
+        description="Run one experiment into --out (default experiments/NAME): PNG plots, "
+        "results.json/.csv and report.md. --list shows them all.",
+    )
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--out", help="output folder (default: experiments/NAME)")
+    p.add_argument("--quick", action="store_true", help="a smaller run: minutes on 2 cores")
+    p.add_argument("--data", help="training ablations: image folder or built-in dataset")
+    p.add_argument("--seeds", type=_positive_int, help="training ablations: number of seeds")
+    p.add_argument("--epochs", type=_positive_int, help="training ablations: epochs per run")
+    p.add_argument("--runs", nargs="+", help="tradeoff: training run folders to plot")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 
@@ -449,6 +480,24 @@ def cmd_memory(args: argparse.Namespace) -> int:
         args.repeats,
     )  # fmt: skip
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import EXPERIMENTS, run_experiment
+
+    if args.list or args.name is None:
+        if args.name is None and not args.list:
+            raise MobileNetError("name an experiment, or pass --list")
+        width = max(len(name) for name in EXPERIMENTS)
+        for experiment in EXPERIMENTS.values():
+            print(f"{experiment.name:<{width}}  {experiment.claim}")
+        return 0
+    out = Path(args.out or Path("experiments") / args.name)
+    options = {"data": args.data, "seeds": args.seeds, "epochs": args.epochs, "runs": args.runs}
+    summary = run_experiment(args.name, out, args.quick, **options)
+    print(f"{args.name}: wrote {out}/report.md")
+    print(json.dumps(summary))
     return 0
 
 

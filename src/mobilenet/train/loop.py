@@ -79,7 +79,9 @@ class TrainResult:
     out: Path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, model: MobileNet | None = None) -> TrainResult:
+    """Train ``cfg.model`` (or ``model``, an architecture variant built by the caller, e.g.
+    for an ablation; it is trained as given, its classifier replaced for the data)."""
     start_time = time.perf_counter()
     recipe = cfg.recipe
     _check_config(cfg)
@@ -100,7 +102,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # ---- model first: its evaluation config sets the transforms; data: shard each
         # global batch across processes; then a classifier for the data's classes
-        model = _build_model(cfg)
+        model = _build_model(cfg) if model is None else model
         split = _datasets(cfg, model.eval_config)
         cfg.classes = split.classes
         model.reset_classifier(len(split.classes))
