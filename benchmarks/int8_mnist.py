@@ -58,7 +58,11 @@ def main() -> None:
         if not weights.is_file():
             mobilenet("train", "--model", model, "--data", "mnist", "--recipe", "demo",
                       "--workers", "0", "--quiet", "--out", str(run))  # fmt: skip
-        row = {"model": model, "float_top1": top1(weights)}
+        row = {
+            "model": model,
+            "command": " ".join(["python", *sys.argv]),
+            "float_top1": top1(weights),
+        }
         for method, flags in METHODS.items():
             suffix = ".onnx" if "onnx" in method else ".safetensors"
             out = run / f"int8-{method}{suffix}"
@@ -71,13 +75,18 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    # Rows of models not run this time are kept from the recorded file.
+    if args.json.is_file():
+        done = {row["model"] for row in rows}
+        kept = [r for r in json.loads(args.json.read_text())["rows"] if r["model"] not in done]
+        rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]))
     header = f"{'model':<20} {'float':>7}" + "".join(f" {m:>16}" for m in METHODS)
     print(header)
     for row in rows:
         cells = "".join(f" {row[m]['top1']:>8.2f} ({-row[m]['drop']:+.1f})" for m in METHODS)
         print(f"{row['model']:<20} {row['float_top1']:>7.2f}{cells}")
     record = {
-        "command": "python benchmarks/int8_mnist.py",
+        "command": "python benchmarks/int8_mnist.py [--models ...] (each row: its own run)",
         "machine": machine(),
         "torch": torch.__version__,
         "data": "built-in mnist, 1,000 held-out digits at 48x48",
