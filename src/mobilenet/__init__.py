@@ -5,6 +5,7 @@
 >>> mobilenet.cost(model, resolution=160).madds
 """
 
+from . import detection  # noqa: F401  (registers the detectors)
 from .cost import Cost, cost
 from .errors import CheckpointError, MobileNetError
 from .memory import memory_efficient

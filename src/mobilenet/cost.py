@@ -117,7 +117,10 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
     was_training = model.training
     model.eval()
     try:
-        graph_module = fx.symbolic_trace(model)
+        # A detector's forward takes a list of images and post-processes its outputs;
+        # its network alone (tensor in, head outputs out) is forward_raw.
+        traced = _RawOutputs(model) if hasattr(model, "forward_raw") else model
+        graph_module = fx.symbolic_trace(traced)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         with torch.no_grad():
@@ -138,7 +141,8 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
             continue
         shape = node.meta["tensor_meta"].shape
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        layers.append(LayerCost(node.target, kind, tuple(shape), params, _madds(module, shape)))
+        name = node.target.removeprefix("model.") if traced is not model else node.target
+        layers.append(LayerCost(name, kind, tuple(shape), params, _madds(module, shape)))
 
     by_type = {kind: {"params": 0, "madds": 0} for kind in LAYER_TYPES}
     for layer in layers:
@@ -162,6 +166,17 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
         by_type=by_type,
         layers=layers,
     )
+
+
+class _RawOutputs(nn.Module):
+    """A detector's network as a module: ``forward(x) = model.forward_raw(x)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model.forward_raw(x)
 
 
 def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

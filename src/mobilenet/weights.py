@@ -9,7 +9,9 @@
   ``.bin`` or ``model.safetensors`` from the Hugging Face hub, or a timm training
   checkpoint holding ``state_dict``);
 * our own safetensors files, written by :func:`save_weights`, which carry the model's
-  config as metadata.
+  config as metadata;
+* for the SSDLite detectors: torchvision's ``ssdlite320_mobilenet_v3_large`` state dicts
+  and our own files (see :mod:`mobilenet.detection.weights`).
 
 Pickled files are opened with ``torch.load(weights_only=True)`` only: tensors and plain
 containers, never arbitrary objects. A checkpoint that does not fit the model is refused
@@ -290,6 +292,12 @@ def load_weights(
     :class:`~mobilenet.CheckpointError` naming the missing, unexpected and mis-shaped
     tensors when it does not fit; the model is then left untouched.
     """
+    from .detection.model import SSDLite
+
+    if isinstance(model, SSDLite):  # detectors: torchvision's SSDLite layout, or ours
+        from .detection.weights import load_detector_weights
+
+        return load_detector_weights(model, checkpoint, source_name, metadata)
     if isinstance(checkpoint, Mapping):
         state_dict = dict(checkpoint)
         metadata = metadata or {}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
+
+from torch import nn
 
 from ..errors import MobileNetError
 from .base import MobileNet
@@ -13,23 +15,41 @@ __all__ = [
     "create_model",
     "list_models",
     "model_from_checkpoint",
+    "model_task",
     "register_model",
 ]
 
-_REGISTRY: dict[str, Callable[..., MobileNet]] = {}
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+_TASKS: dict[str, str] = {}  # model name -> "classification" or "detection"
 
-F = TypeVar("F", bound=Callable[..., MobileNet])
-
-
-def register_model(fn: F) -> F:
-    """Register a model builder under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-def list_models() -> list[str]:
-    """Names of every registered model, in registration order (V1, V2, V3)."""
-    return list(_REGISTRY)
+@overload
+def register_model(fn: F) -> F: ...
+@overload
+def register_model(*, task: str = "classification") -> Callable[[F], F]: ...
+def register_model(fn: F | None = None, *, task: str = "classification") -> F | Callable[[F], F]:
+    """Register a model builder under its function name: ``@register_model`` for a
+    classifier, ``@register_model(task="detection")`` for a detector."""
+
+    def register(fn: F) -> F:
+        _REGISTRY[fn.__name__] = fn
+        _TASKS[fn.__name__] = task
+        return fn
+
+    return register(fn) if fn is not None else register
+
+
+def list_models(task: str | None = "classification") -> list[str]:
+    """Names of the registered models of ``task`` (None: every task), in registration
+    order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small."""
+    return [name for name in _REGISTRY if task is None or _TASKS[name] == task]
+
+
+def model_task(name: str) -> str:
+    """``"classification"`` or ``"detection"``."""
+    return _TASKS[name]
 
 
 def check_width_mult(width_mult: float) -> float:
@@ -63,6 +83,10 @@ def create_model(name: str, weights: str | None = None, **kwargs: Any) -> Mobile
 
     path = resolve_weights(weights)
     state_dict, metadata = read_checkpoint(path)
+    if _TASKS[name] == "detection":
+        from ..detection.weights import detector_from_checkpoint
+
+        return detector_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
     return model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
 
 
