@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_detect_parser(sub)
 
     p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
-    p.add_argument("--model", required=True, type=_model_name, help="model name")
+    p.add_argument("--model", required=True, type=_any_model_name, help="model name")
     _add_model_args(p)
     p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
@@ -301,6 +301,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     for name in list_models():
         print(f"  {name}")
+    print("detectors (mobilenet detect):")
+    for name in list_models(task="detection"):
+        print(f"  {name}")
     print("official checkpoints (create_model(name, weights=...)):")
     for key, entry in PRETRAINED.items():
         print(f"  {key:<30} top-1 {entry.top1:.2f}%  {entry.url}")
@@ -392,6 +395,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
 
+    if args.model in list_models(task="detection"):
+        from .detection.cli import export_detector
+
+        return export_detector(args)
     if args.weights:
         from .inference import load_trained
 

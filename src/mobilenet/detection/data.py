@@ -1,0 +1,410 @@
+"""Detection data: COCO-format folders, their augmentation, and the built-in digits set.
+
+A dataset is a folder holding ``annotations.json`` (COCO's ``images``, ``annotations``
+with ``bbox = [x, y, w, h]`` in pixels, ``categories``) and the image files it names
+(relative to the folder, or to ``images/`` inside it). Category ids may be anything;
+the model's labels are ``1 .. K`` in order of id (0 is the background), and the mapping
+is saved with the trained weights.
+
+Bad annotations never reach the training loop: when the dataset is opened, a box
+reaching outside its image is clipped to it, and a box with no area (before or after
+clipping), an annotation with an unknown category id, and an image whose file is missing
+are skipped; one warning gives the count of each.
+
+The built-in ``mnist-det`` set is generated once, deterministically, into the cache
+(``$MOBILENET_HOME/datasets``): digits of the built-in MNIST subset (5,000 digits, 10
+classes) pasted at random scales and places onto 320x320 crops of real texture photos
+that scikit-image ships (brick, grass, gravel, ...), one to six digits per image, each
+in a colour that contrasts with the background under it. Train and held-out images use
+disjoint digits (the held-out images use the 1,000 digits the classification task
+holds out).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ..data.datasets import BUILTIN
+from ..data.images import load_rgb
+from ..errors import MobileNetError
+
+__all__ = [
+    "AUGMENTS",
+    "BUILTIN_DETECTION",
+    "Category",
+    "CocoDetection",
+    "collate",
+    "dataset_root",
+    "eval_transform",
+    "make_mnist_det",
+    "train_transform",
+]
+
+ANNOTATIONS = "annotations.json"
+Target = dict[str, Any]
+BUILTIN_DETECTION = ("mnist-det",)
+MNIST_DET_VERSION = 1  # bump when the generator changes: the cache folder is keyed on it
+
+
+@dataclass(frozen=True, order=True)
+class Category:
+    id: int
+    name: str
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection folder: ``(image, {"boxes", "labels", "image_id"})``.
+
+    ``boxes`` is a ``tv_tensors.BoundingBoxes`` (x1, y1, x2, y2, pixels), ``labels`` are
+    ``1 .. len(categories)``; ``transform`` (torchvision.transforms.v2) is applied to the
+    pair. ``categories`` may fix the label order (a validation set must use the
+    training set's).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[..., Any] | None = None,
+        categories: Sequence[Category] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        path = self.root / ANNOTATIONS
+        if not path.is_file():
+            raise MobileNetError(f"{self.root}: no {ANNOTATIONS} (a COCO-format detection folder)")
+        try:
+            coco = json.loads(path.read_text())
+            found = sorted(Category(int(c["id"]), str(c["name"])) for c in coco["categories"])
+            images, annotations = coco["images"], coco.get("annotations", [])
+        except (ValueError, KeyError, TypeError) as e:
+            raise MobileNetError(f"{path}: not a COCO annotation file ({e})") from None
+        self.categories = list(categories) if categories is not None else found
+        if not self.categories:
+            raise MobileNetError(f"{path}: no categories")
+        self.label_of = {c.id: i + 1 for i, c in enumerate(self.categories)}
+        self.transform = transform
+        self.skipped: Counter[str] = Counter()
+        self.images, self.targets = self._clean(images, annotations)
+        if self.skipped:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            warnings.warn(f"{path}: {counts}", stacklevel=2)
+        if not self.images:
+            raise MobileNetError(f"{self.root}: no usable images")
+
+    @property
+    def classes(self) -> list[str]:
+        return [c.name for c in self.categories]
+
+    def _file(self, name: str) -> Path | None:
+        for base in (self.root, self.root / "images"):
+            if (base / name).is_file():
+                return base / name
+        return None
+
+    def _clean(
+        self, images: list[dict[str, Any]], annotations: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in annotations:
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        kept_images, targets = [], []
+        for info in images:
+            file = self._file(str(info["file_name"]))
+            if file is None:
+                self.skipped["images skipped (file missing)"] += 1
+                continue
+            if "width" in info and "height" in info:
+                width, height = int(info["width"]), int(info["height"])
+            else:
+                with Image.open(file) as im:
+                    width, height = im.size
+            boxes, labels, crowd = [], [], []
+            for ann in by_image.get(int(info["id"]), []):
+                box = self._clean_box(ann, width, height)
+                if box is None:
+                    continue
+                boxes.append(box)
+                labels.append(self.label_of[int(ann["category_id"])])
+                crowd.append(int(ann.get("iscrowd", 0)))
+            kept_images.append({**info, "path": file, "width": width, "height": height})
+            targets.append(
+                {
+                    "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.tensor(labels, dtype=torch.int64),
+                    "iscrowd": torch.tensor(crowd, dtype=torch.int64),
+                }
+            )
+        return kept_images, targets
+
+    def _clean_box(self, ann: dict[str, Any], width: int, height: int) -> list[float] | None:
+        if int(ann.get("category_id", -1)) not in self.label_of:
+            self.skipped["boxes skipped (unknown category id)"] += 1
+            return None
+        try:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            self.skipped["boxes skipped (malformed bbox)"] += 1
+            return None
+        if not (w > 0 and h > 0):
+            self.skipped["boxes skipped (zero area)"] += 1
+            return None
+        box = [max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))]
+        if box != [x, y, x + w, y + h]:
+            if not (box[2] > box[0] and box[3] > box[1]):
+                self.skipped["boxes skipped (outside the image)"] += 1
+                return None
+            self.skipped["boxes clipped to the image"] += 1
+        return box
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+        info, target = self.images[i], self.targets[i]
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(info["path"])))
+        keep = target["iscrowd"] == 0  # crowd regions count in evaluation only
+        out: Target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                target["boxes"][keep], format="XYXY", canvas_size=tuple(image.shape[-2:])
+            ),
+            "labels": target["labels"][keep],
+            "image_id": int(info["id"]),
+        }
+        if self.transform is not None:
+            image, out = self.transform(image, out)
+        return image, out
+
+    def coco_ground_truth(self) -> dict[str, Any]:
+        """The cleaned annotations, as a COCO dict with the model's labels as category ids
+        (what :func:`mobilenet.detection.evaluate.coco_map` scores against)."""
+        images, annotations = [], []
+        for info, target in zip(self.images, self.targets, strict=True):
+            images.append({"id": int(info["id"]), "width": info["width"], "height": info["height"]})
+            for box, label, crowd in zip(
+                target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist(),
+                strict=True,
+            ):  # fmt: skip
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": int(info["id"]),
+                        "category_id": label,
+                        "bbox": [box[0], box[1], w, h],
+                        "area": w * h,
+                        "iscrowd": crowd,
+                    }
+                )
+        categories = [{"id": i + 1, "name": c.name} for i, c in enumerate(self.categories)]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+
+AUGMENTS = ("ssd", "light", "none")
+
+
+def train_transform(
+    size: int, flip: bool = True, augment: str = "ssd", fill: int = 127
+) -> v2.Transform:
+    """Training augmentation, with torchvision's box-aware transforms, then ``size x size``.
+
+    ``"ssd"``: SSD's (Liu et al., Section 2.2 "Data augmentation"): zoom out (up to 4x,
+    grey fill, half the time), a random crop with a minimum IoU with the objects,
+    photometric distortion. ``"light"``: photometric distortion only; ``"none"``: just
+    the resize. Horizontal flips unless ``flip=False`` (for data where mirroring changes
+    the class, such as digits). Colours are distorted after the resize: the same
+    augmentation at a fraction of the cost when the input is smaller than the images.
+    """
+    if augment not in AUGMENTS:
+        raise MobileNetError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    steps: list[v2.Transform] = []
+    if augment == "ssd":
+        zoom_fill = {tv_tensors.Image: fill, "others": 0}
+        steps += [
+            v2.RandomZoomOut(fill=zoom_fill, side_range=(1.0, 4.0), p=0.5),
+            v2.RandomIoUCrop(),
+        ]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.Resize((size, size), antialias=True))
+    if augment != "none":
+        steps.append(v2.RandomPhotometricDistort(p=0.5))
+    steps += [v2.SanitizeBoundingBoxes(min_size=1), v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps)
+
+
+def eval_transform() -> v2.Transform:
+    """Images at their own size, as floats in [0, 1]: the model resizes them itself and
+    maps its boxes back, so detections are scored in each image's pixels."""
+    return v2.ToDtype(torch.float32, scale=True)
+
+
+def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """Lists of images and targets (images may differ in size; targets in box counts)."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+# --------------------------------------------------------------------------- mnist-det
+
+TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry",
+            "coffee", "rocket")  # fmt: skip
+IMAGE_SIZE = 320
+DIGIT_SIZES = (40, 128)  # pixels of a digit's 28x28 cell, log-uniform
+TRAIN_IMAGES, VAL_IMAGES = 4000, 500
+
+
+def dataset_root(data: str, split: str = "train") -> Path:
+    """A folder holding ``annotations.json``: ``data`` itself, or a built-in set's split
+    (generated into the cache the first time)."""
+    if data == "mnist-det":
+        from ..weights import cache_dir
+
+        base = cache_dir() / "datasets" / f"mnist-det-v{MNIST_DET_VERSION}"
+        if not (base / "val" / ANNOTATIONS).is_file():
+            make_mnist_det(base)
+        return base / split
+    path = Path(data)
+    if not (path / ANNOTATIONS).is_file():
+        raise MobileNetError(
+            f"data not found: {data} (a folder with {ANNOTATIONS}, or one of: "
+            f"{', '.join(BUILTIN_DETECTION)})"
+        )
+    return path
+
+
+def make_mnist_det(
+    root: str | Path,
+    train_images: int = TRAIN_IMAGES,
+    val_images: int = VAL_IMAGES,
+    seed: int = 0,
+) -> Path:
+    """Write the digits-detection set to ``root/{train,val}`` (JPEG + annotations.json).
+
+    Deterministic for a given ``seed``; written into a temporary folder and renamed, so
+    an interrupted run leaves nothing half-made.
+    """
+    root = Path(root)
+    digits, labels = BUILTIN["mnist"][0]()
+    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+    digits, labels = digits[order, 0].numpy(), labels[order].numpy()
+    held_out = BUILTIN["mnist"][1]  # the classification task's held-out digits
+    textures = _textures()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        parts = {
+            "train": (train_images, slice(0, len(digits) - held_out), seed),
+            "val": (val_images, slice(len(digits) - held_out, None), seed + 1),
+        }
+        for split, (count, pool, split_seed) in parts.items():
+            rng = np.random.default_rng(split_seed)
+            _write_split(tmp / split, count, digits[pool], labels[pool], textures, rng)
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _textures() -> list[np.ndarray]:
+    import skimage.data
+
+    out = []
+    for name in TEXTURES:
+        image = getattr(skimage.data, name)()
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        out.append(np.ascontiguousarray(image[..., :3]))
+    return out
+
+
+def _write_split(
+    folder: Path,
+    count: int,
+    digits: np.ndarray,
+    labels: np.ndarray,
+    textures: list[np.ndarray],
+    rng: np.random.Generator,
+) -> None:
+    folder.mkdir(parents=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        canvas, boxes = _compose(digits, labels, textures, rng)
+        name = f"{image_id:05d}.jpg"
+        Image.fromarray(canvas).save(folder / name, quality=92)
+        images.append(
+            {"id": image_id, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+        )
+        for (x1, y1, x2, y2), label in boxes:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": d, "name": str(d)} for d in range(10)]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    (folder / ANNOTATIONS).write_text(json.dumps(coco))
+
+
+def _compose(
+    digits: np.ndarray, labels: np.ndarray, textures: list[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], int]]]:
+    """One image: a random texture crop (random tint), 1-6 digits that overlap little."""
+    texture = textures[rng.integers(len(textures))]
+    y0 = rng.integers(texture.shape[0] - IMAGE_SIZE + 1)
+    x0 = rng.integers(texture.shape[1] - IMAGE_SIZE + 1)
+    canvas = texture[y0 : y0 + IMAGE_SIZE, x0 : x0 + IMAGE_SIZE].astype(np.float32)
+    canvas = np.clip(canvas * rng.uniform(0.6, 1.2, size=3), 0, 255)
+    boxes: list[tuple[tuple[int, int, int, int], int]] = []
+    for _ in range(int(rng.integers(1, 7))):
+        for _attempt in range(20):
+            size = int(np.exp(rng.uniform(*np.log(DIGIT_SIZES))))
+            x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - size + 1, size=2))
+            if all(_overlap((x, y, x + size, y + size), b) < 0.1 for b, _ in boxes):
+                break
+        else:
+            continue
+        index = int(rng.integers(len(digits)))
+        cell = Image.fromarray(digits[index]).resize((size, size), Image.BILINEAR)
+        alpha = np.asarray(cell, dtype=np.float32)[..., None] / 255
+        region = canvas[y : y + size, x : x + size]
+        # a colour far from the background under the digit
+        colour = rng.uniform(0, 70, 3) if region.mean() > 110 else rng.uniform(185, 255, 3)
+        canvas[y : y + size, x : x + size] = region * (1 - alpha) + colour * alpha
+        ys, xs = np.nonzero(alpha[..., 0] > 0.3)
+        box = (x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1)
+        boxes.append((box, int(labels[index])))
+    if not boxes:  # cannot happen for the first digit, which always fits
+        raise AssertionError("no digit placed")
+    return canvas.round().astype(np.uint8), boxes
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over the smaller box."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller
