@@ -11,15 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from mobilenet.bench import BenchConfig, format_table, machine, run_bench
+from mobilenet.bench import ENGINES, BenchConfig, format_table, machine, run_bench
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--engines", default="eager,eager-fused,onnxruntime,onnxruntime-int8,torchvision-eager"
-    )
+    parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,mobilenet_v3_small")
     parser.add_argument(
         "--json", type=Path, default=Path(__file__).with_name("inference_bench.json")
@@ -37,6 +36,7 @@ def main() -> None:
     record = {
         "machine": machine(),
         "command": "python benchmarks/inference_bench.py " + " ".join(sys.argv[1:]),
+        "note": args.note,
         "results": results,
     }
     args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -16,10 +16,12 @@ Engines:
   torch-int8         PyTorch int8 (FX graph mode, x86 backend, per-channel weights),
                      calibrated on random images
   torchvision-eager  torchvision's own implementation of the same network, when it has one
+  openvino           a peer runtime: OpenVINO on the exported ONNX model, when installed
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -45,6 +47,7 @@ ENGINES = (
     "onnxruntime-int8",
     "torch-int8",
     "torchvision-eager",
+    "openvino",
 )
 TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
 
@@ -78,6 +81,8 @@ def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
         raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
     if "torchvision-eager" in names and (model not in TORCHVISION or width_mult != 1.0):
         names = [n for n in names if n != "torchvision-eager"]
+    if "openvino" in names and importlib.util.find_spec("openvino") is None:
+        names = [n for n in names if n != "openvino"]
     return names
 
 
@@ -121,6 +126,15 @@ def _build(engine: str, cfg: BenchConfig, tmp: Path):
         return run
     path = tmp / "model.onnx"
     export_onnx(model, path, cfg.resolution)
+    if engine == "openvino":
+        import openvino
+
+        compiled = openvino.Core().compile_model(
+            str(path), "CPU", {"INFERENCE_NUM_THREADS": cfg.threads, "PERFORMANCE_HINT": "LATENCY"}
+        )
+        request = compiled.create_infer_request()
+        images = x.numpy()
+        return lambda: request.infer({0: images})
     if engine == "onnxruntime-int8":
         from .export.quantize import quantize_file
 
