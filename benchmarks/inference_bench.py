@@ -18,6 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     parser.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     parser.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,mobilenet_v3_small")
     parser.add_argument(
@@ -26,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for model in args.models.split(","):
-        for batch in (1, 32):
+        for batch in (int(b) for b in args.batches.split(",")):
             for threads in (1, 2):
                 iterations = 10 if batch == 1 else 2
                 cfg = BenchConfig(model, 1.0, batch, 224, threads, args.rounds, iterations)
