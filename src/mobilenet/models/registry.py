@@ -58,8 +58,9 @@ def check_width_mult(width_mult: float) -> float:
     return float(width_mult)
 
 
-def create_model(name: str, weights: str | None = None, **kwargs: Any) -> MobileNet:
-    """Build a registered model.
+def create_model(name: str, weights: str | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model: a :class:`MobileNet` classifier, or an SSDLite detector
+    for the names of ``list_models(task="detection")``.
 
     Args:
         name: one of :func:`list_models`.
