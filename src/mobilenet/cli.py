@@ -19,7 +19,7 @@ from .models import create_model, list_models
 __all__ = ["main"]
 
 
-def _width(text: str) -> float:
+def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -27,6 +27,9 @@ def _width(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+_width = _positive_float  # the width multiplier alpha: any positive number
 
 
 def _resolution(text: str) -> int:

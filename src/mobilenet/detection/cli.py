@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..cli import _positive_float, _positive_int
 from ..errors import MobileNetError
 from ..models.registry import list_models
 
@@ -21,19 +22,6 @@ def _detector(text: str) -> str:
     return text
 
 
-def _positive(kind: type) -> object:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
 def add_detect_parser(sub: argparse._SubParsersAction) -> None:
     detect = sub.add_parser("detect", help="object detection with SSDLite: train, eval, predict")
     dsub = detect.add_subparsers(dest="detect_command", required=True, metavar="COMMAND")
@@ -45,16 +33,14 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
         "(torchrun --nproc-per-node N -m mobilenet detect train ...).",
     )
     p.add_argument("--model", type=_detector, default="ssdlite_mobilenet_v3_small")
-    p.add_argument("--width-mult", type=_positive(float), default=1.0)
+    p.add_argument("--width-mult", type=_positive_float, default=1.0)
     p.add_argument("--data", required=True, help="folder with annotations.json, or mnist-det")
     p.add_argument("--val-data", help="held-out folder (default for mnist-det: its val split)")
-    p.add_argument("--image-size", type=_positive(int), default=320, help="network input")
-    p.add_argument("--epochs", type=_positive(int), default=30)
-    p.add_argument("--batch-size", type=_positive(int), default=32, help="global batch size")
+    p.add_argument("--image-size", type=_positive_int, default=320, help="network input")
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch size")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument(
-        "--lr", type=_positive(float), default=None, help="default: sgd 0.05, adamw 3e-3"
-    )
+    p.add_argument("--lr", type=_positive_float, default=None, help="default: sgd 0.05, adamw 3e-3")
     p.add_argument("--weight-decay", type=float, default=4e-5)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument(
@@ -64,9 +50,7 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
     flip = p.add_mutually_exclusive_group()
     flip.add_argument("--flip", dest="flip", action="store_true", default=None)
     flip.add_argument("--no-flip", dest="flip", action="store_false")
-    p.add_argument(
-        "--eval-every", type=_positive(int), default=1, help="epochs between evaluations"
-    )
+    p.add_argument("--eval-every", type=_positive_int, default=1, help="epochs between evaluations")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -79,7 +63,7 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, help="best.safetensors, or a torchvision SSDLite")
     p.add_argument("--data", required=True, help="folder with annotations.json, or mnist-det")
     p.add_argument("--model", type=_detector, help="for torchvision state dicts")
-    p.add_argument("--batch-size", type=_positive(int), default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_detect_eval)
 
