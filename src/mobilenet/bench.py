@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import MobileNetError
 
-__all__ = ["ENGINES", "BenchConfig", "machine", "run_bench"]
+__all__ = ["ENGINES", "BenchConfig", "build_engine", "machine", "run_bench"]
 
 ENGINES = (
     "eager",
@@ -89,7 +89,7 @@ def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
 # --------------------------------------------------------------------------- worker side
 
 
-def _build(engine: str, cfg: BenchConfig, tmp: Path):
+def build_engine(engine: str, cfg: BenchConfig, tmp: Path):
     """A zero-argument callable that runs one batch with ``engine``."""
     import torch
 
@@ -162,7 +162,7 @@ def _no_grad(model, x):
 
 def _worker(engine: str, cfg: BenchConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        run = _build(engine, cfg, Path(tmp))
+        run = build_engine(engine, cfg, Path(tmp))
         for _ in range(3):
             run()  # warm-up (and compilation)
         print("ready", flush=True)

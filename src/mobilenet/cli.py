@@ -432,7 +432,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .export.int8 import QATConfig, quantize_torch, save_int8
     from .export.quantize import quantize_onnx
-    from .inference import Int8Model, OnnxModel, load_trained
+    from .inference import load_trained
+    from .models.base import DeployedModel
 
     fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
     if fmt == "onnx" and args.method == "qat":
@@ -440,7 +441,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise MobileNetError(f"--lr must be positive, got {args.lr}")
     trained = load_trained(args.weights, args.model)
-    if isinstance(trained.model, OnnxModel | Int8Model):
+    if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
     name = trained.model.config.name
     if fmt == "onnx":

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import MobileNetError
-from .export.int8 import Int8Model, is_int8_checkpoint
-from .models import EvalConfig, MobileNet, ModelConfig
+from .export.int8 import is_int8_checkpoint
+from .models import MobileNet, ModelConfig
+from .models.base import DeployedModel
 from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, resolve_weights, saved_config
 
@@ -23,7 +24,7 @@ __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
 
 @dataclass
 class Trained:
-    model: MobileNet | OnnxModel | Int8Model
+    model: MobileNet | DeployedModel
     classes: list[str]
     resolution: int
     path: Path | None = None  # the weights file it came from
@@ -60,18 +61,12 @@ def load_trained(
     return Trained(net, classes, res, path)
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(DeployedModel):
     """An ONNX Runtime session behind the ``nn.Module`` call interface."""
 
     def __init__(self, session, config: ModelConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         self.session = session
-        self.config = config
-        self.eval_config = EvalConfig()
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().cpu().contiguous().numpy()
@@ -130,7 +125,7 @@ def evaluate_on(
         )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     dist = Distributed(0, 1, 0, resolve_device(device))
-    if isinstance(trained.model, OnnxModel | Int8Model):
+    if isinstance(trained.model, DeployedModel):
         return evaluate(trained.model, loader, dist, channels_last=False)
     model = trained.model.to(dist.device, memory_format=torch.channels_last)
     return evaluate(model, loader, dist)
@@ -148,7 +143,7 @@ def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module
     and the resolution); ``eager-fused`` folds BatchNorm; ``eager`` runs the model as is.
     """
     model = trained.model
-    if isinstance(model, OnnxModel | Int8Model) or engine == "eager":
+    if isinstance(model, DeployedModel) or engine == "eager":
         return model
     if engine == "eager-fused":
         from .export import prepare_for_inference

@@ -29,9 +29,10 @@ import os
 import re
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -294,29 +295,55 @@ def load_weights(
     """
     from .detection.model import SSDLite
 
+    state_dict, metadata, name = read_state_dict(checkpoint, source_name, metadata)
     if isinstance(model, SSDLite):  # detectors: torchvision's SSDLite layout, or ours
         from .detection.weights import load_detector_weights
 
-        return load_detector_weights(model, checkpoint, source_name, metadata)
-    if isinstance(checkpoint, Mapping):
-        state_dict = dict(checkpoint)
-        metadata = metadata or {}
-        name = source_name or "state dict"
-    else:
-        state_dict, metadata = read_checkpoint(checkpoint)
-        name = source_name or str(checkpoint)
+        return load_detector_weights(model, state_dict, name, metadata)
     source = detect_source(state_dict)
-    bn_eps = _source_bn_eps(source, state_dict)
+    fit_state_dict(
+        model, state_dict, name, source, _saved_config(metadata),
+        _source_bn_eps(source, state_dict), _TRANSLATORS.get(source),
+    )  # fmt: skip
+    return source
+
+
+def read_state_dict(
+    checkpoint: PathLike | Mapping[str, torch.Tensor],
+    source_name: str | None,
+    metadata: Mapping[str, str] | None,
+) -> tuple[StateDict, Mapping[str, str], str]:
+    """(state dict, metadata, a name for messages) of a path or an in-memory state dict."""
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint), metadata or {}, source_name or "state dict"
+    state_dict, metadata = read_checkpoint(checkpoint)
+    return state_dict, metadata, source_name or str(checkpoint)
+
+
+def fit_state_dict(
+    model: nn.Module,
+    state_dict: StateDict,
+    name: str,
+    source: str,
+    saved: Any,
+    bn_eps: float | None,
+    translate: Callable[[StateDict, nn.Module], StateDict] | None,
+) -> None:
+    """Load ``state_dict`` from ``source`` into ``model``, all or nothing.
+
+    Our own files (``source == "mobilenet"``) must have been saved from the same model
+    (``saved``: their stored config) and bring their BatchNorm epsilon; other sources are
+    translated to our names first. The fit is checked before anything is copied.
+    """
     if source == "mobilenet":
-        saved = _saved_config(metadata)
         if saved is not None:
             if saved.name != model.config.name:
                 raise CheckpointError(
                     f"{name} holds {saved.name} (width {saved.width_mult}), not {model.config.name}"
                 )
             bn_eps = saved.bn_eps
-    else:
-        state_dict = _TRANSLATORS[source](state_dict, model)
+    elif translate is not None:
+        state_dict = translate(state_dict, model)
     _check_fits(model, state_dict, name, source)
     own = model.state_dict()
     # A checkpoint without BatchNorm step counters keeps the model's own.
@@ -324,7 +351,6 @@ def load_weights(
     model.load_state_dict({**state_dict, **missing_counters}, strict=True)
     if bn_eps is not None:
         model.set_bn_eps(bn_eps)
-    return source
 
 
 def _check_fits(model: MobileNet, state_dict: StateDict, name: str, source: str) -> None:

@@ -30,9 +30,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..errors import MobileNetError
 from ..models import create_model
 from ..train import checkpoint as ckpt
-from ..train.cpu import keep_freed_memory
+from ..train.cpu import keep_freed_memory, one_thread_worker
 from ..train.distributed import Distributed, setup
+from ..train.loop import TrainingDiverged
 from ..train.optim import param_groups
+from ..train.plot import Panel, plot_panels
 from ..weights import save_weights
 from .data import BUILTIN_DETECTION, CocoDetection, collate, dataset_root, eval_transform
 from .data import train_transform as detection_train_transform
@@ -41,10 +43,6 @@ from .loss import LossConfig
 from .model import SSDLite
 
 __all__ = ["DetectTrainConfig", "DetectTrainResult", "train_detector"]
-
-
-class TrainingDiverged(MobileNetError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -137,7 +135,7 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             num_workers=cfg.workers,
             collate_fn=collate,
             generator=loader_gen,
-            worker_init_fn=_worker_init if cfg.workers else None,
+            worker_init_fn=one_thread_worker if cfg.workers else None,
             drop_last=True,
             persistent_workers=cfg.workers > 0,
         )
@@ -187,7 +185,7 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             sampler.set_epoch(epoch)
             loader_gen.manual_seed(cfg.seed * 100_003 + epoch)
             stats = _train_one_epoch(ddp, loader, optimizer, scheduler, dist, cfg, epoch)
-            _average_buffers(model, dist)
+            dist.average_buffers(model)
             val = None
             last_epoch = epoch + 1 == cfg.epochs
             if val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
@@ -351,20 +349,6 @@ def _check_config(cfg: DetectTrainConfig) -> None:
         )
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def _average_buffers(module: nn.Module, dist: Distributed) -> None:
-    """Average BatchNorm statistics over processes, so every replica saves one network."""
-    if not dist.enabled:
-        return
-    with torch.no_grad():
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer).div_(dist.world_size)
-
-
 def _save(
     model: SSDLite,
     path: Path,
@@ -400,30 +384,22 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 def plot_detection_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Training losses and validation mAP per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..fileio import atomic_write
-
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (
-        ("train_loss", "total"),
-        ("train_bbox_loss", "box"),
-        ("train_cls_loss", "class"),
-    ):
-        ax_loss.plot(epochs, [r[key] for r in rows], "o-", label=label)
+    losses = {
+        label: (epochs, [r[key] for r in rows])
+        for key, label in (
+            ("train_loss", "total"),
+            ("train_bbox_loss", "box"),
+            ("train_cls_loss", "class"),
+        )
+    }
     evaluated = [r for r in rows if r["val_map"] is not None]
-    for key, label in (("val_map", "mAP@[.5:.95]"), ("val_map_50", "mAP@.5")):
-        ax_map.plot([r["epoch"] for r in evaluated], [r[key] for r in evaluated], "o-", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
-    ax_map.set(xlabel="epoch", ylabel="COCO mAP", title="held-out mAP", ylim=(0, 1))
-    for ax in (ax_loss, ax_map):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    maps = {
+        label: ([r["epoch"] for r in evaluated], [r[key] for r in evaluated])
+        for key, label in (("val_map", "mAP@[.5:.95]"), ("val_map_50", "mAP@.5"))
+    }
+    plot_panels(
+        [Panel("training loss", "loss", losses), Panel("held-out mAP", "COCO mAP", maps, (0, 1))],
+        path,
+        title,
+    )

@@ -22,7 +22,13 @@ from torch import nn
 
 from ..blocks import InvertedResidual
 from ..errors import CheckpointError
-from ..weights import FORMAT, _check_fits, _conv_bn, _torchvision_block, read_checkpoint
+from ..weights import (
+    FORMAT,
+    _conv_bn,
+    _torchvision_block,
+    fit_state_dict,
+    read_state_dict,
+)
 from .model import DetectorConfig, SSDLite
 
 __all__ = [
@@ -120,28 +126,12 @@ def load_detector_weights(
     Refuses, before copying anything, a checkpoint that does not fit (naming the missing,
     unexpected and mis-shaped tensors) or one of ours saved from another model.
     """
-    if isinstance(checkpoint, Mapping):
-        state_dict, metadata, name = dict(checkpoint), metadata or {}, source_name or "state dict"
-    else:
-        state_dict, metadata = read_checkpoint(checkpoint)
-        name = source_name or str(checkpoint)
+    state_dict, metadata, name = read_state_dict(checkpoint, source_name, metadata)
     source = detect_detector_source(state_dict)
-    bn_eps = TORCHVISION_BN_EPS
-    if source == "mobilenet":
-        saved = saved_detector_config(metadata)
-        if saved is not None:
-            if saved.name != model.config.name:
-                raise CheckpointError(
-                    f"{name} holds {saved.name} (width {saved.width_mult}), not {model.config.name}"
-                )
-            bn_eps = saved.bn_eps
-    else:
-        state_dict = _from_torchvision(state_dict, model)
-    _check_fits(model, state_dict, name, source)  # type: ignore[arg-type]
-    own = model.state_dict()
-    missing_counters = {k: own[k] for k in own if k not in state_dict}
-    model.load_state_dict({**state_dict, **missing_counters}, strict=True)
-    model.set_bn_eps(bn_eps)
+    fit_state_dict(
+        model, state_dict, name, source, saved_detector_config(metadata), TORCHVISION_BN_EPS,
+        _from_torchvision,
+    )  # fmt: skip
     return source
 
 

@@ -165,30 +165,17 @@ def train_variant(
     resumed.
     """
     from ..train import TrainConfig, get_recipe, train
+    from ..train.loop import build_model
 
     if (out / "summary.json").is_file():
         return _history(out)
     recipe = dataclasses.replace(get_recipe("demo"), epochs=cfg.epochs, resolution=cfg.resolution)
-    torch.manual_seed(seed)  # the variant's initial weights
-    kwargs: dict[str, Any] = {"width_mult": cfg.width_mult, "num_classes": 0}
-    if recipe.dropout is not None:
-        kwargs["dropout"] = recipe.dropout
-    model = change(create_model(model_name, **kwargs))
-    if recipe.bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = recipe.bn_momentum
     train_cfg = TrainConfig(
-        model_name,
-        cfg.data,
-        out,
-        recipe,
-        width_mult=cfg.width_mult,
-        seed=seed,
-        workers=0,
-        progress=False,
-        resume=(out / "last.pt").is_file(),
-    )
+        model_name, cfg.data, out, recipe, width_mult=cfg.width_mult, seed=seed, workers=0,
+        progress=False, resume=(out / "last.pt").is_file(),
+    )  # fmt: skip
+    torch.manual_seed(seed)  # the variant's initial weights
+    model = change(build_model(train_cfg))
     train(train_cfg, model=model)
     return _history(out)
 

@@ -1,30 +1,24 @@
-"""What every experiment writes: JSON, CSV, PNG plots and a markdown report, atomically."""
+"""What every experiment writes: JSON, CSV, PNG plots and a markdown report, atomically.
+
+``write_json`` and ``write_csv`` are :mod:`mobilenet.fileio`'s.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_csv, write_json
 
-
-def write_json(path: Path, data: Any) -> Path:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
-    return path
+__all__ = [
+    "figure",
+    "markdown_table",
+    "save_figure",
+    "write_csv",
+    "write_json",
+    "write_text",
+]
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -35,10 +35,12 @@ RESOLUTIONS = (96, 128, 160, 192, 224)
 
 def latency_ms(model: str, width: float, resolution: int, calls: int, threads: int = 1) -> float:
     """Median batch-1 latency with ONNX Runtime, the engine ``mobilenet predict`` uses."""
-    from ..bench import BenchConfig, _build
+    from ..bench import BenchConfig, build_engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = _build("onnxruntime", BenchConfig(model, width, 1, resolution, threads), Path(tmp))
+        run = build_engine(
+            "onnxruntime", BenchConfig(model, width, 1, resolution, threads), Path(tmp)
+        )
         for _ in range(3):
             run()
         times = []

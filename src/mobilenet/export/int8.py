@@ -38,12 +38,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import atomic_write
-from ..models import EvalConfig, MobileNet, ModelConfig, create_model
+from ..models import MobileNet, ModelConfig, create_model
+from ..models.base import DeployedModel
 
 __all__ = [
     "METHODS",
     "Int8Model",
     "QATConfig",
+    "calibration_batches",
     "calibration_dataset",
     "int8_from_checkpoint",
     "is_int8_checkpoint",
@@ -70,19 +72,13 @@ class QATConfig:
     freeze_observer_epoch: int = 2  # quantization ranges frozen from this epoch on
 
 
-class Int8Model(nn.Module):
+class Int8Model(DeployedModel):
     """A quantized network with its config, like a :class:`MobileNet` for inference."""
 
     def __init__(self, net: nn.Module, config: ModelConfig, method: str) -> None:
-        super().__init__()
+        super().__init__(config)
         self.net = net
-        self.config = config
         self.method = method
-        self.eval_config = EvalConfig()
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -153,6 +149,16 @@ def calibration_dataset(trained, data: str) -> Dataset:
     )
 
 
+def calibration_batches(
+    dataset: Dataset, images: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Batches of 32 from ``images`` images of ``dataset`` drawn at random."""
+    order = torch.randperm(len(dataset), generator=generator)
+    subset = Subset(dataset, order[: min(images, len(dataset))].tolist())
+    for batch, _ in DataLoader(subset, batch_size=32):
+        yield batch
+
+
 def quantize_torch(
     trained,
     data: str,
@@ -170,9 +176,7 @@ def quantize_torch(
     dataset = calibration_dataset(trained, data)
     generator = torch.Generator().manual_seed(seed)
     if method == "ptq":
-        order = torch.randperm(len(dataset), generator=generator)
-        subset = Subset(dataset, order[: min(calibration_images, len(dataset))].tolist())
-        batches = (images for images, _ in DataLoader(subset, batch_size=32))
+        batches = calibration_batches(dataset, calibration_images, generator)
         return quantize_model(trained.model, batches, trained.resolution)
     with _x86_backend():
         prepared = _prepare(trained.model, "qat", trained.resolution)

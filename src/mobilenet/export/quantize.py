@@ -16,20 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from ..fileio import atomic_write
-from .int8 import calibration_dataset
+from .int8 import calibration_batches, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 
 __all__ = ["quantize_file", "quantize_onnx"]
 
 
-def _calibration_batches(trained, data: str, images: int, seed: int):
+def _calibration_batches(trained, data: str, images: int, seed: int) -> Iterator[dict]:
     dataset = calibration_dataset(trained, data)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    subset = Subset(dataset, order[: min(images, len(dataset))].tolist())
-    for batch, _ in DataLoader(subset, batch_size=32):
+    generator = torch.Generator().manual_seed(seed)
+    for batch in calibration_batches(dataset, images, generator):
         yield {"images": batch.numpy().astype(np.float32)}
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers import BN_EPS, ActLayer, set_bn_eps
 
-__all__ = ["EvalConfig", "FeatureInfo", "MobileNet", "ModelConfig"]
+__all__ = ["DeployedModel", "EvalConfig", "FeatureInfo", "MobileNet", "ModelConfig"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,6 +48,20 @@ class FeatureInfo:
     index: int
     stride: int
     channels: int
+
+
+class DeployedModel(nn.Module):
+    """A model that runs outside eager float PyTorch (ONNX Runtime, int8), with the config
+    and evaluation settings that ``eval`` and ``predict`` read from a :class:`MobileNet`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.eval_config = EvalConfig()
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
 
 
 class HeadFC(nn.Module):

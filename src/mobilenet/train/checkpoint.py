@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -11,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_csv, write_json
 
 __all__ = ["load_last", "rng_state", "save_last", "set_rng_state", "write_json", "write_metrics"]
 
@@ -43,17 +41,6 @@ def load_last(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable training checkpoint ({e})") from None
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
-
-
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.csv`` with every epoch so far (atomically)."""
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
+    write_csv(path, rows)

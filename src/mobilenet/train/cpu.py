@@ -16,7 +16,9 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+__all__ = ["keep_freed_memory", "one_thread_worker"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -39,3 +41,9 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _applied = ok
     return ok
+
+
+def one_thread_worker(_: int) -> None:
+    """DataLoader ``worker_init_fn``: workers decode and augment on one thread each, the
+    main process computes."""
+    torch.set_num_threads(1)

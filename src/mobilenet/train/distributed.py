@@ -40,6 +40,16 @@ class Distributed:
             dist.all_reduce(tensor, reduce_op)
         return tensor
 
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm statistics) over the processes, so
+        every replica evaluates and saves the same network."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    self.all_reduce(buffer).div_(self.world_size)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

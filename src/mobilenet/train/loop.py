@@ -28,14 +28,14 @@ from ..errors import MobileNetError
 from ..models import EvalConfig, MobileNet, create_model
 from ..weights import load_weights, save_weights
 from . import checkpoint as ckpt
-from .cpu import keep_freed_memory
+from .cpu import keep_freed_memory, one_thread_worker
 from .distributed import Distributed, setup
 from .evaluate import ShardSampler, evaluate
 from .optim import build_ema, build_optimizer, build_scheduler
 from .plot import plot_curves
 from .recipes import Recipe
 
-__all__ = ["TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["TrainConfig", "TrainingDiverged", "build_model", "train"]
 
 
 class TrainingDiverged(MobileNetError):
@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, model: MobileNet | None = None) -> TrainResult:
 
         # ---- model first: its evaluation config sets the transforms; data: shard each
         # global batch across processes; then a classifier for the data's classes
-        model = _build_model(cfg) if model is None else model
+        model = build_model(cfg) if model is None else model
         split = _datasets(cfg, model.eval_config)
         cfg.classes = split.classes
         model.reset_classifier(len(split.classes))
@@ -168,9 +168,9 @@ def train(cfg: TrainConfig, model: MobileNet | None = None) -> TrainResult:
             )
             # Each process updated its BatchNorm statistics on its own shard: average them,
             # so every replica (and its EMA) evaluates and saves the same network.
-            _average_buffers(model, dist)
+            dist.average_buffers(model)
             if ema is not None:
-                _average_buffers(ema.module, dist)
+                dist.average_buffers(ema.module)
             evaluated = ema.module if ema is not None else model
             val = (
                 evaluate(evaluated, val_loader, dist, cfg.channels_last, cfg.amp)
@@ -353,10 +353,6 @@ def _datasets(cfg: TrainConfig, eval_config: EvalConfig) -> Split:
     return folder_splits(cfg.data, cfg.val_data, cfg.val_fraction, train_tf, eval_tf, cfg.seed)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode and augment; the main process computes
-
-
 def _loader(dataset, batch_size, sampler, workers, generator, drop_last) -> DataLoader:
     return DataLoader(
         dataset,
@@ -364,13 +360,13 @@ def _loader(dataset, batch_size, sampler, workers, generator, drop_last) -> Data
         sampler=sampler,
         num_workers=workers,
         generator=generator,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=one_thread_worker if workers else None,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
     )
 
 
-def _build_model(cfg: TrainConfig) -> MobileNet:
+def build_model(cfg: TrainConfig) -> MobileNet:
     """The network without its classifier (the caller adds one for the data's classes)."""
     recipe = cfg.recipe
     kwargs: dict[str, Any] = {"width_mult": cfg.width_mult, "num_classes": 0}
@@ -391,15 +387,6 @@ def _build_model(cfg: TrainConfig) -> MobileNet:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = recipe.bn_momentum
     return model
-
-
-def _average_buffers(module: nn.Module, dist: Distributed) -> None:
-    if not dist.enabled:
-        return
-    with torch.no_grad():
-        for buffer in module.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer).div_(dist.world_size)
 
 
 def _replica_checksums(model: nn.Module, dist: Distributed) -> list[float]:
