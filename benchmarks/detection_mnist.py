@@ -34,7 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ssdlite_mobilenet_v3_small")
     parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--min-scale", type=float, default=0.2)
+    parser.add_argument("--max-scale", type=float, default=0.95)
     parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--cache", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/detect-mnist"))
@@ -49,13 +55,16 @@ def main() -> None:
         data="mnist-det",
         out=args.out,
         image_size=args.image_size,
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
         epochs=args.epochs,
-        batch_size=16,
+        batch_size=args.batch_size,
         optimizer="adamw",
-        lr=3e-3,
+        lr=args.lr,
         warmup_epochs=0.3,
         augment="light",
-        eval_every=2,
+        cache=args.cache,
+        eval_every=args.eval_every,
         workers=args.workers,
         progress=False,
     )
@@ -70,8 +79,10 @@ def main() -> None:
     record = {
         "command": (
             f"mobilenet detect train --model {args.model} --data mnist-det --image-size "
-            f"{args.image_size} --epochs {args.epochs} --batch-size 16 --optimizer adamw "
-            f"--lr 3e-3 --warmup-epochs 0.3 --augment light --eval-every 2 "
+            f"{args.image_size} --min-scale {args.min_scale} --max-scale {args.max_scale} "
+            f"--epochs {args.epochs} --batch-size {args.batch_size} --optimizer adamw "
+            f"--lr {args.lr} --warmup-epochs 0.3 --augment light"
+            f"{' --cache' if args.cache else ''} --no-flip --eval-every {args.eval_every} "
             f"--workers {args.workers} --out {args.out}"
         ),
         "machine": machine(),

@@ -166,8 +166,21 @@ def test_torchvision_ssdlite_parity():
         assert torch.equal(o["labels"], e["labels"])
 
 
+def test_default_box_scales_are_configurable_and_checked():
+    model = create_model("ssdlite_mobilenet_v3_small", num_classes=3, min_scale=0.1, max_scale=0.5)
+    assert model.default_boxes.scales[0] == pytest.approx(0.1)
+    assert model.default_boxes.scales[5] == pytest.approx(0.5)
+    first = model.anchors()[0]  # the 20x20 map of a 320 input: 0.1 * 320 = 32 wide
+    assert first.tolist() == pytest.approx([8 - 16, 8 - 16, 8 + 16, 8 + 16])
+    for low, high in ((0.5, 0.5), (0.0, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="min_scale < max_scale"):
+            create_model("ssdlite_mobilenet_v3_small", min_scale=low, max_scale=high)
+
+
 def test_detector_weights_round_trip(tmp_path):
-    model = randomize_bn(create_model("ssdlite_mobilenet_v3_small", num_classes=5, image_size=128))
+    model = randomize_bn(
+        create_model("ssdlite_mobilenet_v3_small", num_classes=5, image_size=128, min_scale=0.1)
+    )
     path = save_weights(model, tmp_path / "det.safetensors")
     loaded = create_model("ssdlite_mobilenet_v3_small", weights=str(path))
     assert isinstance(loaded, SSDLite)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mobilenet.cli import main
+from mobilenet.errors import MobileNetError
 from mobilenet.detection.data import (
     CocoDetection,
     collate,
@@ -91,6 +92,40 @@ def test_training_step_on_augmented_batches(tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("augment", ["none", "light"])
+def test_cached_resized_images_equal_resizing_every_time(tmp_path, augment):
+    make_mnist_det(tmp_path / "m", train_images=4, val_images=1)
+    transform = train_transform(96, flip=True, augment=augment)
+    plain = CocoDetection(tmp_path / "m" / "train", transform)
+    cached = CocoDetection(tmp_path / "m" / "train", transform)
+    cached.cache_resized(96)
+    for i in range(len(plain)):
+        torch.manual_seed(i)
+        a_image, a = plain[i]
+        torch.manual_seed(i)
+        b_image, b = cached[i]
+        assert b_image.shape == (3, 96, 96)
+        assert torch.equal(a_image, b_image)
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
+        assert torch.equal(a["labels"], b["labels"])
+
+
+def test_caching_is_refused_with_crops_before_the_resize(tmp_path):
+    from mobilenet.detection.train import DetectTrainConfig, train_detector
+
+    root = _folder(
+        tmp_path / "d",
+        [{"id": 1, "file_name": "1.png", "width": 64, "height": 64}],
+        [_ann(1, 1, [8, 8, 20, 24])],
+    )
+    cfg = DetectTrainConfig(
+        "ssdlite_mobilenet_v3_small", str(root), tmp_path / "run", augment="ssd", cache=True
+    )
+    with pytest.raises(MobileNetError, match="augment light or none"):
+        train_detector(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_mnist_det_is_deterministic_and_coco_readable(tmp_path):
     a = make_mnist_det(tmp_path / "a", train_images=3, val_images=2)
     b = make_mnist_det(tmp_path / "b", train_images=3, val_images=2)
@@ -160,7 +195,8 @@ def test_detect_cli_train_eval_predict_export(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["detect", "train", "--model", "ssdlite_mobilenet_v3_small", "--width-mult", "0.35",
             "--data", str(root), "--val-data", str(root), "--image-size", "64", "--epochs", "2",
-            "--batch-size", "2", "--workers", "0", "--out", str(run), "--quiet"]  # fmt: skip
+            "--batch-size", "2", "--workers", "0", "--augment", "light", "--cache",
+            "--min-scale", "0.15", "--out", str(run), "--quiet"]  # fmt: skip
     assert main(args) == 0
     for name in ("best.safetensors", "last.pt", "metrics.csv", "curves.png", "summary.json"):
         assert (run / name).is_file(), name
@@ -170,6 +206,9 @@ def test_detect_cli_train_eval_predict_export(tmp_path, capsys):
     capsys.readouterr()
 
     weights = str(run / "best.safetensors")
+    from mobilenet.detection.predict import load_detector
+
+    assert load_detector(weights).model.config.min_scale == 0.15
     assert main(["detect", "eval", "--weights", weights, "--data", str(root), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"map", "map_50"} <= set(metrics) and metrics["images"] == 4
@@ -195,3 +234,32 @@ def test_detect_cli_train_eval_predict_export(tmp_path, capsys):
     capsys.readouterr()
     assert main(["detect", "eval", "--weights", weights, "--data", str(tmp_path / "nope")]) == 2
     assert "data not found" in capsys.readouterr().err
+
+
+def test_detect_train_under_torchrun_keeps_replicas_equal(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = _folder(
+        tmp_path / "d",
+        [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in range(1, 9)],
+        [_ann(i, i, [4 * i, 8, 20, 24], 3 if i % 2 else 7) for i in range(1, 9)],
+    )
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "mobilenet", "detect", "train", "--model", "ssdlite_mobilenet_v3_small",
+        "--width-mult", "0.35", "--data", str(root), "--val-data", str(root),
+        "--image-size", "64", "--epochs", "2", "--batch-size", "4", "--workers", "0",
+        "--augment", "light", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    first, second = summary["replica_checksums"]
+    assert first == second  # DistributedDataParallel and averaged BatchNorm statistics
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs

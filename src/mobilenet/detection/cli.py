@@ -37,6 +37,14 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="folder with annotations.json, or mnist-det")
     p.add_argument("--val-data", help="held-out folder (default for mnist-det: its val split)")
     p.add_argument("--image-size", type=_positive_int, default=320, help="network input")
+    p.add_argument(
+        "--min-scale", type=_positive_float, default=0.2,
+        help="smallest default box, as a fraction of the input (SSD: 0.2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-scale", type=_positive_float, default=0.95,
+        help="largest default box of the last map (SSD: 0.95)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=_positive_int, default=30)
     p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch size")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
@@ -47,6 +55,12 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
         "--focal", action="store_true", help="focal loss instead of hard negative mining"
     )
     p.add_argument("--augment", choices=["ssd", "light", "none"], default="ssd")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="decode and resize the training images once, keep them in memory "
+        "(with --augment light or none)",
+    )
     flip = p.add_mutually_exclusive_group()
     flip.add_argument("--flip", dest="flip", action="store_true", default=None)
     flip.add_argument("--no-flip", dest="flip", action="store_false")
@@ -87,6 +101,8 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
         out=Path(args.out),
         width_mult=args.width_mult,
         image_size=args.image_size,
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
         val_data=args.val_data,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -96,6 +112,7 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs,
         focal=args.focal,
         augment=args.augment,
+        cache=args.cache,
         flip=args.flip,
         eval_every=args.eval_every,
         seed=args.seed,

@@ -23,11 +23,13 @@ holds out).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,7 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.skipped: Counter[str] = Counter()
         self.images, self.targets = self._clean(images, annotations)
+        self._cache: torch.Tensor | None = None  # see cache_resized
         if self.skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             warnings.warn(f"{path}: {counts}", stacklevel=2)
@@ -173,13 +176,44 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def cache_resized(self, size: int, threads: int = 2) -> None:
+        """Decode every image once, resize it to ``size x size`` (antialiased, as
+        ``v2.Resize`` does) and keep it in memory: ``3 * size * size`` bytes per image.
+        Items are then served at that size, boxes scaled to match, and ``transform``
+        applies to them: the same items as a transform that starts with that resize,
+        without decoding and resizing every image in every epoch. DataLoader workers
+        forked afterwards share the cache (one block, read only).
+        """
+        need = len(self.images) * 3 * size * size
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > total // 2:
+            raise MobileNetError(
+                f"caching {len(self.images)} images at {size}x{size} needs "
+                f"{need / 2**30:.1f} GiB, over half of this machine's memory"
+            )
+        cache = torch.empty(len(self.images), 3, size, size, dtype=torch.uint8)
+
+        def fill(i: int) -> None:
+            image = v2.functional.pil_to_tensor(load_rgb(self.images[i]["path"]))
+            cache[i] = v2.functional.resize(image, [size, size], antialias=True)
+
+        with ThreadPoolExecutor(max(threads, 1)) as pool:  # decoding releases the GIL
+            list(pool.map(fill, range(len(self.images))))
+        self._cache = cache
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         info, target = self.images[i], self.targets[i]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(info["path"])))
+        boxes = target["boxes"]
+        if self._cache is not None:
+            image = tv_tensors.Image(self._cache[i])
+            size = image.shape[-1]
+            boxes = boxes * torch.tensor([size / info["width"], size / info["height"]] * 2)
+        else:
+            image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(info["path"])))
         keep = target["iscrowd"] == 0  # crowd regions count in evaluation only
         out: Target = {
             "boxes": tv_tensors.BoundingBoxes(
-                target["boxes"][keep], format="XYXY", canvas_size=tuple(image.shape[-2:])
+                boxes[keep], format="XYXY", canvas_size=tuple(image.shape[-2:])
             ),
             "labels": target["labels"][keep],
             "image_id": int(info["id"]),
@@ -225,8 +259,10 @@ def train_transform(
     grey fill, half the time), a random crop with a minimum IoU with the objects,
     photometric distortion. ``"light"``: photometric distortion only; ``"none"``: just
     the resize. Horizontal flips unless ``flip=False`` (for data where mirroring changes
-    the class, such as digits). Colours are distorted after the resize: the same
-    augmentation at a fraction of the cost when the input is smaller than the images.
+    the class, such as digits). Flips and colours come after the resize: the same
+    augmentation at a fraction of the cost when the input is smaller than the images, and
+    with ``"light"`` or ``"none"`` nothing random happens before the resize, so the
+    images may come resized from :meth:`CocoDetection.cache_resized`.
     """
     if augment not in AUGMENTS:
         raise MobileNetError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
@@ -237,9 +273,9 @@ def train_transform(
             v2.RandomZoomOut(fill=zoom_fill, side_range=(1.0, 4.0), p=0.5),
             v2.RandomIoUCrop(),
         ]
+    steps.append(v2.Resize((size, size), antialias=True))  # a no-op on cached images
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps.append(v2.Resize((size, size), antialias=True))
     if augment != "none":
         steps.append(v2.RandomPhotometricDistort(p=0.5))
     steps += [v2.SanitizeBoundingBoxes(min_size=1), v2.ToDtype(torch.float32, scale=True)]

@@ -69,6 +69,8 @@ class DetectorConfig:
     width_mult: float = 1.0
     num_classes: int = 91  # with the background (class 0): COCO's 90 ids + 1
     image_size: int = 320
+    min_scale: float = 0.2  # default box sizes, as fractions of the input: SSD's 0.2 ..
+    max_scale: float = 0.95  # 0.95 over the feature maps (set them to the objects' sizes)
     bn_eps: float = 1e-3  # TF reference and torchvision: 1e-3 (momentum 0.03)
     score_thresh: float = 0.001
     nms_thresh: float = 0.55
@@ -173,7 +175,9 @@ class SSDLite(nn.Module):
         super().__init__()
         self.config = config
         self.features = SSDLiteFeatures(features, config.width_mult)
-        self.default_boxes = DefaultBoxes(len(self.features.channels))
+        self.default_boxes = DefaultBoxes(
+            len(self.features.channels), min_scale=config.min_scale, max_scale=config.max_scale
+        )
         boxes = self.default_boxes.boxes_per_location
         self.classification = nn.ModuleList(
             Predictor(c, boxes, config.num_classes) for c in self.features.channels
@@ -326,7 +330,13 @@ def _config(name: str, width_mult: float, num_classes: int, **kwargs: Any) -> De
         raise ValueError(
             f"a detector needs num_classes >= 2 (the background and one class), got {num_classes}"
         )
-    return DetectorConfig(name, width_mult, num_classes, **kwargs)
+    config = DetectorConfig(name, width_mult, num_classes, **kwargs)
+    if not 0 < config.min_scale < config.max_scale <= 1:
+        raise ValueError(
+            f"default box scales need 0 < min_scale < max_scale <= 1, "
+            f"got {config.min_scale} and {config.max_scale}"
+        )
+    return config
 
 
 @register_model(task="detection")

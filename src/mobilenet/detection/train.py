@@ -54,6 +54,8 @@ class DetectTrainConfig:
     out: Path
     width_mult: float = 1.0
     image_size: int = 320  # SSDLite's input (V2 Section 6.2)
+    min_scale: float = 0.2  # the default boxes' sizes (SSD: 0.2 .. 0.95 of the input)
+    max_scale: float = 0.95
     val_data: str | None = None  # default: the built-in set's held-out split
     epochs: int = 30
     batch_size: int = 32  # global, over all processes
@@ -63,6 +65,7 @@ class DetectTrainConfig:
     warmup_epochs: float = 1.0
     focal: bool = False  # focal loss instead of hard negative mining
     augment: str = "ssd"  # ssd, light or none (see detection.data.train_transform)
+    cache: bool = False  # decode and resize the training images once (light/none only)
     flip: bool | None = None  # horizontal flips; default: on, off for digits
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     seed: int = 0
@@ -109,6 +112,8 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             dataset_root(cfg.data, "train"),
             detection_train_transform(cfg.image_size, flip, cfg.augment),
         )
+        if cfg.cache:
+            train_set.cache_resized(cfg.image_size, threads=torch.get_num_threads())
         val_root = cfg.val_data or (
             str(dataset_root(cfg.data, "val")) if cfg.data in BUILTIN_DETECTION else None
         )
@@ -122,6 +127,8 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             width_mult=cfg.width_mult,
             num_classes=len(train_set.categories) + 1,
             image_size=cfg.image_size,
+            min_scale=cfg.min_scale,
+            max_scale=cfg.max_scale,
         )
         model.loss_config = LossConfig(focal=cfg.focal)
         sampler = DistributedSampler(
@@ -146,7 +153,8 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             )
 
         # ---- optimizer and schedule (per step: linear warm-up, then cosine to zero)
-        model.to(dist.device)
+        # NHWC: depthwise convolutions train faster in it (about 1.25x on CPU)
+        model.to(dist.device, memory_format=torch.channels_last)
         groups = param_groups(model, cfg.weight_decay, norm_weight_decay=False)
         if cfg.optimizer == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -226,6 +234,7 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
                     print(_epoch_line(row, cfg.epochs), flush=True)
             dist.barrier()
 
+        checksums = dist.replica_checksums(model)
         if dist.is_main and history:
             plot_detection_curves(history, out / "curves.png", f"{cfg.model} on {cfg.data}")
             summary = {
@@ -235,6 +244,7 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
                 "final": history[-1],
                 "seconds": time.perf_counter() - start_time,
                 "world_size": dist.world_size,
+                "replica_checksums": checksums,  # equal: the replicas hold the same network
             }
             ckpt.write_json(out / "summary.json", summary)
         return DetectTrainResult(
@@ -334,8 +344,18 @@ def _check_config(cfg: DetectTrainConfig) -> None:
         raise MobileNetError(f"image size must be >= 32, got {cfg.image_size}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise MobileNetError(f"learning rate must be positive, got {cfg.lr}")
+    if not 0 < cfg.min_scale < cfg.max_scale <= 1:
+        raise MobileNetError(
+            f"default box scales need 0 < min scale < max scale <= 1, "
+            f"got {cfg.min_scale} and {cfg.max_scale}"
+        )
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MobileNetError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
+    if cfg.cache and cfg.augment == "ssd":
+        raise MobileNetError(
+            "caching resized images needs --augment light or none "
+            "(SSD's zoom-out and crops work on the full-size images)"
+        )
     if cfg.eval_every <= 0:
         raise MobileNetError(f"eval_every must be positive, got {cfg.eval_every}")
     dataset_root(cfg.data, "train")  # raises for a missing folder

@@ -50,6 +50,16 @@ class Distributed:
                 if buffer.is_floating_point():
                     self.all_reduce(buffer).div_(self.world_size)
 
+    def replica_checksums(self, module: torch.nn.Module) -> list[float]:
+        """A checksum of each process's weights and buffers (equal when the replicas are)."""
+        with torch.no_grad():
+            local = sum(
+                (t.double() * (i + 1)).sum() for i, t in enumerate(module.state_dict().values())
+            )
+        gathered = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        gathered[self.rank] = local
+        return self.all_reduce(gathered).tolist()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -221,7 +221,7 @@ def train(cfg: TrainConfig, model: MobileNet | None = None) -> TrainResult:
                     print(_epoch_line(row, recipe.epochs), flush=True)
             dist.barrier()
 
-        checksums = _replica_checksums(model, dist)
+        checksums = dist.replica_checksums(model)
         if dist.is_main and history:
             plot_curves(history, out / "curves.png", f"{cfg.model} on {cfg.data}")
             summary = {
@@ -387,15 +387,6 @@ def build_model(cfg: TrainConfig) -> MobileNet:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = recipe.bn_momentum
     return model
-
-
-def _replica_checksums(model: nn.Module, dist: Distributed) -> list[float]:
-    """A checksum of this process's weights and buffers, gathered from every process."""
-    with torch.no_grad():
-        local = sum((t.double() * (i + 1)).sum() for i, t in enumerate(model.state_dict().values()))
-    gathered = torch.zeros(dist.world_size, dtype=torch.float64, device=dist.device)
-    gathered[dist.rank] = local
-    return dist.all_reduce(gathered).tolist()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
