@@ -63,6 +63,7 @@ def test_cost_all_is_fast(capsys):
     assert result.returncode == 0 and result.stdout == out
 
 
+SCALES = ("--min-scale", "0.6", "--max-scale", "0.5")
 BAD_INPUT = [
     (["cost", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
     (["cost", "mobilenet_v2", "--width-mult", "0"], "must be > 0"),
@@ -71,6 +72,13 @@ BAD_INPUT = [
     (["cost", "mobilenet_v2", "--resolution", "abc"], ">= 32"),
     (["cost"], "give a model name or --all"),
     (["cost", "mobilenet_v2", "--bogus"], "unrecognized arguments: --bogus"),
+    (["detect", "train", "--data", "missing", "--out", "run", "--workers", "-1"], ">= 0"),
+    (
+        ["detect", "train", "--data", "missing", "--out", "run", *SCALES],
+        "0 < min scale < max scale <= 1",
+    ),
+    (["detect", "train", "--data", "missing", "--out", "run", "--cache"], "augment light"),
+    (["detect", "train", "--data", "no/such/folder", "--out", "run"], "data not found"),
     (["convert", "missing.pth", "out.safetensors", "--model", "mobilenet_v2"], "not found"),
 ]
 
@@ -87,6 +95,7 @@ def test_bad_input_gives_one_clear_message(args, message, tmp_path, monkeypatch,
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [BAD_INPUT[0], BAD_INPUT[-1]])

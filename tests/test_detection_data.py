@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from mobilenet.cli import main
-from mobilenet.errors import MobileNetError
 from mobilenet.detection.data import (
     CocoDetection,
     collate,
@@ -17,6 +16,7 @@ from mobilenet.detection.data import (
     train_transform,
 )
 from mobilenet.detection.evaluate import coco_map
+from mobilenet.errors import MobileNetError
 
 
 def _folder(root, images, annotations, categories=({"id": 3, "name": "a"}, {"id": 7, "name": "b"})):
@@ -108,6 +108,28 @@ def test_cached_resized_images_equal_resizing_every_time(tmp_path, augment):
         assert torch.equal(a_image, b_image)
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
         assert torch.equal(a["labels"], b["labels"])
+
+
+def test_training_resize_matches_the_detectors_own(tmp_path):
+    """Training images are resized as the detector resizes what it is given, so a model
+    trained on resized images sees the same pixels when it is handed full-size ones."""
+    from torchvision import tv_tensors
+
+    from mobilenet import create_model
+
+    image = torch.randint(0, 256, (3, 200, 300), dtype=torch.uint8, generator=torch.Generator())
+    boxes = tv_tensors.BoundingBoxes(
+        [[30.0, 20.0, 90.0, 80.0]], format="XYXY", canvas_size=(200, 300)
+    )
+    resized, target = train_transform(96, flip=False, augment="none")(
+        tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([1])}
+    )
+    model = create_model("ssdlite_mobilenet_v3_small", num_classes=3, image_size=96)
+    batch, sizes = model.preprocess([image.float() / 255])
+    own = batch[0] * 0.5 + 0.5  # undo the detector's normalisation
+    assert sizes == [(200, 300)]
+    assert (resized - own).abs().max() <= 1 / 255 + 1e-4  # uint8 rounding
+    assert target["boxes"][0].tolist() == pytest.approx([9.6, 9.6, 28.8, 38.4])
 
 
 def test_caching_is_refused_with_crops_before_the_resize(tmp_path):

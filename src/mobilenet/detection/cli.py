@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..cli import _positive_float, _positive_int
+from ..cli import _non_negative_int, _positive_float, _positive_int
 from ..errors import MobileNetError
 from ..models.registry import list_models
 
@@ -68,7 +68,7 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--workers", type=_non_negative_int, default=2, help="data loading processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.set_defaults(func=cmd_detect_train)
@@ -121,8 +121,6 @@ def cmd_detect_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
     )
-    if args.workers < 0:
-        raise MobileNetError(f"--workers must be >= 0, got {args.workers}")
     result = train_detector(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         best = (

@@ -177,8 +177,8 @@ class CocoDetection(Dataset):
         return len(self.images)
 
     def cache_resized(self, size: int, threads: int = 2) -> None:
-        """Decode every image once, resize it to ``size x size`` (antialiased, as
-        ``v2.Resize`` does) and keep it in memory: ``3 * size * size`` bytes per image.
+        """Decode every image once, resize it to ``size x size`` (as
+        :func:`train_transform` does) and keep it in memory: ``3 * size * size`` bytes per image.
         Items are then served at that size, boxes scaled to match, and ``transform``
         applies to them: the same items as a transform that starts with that resize,
         without decoding and resizing every image in every epoch. DataLoader workers
@@ -195,7 +195,7 @@ class CocoDetection(Dataset):
 
         def fill(i: int) -> None:
             image = v2.functional.pil_to_tensor(load_rgb(self.images[i]["path"]))
-            cache[i] = v2.functional.resize(image, [size, size], antialias=True)
+            cache[i] = v2.functional.resize(image, [size, size], antialias=False)
 
         with ThreadPoolExecutor(max(threads, 1)) as pool:  # decoding releases the GIL
             list(pool.map(fill, range(len(self.images))))
@@ -273,7 +273,10 @@ def train_transform(
             v2.RandomZoomOut(fill=zoom_fill, side_range=(1.0, 4.0), p=0.5),
             v2.RandomIoUCrop(),
         ]
-    steps.append(v2.Resize((size, size), antialias=True))  # a no-op on cached images
+    # Bilinear without antialiasing: the resize the detector applies to its inputs
+    # (torchvision's GeneralizedRCNNTransform), so training sees the pixels inference
+    # sees; a no-op on cached images.
+    steps.append(v2.Resize((size, size), antialias=False))
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if augment != "none":

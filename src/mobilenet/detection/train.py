@@ -33,7 +33,7 @@ from ..train import checkpoint as ckpt
 from ..train.cpu import keep_freed_memory, one_thread_worker
 from ..train.distributed import Distributed, setup
 from ..train.loop import TrainingDiverged
-from ..train.optim import param_groups
+from ..train.optim import param_groups, warmup_cosine
 from ..train.plot import Panel, plot_panels
 from ..weights import save_weights
 from .data import BUILTIN_DETECTION, CocoDetection, collate, dataset_root, eval_transform
@@ -162,8 +162,10 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
             )
         else:
             optimizer = torch.optim.AdamW(groups, cfg.lr)
-        total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-        scheduler = LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
+        scheduler = LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step / steps_per_epoch, cfg.warmup_epochs, cfg.epochs),
+        )
         ddp = (
             DistributedDataParallel(
                 model, device_ids=[dist.device] if dist.device.type == "cuda" else None
@@ -326,13 +328,6 @@ def _train_one_epoch(
         "images_per_s": n / seconds,
         "seconds": seconds,
     }
-
-
-def _lr_factor(step: int, warmup: float, total: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(max(step - warmup, 0.0) / max(total - warmup, 1.0), 1.0)
-    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _check_config(cfg: DetectTrainConfig) -> None:

@@ -13,7 +13,15 @@ from torch.optim.swa_utils import AveragedModel
 
 from .recipes import Recipe
 
-__all__ = ["RMSpropTF", "build_ema", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = [
+    "RMSpropTF",
+    "build_ema",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "param_groups",
+    "warmup_cosine",
+]
 
 
 class RMSpropTF(Optimizer):
@@ -103,18 +111,25 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> Optimizer:
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 
+def warmup_cosine(
+    epoch: float, warmup_epochs: float, epochs: float, min_ratio: float = 0.0
+) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_ratio`` at
+    ``epochs``: the learning rate at (fractional) ``epoch`` as a fraction of the peak."""
+    if warmup_epochs and epoch < warmup_epochs:
+        return (epoch + 1e-3) / warmup_epochs
+    progress = min(max(epoch - warmup_epochs, 0.0) / max(epochs - warmup_epochs, 1e-9), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_factor(recipe: Recipe, epoch: float, epochs: int) -> float:
     """The learning rate at (fractional) ``epoch`` as a fraction of the initial rate."""
+    if recipe.schedule == "cosine":
+        return warmup_cosine(epoch, recipe.warmup_epochs, epochs, recipe.min_lr_ratio)
     if recipe.warmup_epochs and epoch < recipe.warmup_epochs:
         return (epoch + 1e-3) / recipe.warmup_epochs
     if recipe.schedule == "exponential":  # staircase: x decay_rate every decay_epochs
         return recipe.decay_rate ** math.floor(epoch / recipe.decay_epochs)
-    if recipe.schedule == "cosine":
-        span = max(epochs - recipe.warmup_epochs, 1e-9)
-        progress = min(max(epoch - recipe.warmup_epochs, 0.0) / span, 1.0)
-        return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
     raise ValueError(f"unknown schedule {recipe.schedule!r}")
 
 
