@@ -101,7 +101,8 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.skipped: Counter[str] = Counter()
         self.images, self.targets = self._clean(images, annotations)
-        self._cache: torch.Tensor | None = None  # see cache_resized
+        self._cache: torch.Tensor | None = None  # resized images, see cache_resized
+        self._cached_boxes: list[torch.Tensor] = []  # their boxes, scaled to match
         if self.skipped:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             warnings.warn(f"{path}: {counts}", stacklevel=2)
@@ -200,16 +201,18 @@ class CocoDetection(Dataset):
         with ThreadPoolExecutor(max(threads, 1)) as pool:  # decoding releases the GIL
             list(pool.map(fill, range(len(self.images))))
         self._cache = cache
+        self._cached_boxes = [
+            target["boxes"] * torch.tensor([size / info["width"], size / info["height"]] * 2)
+            for info, target in zip(self.images, self.targets, strict=True)
+        ]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         info, target = self.images[i], self.targets[i]
-        boxes = target["boxes"]
         if self._cache is not None:
-            image = tv_tensors.Image(self._cache[i])
-            size = image.shape[-1]
-            boxes = boxes * torch.tensor([size / info["width"], size / info["height"]] * 2)
+            image, boxes = tv_tensors.Image(self._cache[i]), self._cached_boxes[i]
         else:
             image = tv_tensors.Image(v2.functional.pil_to_tensor(load_rgb(info["path"])))
+            boxes = target["boxes"]
         keep = target["iscrowd"] == 0  # crowd regions count in evaluation only
         out: Target = {
             "boxes": tv_tensors.BoundingBoxes(

@@ -36,6 +36,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from ..blocks import InvertedResidual
+from ..errors import MobileNetError
 from ..layers import ConvBNAct, set_bn_eps
 from ..models import mobilenet_v2, mobilenet_v3
 from ..models.registry import check_width_mult, register_model
@@ -331,12 +332,17 @@ def _config(name: str, width_mult: float, num_classes: int, **kwargs: Any) -> De
             f"a detector needs num_classes >= 2 (the background and one class), got {num_classes}"
         )
     config = DetectorConfig(name, width_mult, num_classes, **kwargs)
-    if not 0 < config.min_scale < config.max_scale <= 1:
-        raise ValueError(
-            f"default box scales need 0 < min_scale < max_scale <= 1, "
-            f"got {config.min_scale} and {config.max_scale}"
-        )
+    check_box_scales(config.min_scale, config.max_scale)
     return config
+
+
+def check_box_scales(min_scale: float, max_scale: float) -> None:
+    """Refuse default box scales outside ``0 < min_scale < max_scale <= 1``."""
+    if not 0 < min_scale < max_scale <= 1:
+        raise MobileNetError(
+            "default box scales need 0 < min scale < max scale <= 1 "
+            f"(min_scale < max_scale), got {min_scale} and {max_scale}"
+        )
 
 
 @register_model(task="detection")

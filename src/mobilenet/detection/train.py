@@ -40,7 +40,7 @@ from .data import BUILTIN_DETECTION, CocoDetection, collate, dataset_root, eval_
 from .data import train_transform as detection_train_transform
 from .evaluate import evaluate_detector
 from .loss import LossConfig
-from .model import SSDLite
+from .model import SSDLite, check_box_scales
 
 __all__ = ["DetectTrainConfig", "DetectTrainResult", "train_detector"]
 
@@ -339,11 +339,7 @@ def _check_config(cfg: DetectTrainConfig) -> None:
         raise MobileNetError(f"image size must be >= 32, got {cfg.image_size}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise MobileNetError(f"learning rate must be positive, got {cfg.lr}")
-    if not 0 < cfg.min_scale < cfg.max_scale <= 1:
-        raise MobileNetError(
-            f"default box scales need 0 < min scale < max scale <= 1, "
-            f"got {cfg.min_scale} and {cfg.max_scale}"
-        )
+    check_box_scales(cfg.min_scale, cfg.max_scale)
     if cfg.optimizer not in ("sgd", "adamw"):
         raise MobileNetError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
     if cfg.cache and cfg.augment == "ssd":
