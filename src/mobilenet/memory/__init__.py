@@ -1,0 +1,33 @@
+"""Memory-efficient inference for inverted-residual networks (V2 Section 5.1).
+
+The package holds three things:
+
+* :mod:`~mobilenet.memory.executor`: the executor of V2 Section 5.1,
+  :func:`memory_efficient` and :class:`MemoryEfficientMobileNet`: each block computed over
+  ``t`` channel groups of its expansion, the leading high-resolution layers tiled into
+  bands of rows, the last conv fused with the pool; with the analytic peak of its schedule
+  and the paper's bound. Its layers (the stem and the block, band by band and group by
+  group, the convolution geometry, the in-place activations and the ledger that replays
+  the allocations) are in :mod:`~mobilenet.memory.ops`.
+* :mod:`~mobilenet.memory.profiler`: :class:`PeakMemory` and :func:`measure_peak`, the
+  activation memory a forward pass really allocates.
+* :mod:`~mobilenet.memory.report`: :func:`memory_report`, :class:`MemoryReport` and
+  :func:`format_report`, the standard forward against the executor, analytic, measured
+  and bound memory and time (``mobilenet memory``).
+"""
+
+from .executor import DEFAULT_BAND_ROWS as DEFAULT_BAND_ROWS
+from .executor import TILE_STRIDE as TILE_STRIDE
+from .executor import MemoryEfficientMobileNet, memory_efficient
+from .profiler import PeakMemory, measure_peak
+from .report import MemoryReport, format_report, memory_report
+
+__all__ = [
+    "MemoryEfficientMobileNet",
+    "MemoryReport",
+    "PeakMemory",
+    "format_report",
+    "measure_peak",
+    "memory_efficient",
+    "memory_report",
+]

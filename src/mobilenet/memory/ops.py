@@ -1,0 +1,308 @@
+"""The executor's layers: the stem and the inverted residual block of V2 Section 5.1.
+
+:class:`_Block` computes a block as ``sum_i (A_i . N . B_i)(x)`` over the channel groups of
+its expansion, for a band of output rows; :class:`_Stem` computes the first conv for a band
+of output rows. Each has a ``plan`` that replays its allocations on a :class:`_Ledger`, the
+analytic count of live bytes. Also here: the convolution geometry along one spatial axis
+and the in-place activations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..blocks import InvertedResidual
+from ..errors import MobileNetError
+from ..layers import ConvBNAct, SqueezeExcite
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A convolution's geometry along one spatial axis."""
+
+    kernel: int
+    stride: int
+    padding: int
+
+    def out_size(self, n: int) -> int:
+        return (n + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def rows_needed(self, o0: int, o1: int, n_in: int) -> tuple[int, int, int, int]:
+        """Input rows ``[lo, hi)`` that output rows ``[o0, o1)`` read, clipped to the image,
+        and the zero rows above and below them that the padding supplies."""
+        lo = o0 * self.stride - self.padding
+        hi = (o1 - 1) * self.stride - self.padding + self.kernel
+        return max(lo, 0), min(hi, n_in), max(-lo, 0), max(hi - n_in, 0)
+
+
+def _window(conv: nn.Conv2d) -> _Window:
+    if len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1:
+        raise MobileNetError(f"square kernels and strides only, got {conv}")
+    if conv.padding != (conv.kernel_size[0] // 2,) * 2 or conv.dilation != (1, 1):
+        raise MobileNetError(f"'same'-style padding and no dilation only, got {conv}")
+    return _Window(conv.kernel_size[0], conv.stride[0], conv.padding[0])
+
+
+def _activation(module: nn.Module) -> str:
+    """The in-place activation matching ``module``."""
+    for kind, cls in _ACTIVATIONS.items():
+        if type(module) is cls:
+            return kind
+    raise MobileNetError(f"no in-place form for the activation {type(module).__name__}")
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish,
+}
+
+
+def _act_(kind: str, x: Tensor) -> Tensor:
+    if kind == "relu6":  # nn.ReLU6 is hardtanh(0, 6)
+        return F.hardtanh_(x, 0.0, 6.0)
+    if kind == "relu":
+        return x.relu_()
+    if kind == "hardswish":
+        return F.hardswish(x, inplace=True)
+    return x
+
+
+def _groups(channels: int, splits: int) -> list[tuple[int, int]]:
+    """``splits`` contiguous channel ranges, sizes differing by at most one."""
+    bounds = [channels * i // splits for i in range(splits + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _padded(rows: int, width: int, channels: int, top: int, bottom: int, like: Tensor) -> Tensor:
+    """An uninitialised ``(top + rows + bottom, width, channels)`` buffer, pad rows zeroed."""
+    buf = like.new_empty(top + rows + bottom, width, channels)
+    buf[:top].zero_()
+    buf[top + rows :].zero_()
+    return buf
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """An ``(H, W, C)`` map as the ``(1, C, H, W)`` channels_last tensor it already is."""
+    return x.permute(2, 0, 1)[None]
+
+
+def _hwc(x: Tensor) -> Tensor:
+    """The inverse of :func:`_nchw` for a channels_last ``(1, C, H, W)`` tensor."""
+    out = x[0].permute(1, 2, 0)
+    assert out.is_contiguous(), "expected a channels_last convolution output"
+    return out
+
+
+class _Ledger:
+    """Replays a schedule of allocations: the analytic count of live bytes and its peak."""
+
+    def __init__(self, live: int = 0) -> None:
+        self.live = self.peak = live
+
+    def alloc(self, nbytes: int) -> int:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        return nbytes
+
+    def free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+# --------------------------------------------------------------------------- layers
+#
+# Inside the executor a feature map is an (H, W, C) tensor: a band of rows is then a
+# contiguous slice, a 1x1 conv is one matrix product ((H*W, k) @ (k, n)), and the
+# depthwise conv runs on channels_last data, which the CPU kernels prefer.
+
+
+class _Stem(nn.Module):
+    """The first conv + activation, reading the (C, H, W) image for a band of output rows."""
+
+    def __init__(self, layer: ConvBNAct) -> None:
+        super().__init__()
+        conv = layer.conv
+        self.window = _window(conv)
+        self.groups = conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.act = _activation(layer.act)
+        self.register_buffer("weight", _channels_last(conv.weight))
+        self.register_buffer("bias", _bias(conv))
+
+    def rows_needed(self, o0: int, o1: int, h_in: int) -> tuple[int, int]:
+        return self.window.rows_needed(o0, o1, h_in)[:2]
+
+    def run(self, x: Tensor, a: int, h_in: int, o0: int, o1: int, out: Tensor | None) -> Tensor:
+        """Output rows ``[o0, o1)`` of the image ``x`` (``a`` is 0: it is whole)."""
+        win = self.window
+        lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
+        # The image's rows, as (H, W, C) with the padding rows: 3 channels, a small copy.
+        src = _padded(hi - lo, x.shape[2], x.shape[0], top, bottom, x)
+        src[top : top + hi - lo].copy_(x[:, lo - a : hi - a].permute(1, 2, 0))
+        y = F.conv2d(
+            _nchw(src), self.weight, self.bias, win.stride, (0, win.padding), groups=self.groups
+        )
+        del src
+        y = _act_(self.act, _hwc(y))
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+
+    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+        """Replay :meth:`run` on ``ledger``; returns the bytes of the output it leaves."""
+        win = self.window
+        lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
+        src = ledger.alloc(4 * self.in_channels * (top + hi - lo + bottom) * w_in)
+        y = ledger.alloc(4 * self.out_channels * (o1 - o0) * win.out_size(w_in))
+        ledger.free(src)
+        if out:
+            ledger.free(y)
+            return 0
+        return y
+
+
+class _Block(nn.Module):
+    """An inverted residual computed over ``splits`` channel groups of its expansion."""
+
+    def __init__(self, block: InvertedResidual, splits: int) -> None:
+        super().__init__()
+        dw = block.dw.conv
+        self.window = _window(dw)
+        self.exp_channels = dw.in_channels
+        self.out_channels = block.project.conv.out_channels
+        self.residual = block.use_residual
+        self.has_expand = isinstance(block.expand, ConvBNAct)
+        self.groups = _groups(self.exp_channels, splits)
+        if self.has_expand:
+            self.expand_act = _activation(block.expand.act)
+            expand = block.expand.conv
+            # (k, n): A_i is a slice of its columns
+            self.register_buffer("w_expand", expand.weight.detach().flatten(1).t().contiguous())
+            self.register_buffer("b_expand", _bias(expand))
+        self.dw_act = _activation(block.dw.act)
+        self.register_buffer("w_dw", _channels_last(dw.weight))
+        self.register_buffer("b_dw", _bias(dw))
+        project = block.project.conv
+        if _activation(block.project.act) != "identity":
+            raise MobileNetError("the projection of an inverted residual must be linear")
+        # (n, k'): B_i is a slice of its rows
+        self.register_buffer("w_project", project.weight.detach().flatten(1).t().contiguous())
+        self.register_buffer("b_project", _bias(project))
+        self.se = None
+        if isinstance(block.se, SqueezeExcite):
+            self.se = block.se
+        elif not isinstance(block.se, nn.Identity):
+            raise MobileNetError(f"unsupported squeeze-excite module {type(block.se).__name__}")
+
+    def rows_needed(self, o0: int, o1: int, h_in: int) -> tuple[int, int]:
+        return self.window.rows_needed(o0, o1, h_in)[:2]
+
+    def _inner(self, x: Tensor, a: int, h_in: int, o0: int, o1: int, c0: int, c1: int) -> Tensor:
+        """N(A_i x) for output rows ``[o0, o1)``: channels ``[c0, c1)`` after the depthwise
+        conv and its activation; the expanded group is freed before returning."""
+        win = self.window
+        lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
+        rows, width = hi - lo, x.shape[1]
+        if (lo, hi, o0, o1) == (0, h_in, 0, win.out_size(h_in)):  # the whole map
+            top = bottom = 0
+            pad = (win.padding, win.padding)
+        else:  # a band: the padding rows are explicit, where it touches the border
+            pad = (0, win.padding)
+        e = _padded(rows, width, c1 - c0, top, bottom, x)
+        if self.has_expand:  # pw: A_i x, written straight into the padded buffer
+            torch.addmm(
+                self.b_expand[c0:c1],
+                x[lo - a : hi - a].view(rows * width, x.shape[2]),
+                self.w_expand[:, c0:c1],
+                out=e[top : top + rows].view(rows * width, c1 - c0),
+            )
+            _act_(self.expand_act, e)
+        else:
+            e[top : top + rows].copy_(x[lo - a : hi - a, :, c0:c1])
+        # dw
+        d = F.conv2d(_nchw(e), self.w_dw[c0:c1], self.b_dw[c0:c1], win.stride, pad, groups=c1 - c0)
+        del e
+        return _act_(self.dw_act, _hwc(d))
+
+    def _excite(self, pooled: Tensor) -> Tensor:
+        se = self.se
+        assert se is not None
+        hidden = se.act(F.linear(pooled, se.fc1.weight.flatten(1), se.fc1.bias))
+        return se.gate(F.linear(hidden, se.fc2.weight.flatten(1), se.fc2.bias))
+
+    def _gate(self, x: Tensor, h_in: int) -> Tensor:
+        """Squeeze-excite's first pass: the gate from the pooled groups, one at a time."""
+        pooled = x.new_empty(self.exp_channels)
+        h_out = self.window.out_size(h_in)
+        for c0, c1 in self.groups:
+            d = self._inner(x, 0, h_in, 0, h_out, c0, c1)
+            torch.mean(d, (0, 1), out=pooled[c0:c1])
+            del d
+        return self._excite(pooled)
+
+    def run(self, x: Tensor, a: int, h_in: int, o0: int, o1: int, out: Tensor | None) -> Tensor:
+        """Output rows ``[o0, o1)`` from ``x``, which holds input rows ``[a, a + len)``."""
+        win = self.window
+        w_out = win.out_size(x.shape[1])
+        if out is None:
+            out = x.new_empty(o1 - o0, w_out, self.out_channels)
+        # One output buffer: the projection's bias, plus the shortcut (no separate add).
+        if self.residual:
+            torch.add(x[o0 - a : o1 - a], self.b_project, out=out)
+        else:
+            out.copy_(self.b_project.expand_as(out))
+        acc = out.view((o1 - o0) * w_out, self.out_channels)
+        gate = None
+        if self.se is not None:
+            if (o0, o1) != (0, win.out_size(h_in)):
+                raise MobileNetError("a squeeze-excite block cannot run on a band of rows")
+            if len(self.groups) == 1:  # nothing to split: one pass
+                d = self._inner(x, a, h_in, o0, o1, 0, self.exp_channels)
+                d.mul_(self._excite(d.mean((0, 1))))
+                acc.addmm_(d.view(-1, self.exp_channels), self.w_project)
+                return out
+            gate = self._gate(x, h_in)
+        for c0, c1 in self.groups:
+            d = self._inner(x, a, h_in, o0, o1, c0, c1)
+            if gate is not None:
+                d.mul_(gate[c0:c1])
+            acc.addmm_(d.view(-1, c1 - c0), self.w_project[c0:c1])  # pw-linear: += B_i d
+            del d
+        return out
+
+    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+        """Replay :meth:`run` on ``ledger`` (vectors of one value per channel left out)."""
+        win = self.window
+        lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
+        w_out = win.out_size(w_in)
+        whole = (lo, hi, o0, o1) == (0, h_in, 0, win.out_size(h_in))
+        rows = hi - lo + (0 if whole else top + bottom)
+        result = 0 if out else ledger.alloc(4 * self.out_channels * (o1 - o0) * w_out)
+        passes = 2 if self.se is not None and len(self.groups) > 1 else 1
+        for _ in range(passes):
+            for c0, c1 in self.groups:
+                e = ledger.alloc(4 * (c1 - c0) * rows * w_in)
+                d = ledger.alloc(4 * (c1 - c0) * (o1 - o0) * w_out)
+                ledger.free(e)
+                ledger.free(d)
+        return result
+
+
+def _channels_last(weight: Tensor) -> Tensor:
+    """A conv weight in the layout that makes the conv's output channels_last too."""
+    return weight.detach().clone(memory_format=torch.channels_last)
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    if conv.bias is None:
+        return conv.weight.new_zeros(conv.out_channels)
+    return conv.bias.detach().clone()
