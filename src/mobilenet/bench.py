@@ -17,11 +17,13 @@ Engines:
                      calibrated on random images
   torchvision-eager  torchvision's own implementation of the same network, when it has one
   openvino           a peer runtime: OpenVINO on the exported ONNX model, when installed
+
+The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime);
+without it they are not started, and listed as failed with the ``pip install`` to run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -36,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MobileNetError
+from .extras import available, install_hint
 
-__all__ = ["ENGINES", "BenchConfig", "build_engine", "machine", "run_bench"]
+__all__ = ["ENGINES", "BenchConfig", "build_engine", "machine", "missing_extra", "run_bench"]
 
 ENGINES = (
     "eager",
@@ -50,6 +53,7 @@ ENGINES = (
     "openvino",
 )
 TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
+ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", "openvino")  # run the checked ONNX export
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,18 @@ def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
         raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
     if "torchvision-eager" in names and (model not in TORCHVISION or width_mult != 1.0):
         names = [n for n in names if n != "torchvision-eager"]
-    if "openvino" in names and importlib.util.find_spec("openvino") is None:
+    if "openvino" in names and not available("openvino"):
         names = [n for n in names if n != "openvino"]
     return names
+
+
+def missing_extra(engine: str) -> str | None:
+    """Why ``engine`` cannot run in this install (an extra not installed), or None."""
+    if engine in ONNX_ENGINES:
+        for module in ("onnx", "onnxruntime"):
+            if not available(module):
+                return f"needs {module}: {install_hint('deploy')}"
+    return None
 
 
 # --------------------------------------------------------------------------- worker side
@@ -188,6 +201,10 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
     failed: dict[str, str] = {}
     try:
         for engine in engines:
+            reason = missing_extra(engine)
+            if reason:  # not started: reported in one line with the others that failed
+                failed[engine] = reason
+                continue
             if progress:
                 progress(f"preparing {engine}")
             command = [sys.executable, "-m", "mobilenet.bench", engine, json.dumps(cfg.__dict__)]

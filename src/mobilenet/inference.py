@@ -14,6 +14,7 @@ from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import MobileNetError
 from .export.int8 import is_int8_checkpoint
+from .extras import available, require
 from .models import MobileNet, ModelConfig
 from .models.base import DeployedModel
 from .models.registry import model_from_checkpoint
@@ -131,18 +132,23 @@ def evaluate_on(
     return evaluate(model, loader, dist)
 
 
-PREDICT_ENGINES = ("onnxruntime", "eager-fused", "eager")
+PREDICT_ENGINES = ("auto", "onnxruntime", "eager-fused", "eager")
 
 
-def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module:
+def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
     """The model behind ``predict``, run by ``engine``.
 
     ``onnxruntime``, the fastest on CPUs in ``mobilenet bench`` (about 0.35x the latency of
     eager PyTorch for mobilenet_v2 at batch 1), exports the weights once and keeps the
     checked ONNX file in the cache (``$MOBILENET_HOME/onnx``, keyed by the weights' hash
-    and the resolution); ``eager-fused`` folds BatchNorm; ``eager`` runs the model as is.
+    and the resolution); it needs the ``deploy`` extra. ``eager-fused`` folds BatchNorm;
+    ``eager`` runs the model as is. ``auto`` is ``onnxruntime`` when the ``deploy`` extra
+    is installed and the weights came from a file, else ``eager-fused``.
     """
     model = trained.model
+    if engine == "auto":
+        onnx_ready = available("onnx") and available("onnxruntime")
+        engine = "onnxruntime" if onnx_ready and trained.path is not None else "eager-fused"
     if isinstance(model, DeployedModel) or engine == "eager":
         return model
     if engine == "eager-fused":
@@ -154,6 +160,8 @@ def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module
     from .export.onnx import export_onnx
     from .weights import cache_dir, sha256_file
 
+    for module in ("onnx", "onnxruntime"):
+        require(module, "deploy", "the onnxruntime engine")
     if trained.path is None:
         raise MobileNetError("the onnxruntime engine needs weights loaded from a file")
     name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}.onnx"
@@ -166,9 +174,7 @@ def inference_engine(trained: Trained, engine: str = "onnxruntime") -> nn.Module
 
 
 @torch.no_grad()
-def predict(
-    trained: Trained, images: list[str], top: int = 5, engine: str = "onnxruntime"
-) -> list[dict]:
+def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "auto") -> list[dict]:
     """The ``top`` classes of each image, with probabilities. Unreadable images raise."""
     transform = eval_transform(trained.resolution, trained.model.eval_config)
     batch = []

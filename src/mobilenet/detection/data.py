@@ -365,11 +365,13 @@ def make_mnist_det(
 
 
 def _textures() -> list[np.ndarray]:
-    import skimage.data
+    from ..extras import require
+
+    skimage_data = require("skimage.data", "detection", "the mnist-det dataset")
 
     out = []
     for name in TEXTURES:
-        image = getattr(skimage.data, name)()
+        image = getattr(skimage_data, name)()
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         out.append(np.ascontiguousarray(image[..., :3]))

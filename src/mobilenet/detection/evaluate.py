@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..extras import require
 from .data import CocoDetection, collate, eval_transform
 
 __all__ = ["coco_map", "evaluate_detector", "predict_dataset"]
@@ -23,8 +24,8 @@ __all__ = ["coco_map", "evaluate_detector", "predict_dataset"]
 def coco_map(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
     """``{"map", "map_50", "map_75"}`` of COCO-format ``detections`` (``image_id``,
     ``category_id``, ``bbox = [x, y, w, h]``, ``score``) against a COCO dict."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    COCO = require("pycocotools.coco", "detection", "COCO mAP").COCO
+    COCOeval = require("pycocotools.cocoeval", "detection", "COCO mAP").COCOeval
 
     if not detections or not ground_truth["annotations"]:
         return {"map": 0.0, "map_50": 0.0, "map_75": 0.0}
@@ -91,6 +92,7 @@ def evaluate_detector(
 ) -> dict[str, float]:
     """COCO mAP of ``model`` on ``dataset`` (images at their own size; see
     :func:`coco_map`), with ``images``, the number of images scored."""
+    require("pycocotools", "detection", "COCO mAP")  # before the predictions
     if dataset.transform is None:
         dataset.transform = eval_transform()
     detections = predict_dataset(model, dataset, batch_size, workers, indices)

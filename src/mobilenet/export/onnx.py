@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
+from ..extras import require
 from ..fileio import atomic_write
 from .prepare import prepare_for_inference
 
@@ -22,7 +23,7 @@ TOLERANCE = 1e-4  # max abs difference, for logits of unit scale (see _check)
 
 def onnx_session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session; a corrupt file gives a clear error."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "deploy", "running an ONNX model")
 
     options = ort.SessionOptions()
     if threads:
@@ -71,6 +72,8 @@ def export_onnx(
     The file's metadata holds the model config, the input resolution and any
     ``metadata`` given (e.g. class names), so ``mobilenet eval`` can use it alone.
     """
+    for module in ("onnx", "onnxruntime"):  # before any work
+        require(module, "deploy", "ONNX export")
     path = Path(path)
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
@@ -110,7 +113,7 @@ def _model_metadata(model: nn.Module, resolution: int) -> dict[str, str]:
 
 def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     """Store string key/values in an ONNX file's ``metadata_props``."""
-    import onnx
+    onnx = require("onnx", "deploy", "writing ONNX metadata")
 
     proto = onnx.load(str(path))
     del proto.metadata_props[:]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import require
 from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
@@ -33,22 +34,23 @@ def _calibration_batches(trained, data: str, images: int, seed: int) -> Iterator
 
 def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> None:
     """Quantize a float ONNX file to int8 QDQ, calibrating on ``batches`` of inputs."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
+    for module in ("onnx", "onnxruntime"):
+        require(module, "deploy", "ONNX quantization")
+    quantization = require("onnxruntime.quantization", "deploy", "ONNX quantization")
+    shape_inference = require(
+        "onnxruntime.quantization.shape_inference", "deploy", "ONNX quantization"
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    QuantFormat, QuantType = quantization.QuantFormat, quantization.QuantType
 
-    class Reader(CalibrationDataReader):
+    class Reader(quantization.CalibrationDataReader):
         def get_next(self):
             return next(batches, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre))  # shape inference and graph clean-up
-        quantize_static(
+        # shape inference and graph clean-up
+        shape_inference.quant_pre_process(str(src), str(pre))
+        quantization.quantize_static(
             str(pre),
             str(dst),
             Reader(),
@@ -63,6 +65,8 @@ def quantize_onnx(
     trained, data: str, out: str | Path, calibration_images: int = 512, seed: int = 0
 ) -> Path:
     """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``data``."""
+    for module in ("onnx", "onnxruntime"):  # before the export and the calibration data
+        require(module, "deploy", "ONNX quantization")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
