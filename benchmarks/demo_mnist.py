@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from mobilenet.bench import machine
-from mobilenet.train import TrainConfig, get_recipe, train
+from mobilenet.tasks.classification import TrainConfig, train
+from mobilenet.train import get_recipe
 
 
 def main() -> None:

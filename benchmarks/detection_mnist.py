@@ -27,7 +27,7 @@ from mobilenet.bench import machine
 from mobilenet.detection.data import CocoDetection, dataset_root, eval_transform
 from mobilenet.detection.evaluate import evaluate_detector
 from mobilenet.detection.predict import load_detector
-from mobilenet.detection.train import DetectTrainConfig, train_detector
+from mobilenet.tasks.detection import DetectTrainConfig, train_detector
 
 
 def main() -> None:

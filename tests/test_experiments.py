@@ -106,7 +106,7 @@ def test_an_ablation_end_to_end_and_reused(tmp_path, monkeypatch):
     assert "mean" in (tmp_path / "report.md").read_text()
     _outputs_written(tmp_path, "ablation-bottleneck.png")
     # Finished runs are read back, not trained again.
-    monkeypatch.setattr("mobilenet.train.train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr("mobilenet.tasks.classification.train", lambda *a, **k: pytest.fail("retrained"))
     again = run_ablation("ablation-bottleneck", tmp_path, quick=True)
     assert again == summary
 

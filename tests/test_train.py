@@ -16,7 +16,8 @@ from PIL import Image
 
 from mobilenet import create_model
 from mobilenet.cli import main
-from mobilenet.train import TrainConfig, TrainingDiverged, get_recipe, train
+from mobilenet.tasks.classification import TrainConfig, train
+from mobilenet.train import TrainingDiverged, get_recipe
 from mobilenet.weights import read_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -219,7 +220,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import mobilenet.train.loop as loop
+    import mobilenet.tasks.classification as loop
 
     calls = {"n": 0}
     real = loop.F.cross_entropy

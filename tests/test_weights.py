@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import mobilenet
 from mobilenet import CheckpointError, create_model, load_weights, save_weights
 from mobilenet import weights as W
+from mobilenet.models import pretrained as P
 
 from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 
@@ -108,7 +109,7 @@ def test_own_safetensors_round_trip(tmp_path):
     assert loaded.config == model.config
     _assert_same_outputs(model, loaded, resolutions=(96,))
     _, metadata = W.read_checkpoint(path)
-    assert metadata["note"] == "kept" and W.saved_config(metadata) == model.config
+    assert metadata["note"] == "kept" and W.saved_config(metadata) == model.config.to_dict()
 
 
 def test_training_checkpoint_wrappers_and_ddp_prefix(tmp_path):
@@ -226,12 +227,12 @@ def official_file(tmp_path, monkeypatch):
 
 def test_official_weights_are_downloaded_checked_and_cached(official_file, monkeypatch, tmp_path):
     ref, url, digest = official_file
-    entry = W.Pretrained("mobilenet_v3_small", url, digest[:8], 0.0)
-    monkeypatch.setitem(W.PRETRAINED, "mobilenet_v3_small.test", entry)
+    entry = P.Pretrained("mobilenet_v3_small", url, digest[:8], 0.0)
+    monkeypatch.setitem(P.PRETRAINED, "mobilenet_v3_small.test", entry)
     model = create_model("mobilenet_v3_small", weights="mobilenet_v3_small.test")
     _assert_same_outputs(ref, model, resolutions=(96,))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["mobilenet_v3_small-0000.pth"]
-    assert "mobilenet_v3_small.test" in W.list_pretrained("mobilenet_v3_small")
+    assert "mobilenet_v3_small.test" in P.list_pretrained("mobilenet_v3_small")
 
 
 def test_download_with_a_wrong_hash_is_refused_and_leaves_nothing(official_file, tmp_path):
@@ -243,6 +244,6 @@ def test_download_with_a_wrong_hash_is_refused_and_leaves_nothing(official_file,
 
 
 def test_official_entries_are_consistent():
-    for name, entry in W.PRETRAINED.items():
+    for name, entry in P.PRETRAINED.items():
         assert name.split(".")[0] == entry.model in mobilenet.list_models()
         assert entry.sha256 in entry.url  # torchvision names files by their hash prefix

@@ -3,9 +3,11 @@
 >>> import mobilenet
 >>> model = mobilenet.create_model("mobilenet_v2", width_mult=0.5, num_classes=10)
 >>> mobilenet.cost(model, resolution=160).madds
+
+The classifiers register on import; the detectors (``mobilenet.detection``) the first
+time a detector is named, so ``import mobilenet`` needs none of the detection code.
 """
 
-from . import detection  # noqa: F401  (registers the detectors)
 from .cost import Cost, cost
 from .errors import CheckpointError, MobileNetError
 from .memory import memory_efficient

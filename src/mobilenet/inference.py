@@ -17,8 +17,9 @@ from .export.int8 import is_int8_checkpoint
 from .extras import available, require
 from .models import MobileNet, ModelConfig
 from .models.base import DeployedModel
+from .models.pretrained import resolve_weights
 from .models.registry import model_from_checkpoint
-from .weights import read_checkpoint, resolve_weights, saved_config
+from .weights import read_checkpoint, saved_config
 
 __all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
 
@@ -50,7 +51,7 @@ def load_trained(
     if is_int8_checkpoint(metadata):
         return _load_int8(state_dict, metadata, path, resolution)
     saved = saved_config(metadata)
-    name = model or (saved.name if saved else None)
+    name = model or (saved["name"] if saved else None)
     if name is None:
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
@@ -158,7 +159,8 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
     if engine != "onnxruntime":
         raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
     from .export.onnx import export_onnx
-    from .weights import cache_dir, sha256_file
+    from .paths import cache_dir
+    from .weights import sha256_file
 
     for module in ("onnx", "onnxruntime"):
         require(module, "deploy", "the onnxruntime engine")

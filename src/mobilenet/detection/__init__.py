@@ -5,6 +5,7 @@ Importing this package registers the detectors (``ssdlite_mobilenet_v2``,
 :func:`mobilenet.create_model`; ``list_models(task="detection")`` lists them.
 """
 
+from . import weights  # noqa: F401  (registers the checkpoint layouts)
 from .boxes import BoxCoder, DefaultBoxes, match
 from .loss import LossConfig, ssd_loss
 from .model import (

@@ -313,7 +313,7 @@ def dataset_root(data: str, split: str = "train") -> Path:
     """A folder holding ``annotations.json``: ``data`` itself, or a built-in set's split
     (generated into the cache the first time)."""
     if data == "mnist-det":
-        from ..weights import cache_dir
+        from ..paths import cache_dir
 
         base = cache_dir() / "datasets" / f"mnist-det-v{MNIST_DET_VERSION}"
         if not (base / "val" / ANNOTATIONS).is_file():

@@ -147,7 +147,7 @@ class SSDLiteFeatures(nn.Module):
                 break
         block = features[c4] if c4 is not None else None
         if not isinstance(block, InvertedResidual) or isinstance(block.expand, nn.Identity):
-            raise ValueError("SSDLite needs a backbone whose first stride-32 block expands")
+            raise MobileNetError("SSDLite needs a backbone whose first stride-32 block expands")
         self.body = nn.Sequential(*features[:c4], block.expand)
         self.tail = nn.Sequential(
             nn.Sequential(block.dw, block.se, block.project), *features[c4 + 1 :]
@@ -171,6 +171,8 @@ class SSDLiteFeatures(nn.Module):
 
 class SSDLite(nn.Module):
     """An SSDLite detector (see the module docstring for inputs and outputs)."""
+
+    task = "detection"
 
     def __init__(self, features: list[nn.Module], config: DetectorConfig) -> None:
         super().__init__()
@@ -328,7 +330,7 @@ def _init_weights(model: nn.Module) -> None:
 def _config(name: str, width_mult: float, num_classes: int, **kwargs: Any) -> DetectorConfig:
     width_mult = check_width_mult(width_mult)
     if num_classes < 2:
-        raise ValueError(
+        raise MobileNetError(
             f"a detector needs num_classes >= 2 (the background and one class), got {num_classes}"
         )
     config = DetectorConfig(name, width_mult, num_classes, **kwargs)

@@ -15,11 +15,10 @@ from torchvision.utils import draw_bounding_boxes
 from ..data.images import load_rgb
 from ..errors import MobileNetError
 from ..fileio import atomic_write
-from ..models.registry import list_models
-from ..weights import read_checkpoint
+from ..models.registry import list_models, model_from_checkpoint
+from ..weights import read_checkpoint, saved_config
 from .data import Category
 from .model import SSDLite
-from .weights import detect_detector_source, detector_from_checkpoint, saved_detector_config
 
 __all__ = ["TrainedDetector", "detect_images", "load_detector"]
 
@@ -38,14 +37,14 @@ def load_detector(weights: str | Path, model: str | None = None) -> TrainedDetec
     from a torchvision SSDLite state dict (``model`` defaults to
     ``ssdlite_mobilenet_v3_large``; labels are then COCO category ids)."""
     state_dict, metadata = read_checkpoint(weights)
-    source = detect_detector_source(state_dict)
-    saved = saved_detector_config(metadata) if source == "mobilenet" else None
-    name = model or (saved.name if saved is not None else "ssdlite_mobilenet_v3_large")
+    saved = saved_config(metadata)
+    name = model or (saved["name"] if saved is not None else "ssdlite_mobilenet_v3_large")
     if name not in list_models(task="detection"):
         raise MobileNetError(
             f"{name} is not a detector: {', '.join(list_models(task='detection'))}"
         )
-    detector = detector_from_checkpoint(name, state_dict, metadata, str(weights))
+    detector = model_from_checkpoint(name, state_dict, metadata, str(weights))
+    assert isinstance(detector, SSDLite)
     if "categories" in metadata:
         categories = [
             Category(int(c["id"]), str(c["name"])) for c in json.loads(metadata["categories"])

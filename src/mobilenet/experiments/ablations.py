@@ -164,8 +164,8 @@ def train_variant(
     A finished run in ``out`` is read back instead of trained again, an interrupted one
     resumed.
     """
-    from ..train import TrainConfig, get_recipe, train
-    from ..train.loop import build_model
+    from ..tasks.classification import TrainConfig, build_model, train
+    from ..train import get_recipe
 
     if (out / "summary.json").is_file():
         return _history(out)

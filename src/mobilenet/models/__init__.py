@@ -1,15 +1,29 @@
-"""The MobileNet model zoo. Importing this package registers every model."""
+"""The MobileNet model zoo. Importing this package registers every classifier and the
+checkpoint layouts they read (torchvision, timm, ours)."""
 
-from . import mobilenet_v1, mobilenet_v2, mobilenet_v3  # noqa: F401  (registration)
+from . import layouts, mobilenet_v1, mobilenet_v2, mobilenet_v3  # noqa: F401  (registration)
 from .base import EvalConfig, FeatureInfo, MobileNet, ModelConfig
-from .registry import create_model, list_models, register_model
+from .pretrained import PRETRAINED, list_pretrained
+from .registry import (
+    checkpoint_task,
+    create_model,
+    list_models,
+    model_from_checkpoint,
+    model_task,
+    register_model,
+)
 
 __all__ = [
+    "PRETRAINED",
     "EvalConfig",
     "FeatureInfo",
     "MobileNet",
     "ModelConfig",
+    "checkpoint_task",
     "create_model",
     "list_models",
+    "list_pretrained",
+    "model_from_checkpoint",
+    "model_task",
     "register_model",
 ]

@@ -86,6 +86,8 @@ class MobileNet(nn.Module):
     stride, the index in ``features`` of the last layer at that stride and its channels.
     """
 
+    task = "classification"
+
     def __init__(
         self,
         features: list[nn.Module],

@@ -1,17 +1,29 @@
-"""Models registered by name: ``create_model("mobilenet_v2", width_mult=0.5)``."""
+"""Models registered by name: ``create_model("mobilenet_v2", width_mult=0.5)``.
+
+Each name knows its task (``classification``, ``detection``, ...), so one command serves
+every model. The classifiers register when :mod:`mobilenet.models` is imported; the
+families of other tasks register when first asked for (``_TASK_PACKAGES``), so
+``import mobilenet`` stays light.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import torch
 from torch import nn
 
 from ..errors import MobileNetError
-from .base import MobileNet
+from ..weights import find_layout, load_weights, read_checkpoint, saved_config
 
 __all__ = [
+    "TASKS",
     "check_width_mult",
+    "checkpoint_task",
     "create_model",
     "list_models",
     "model_from_checkpoint",
@@ -19,8 +31,12 @@ __all__ = [
     "register_model",
 ]
 
+TASKS = ("classification", "detection")
+# The package that registers each task's models beyond the classifiers, imported on demand.
+_TASK_PACKAGES = {"detection": "mobilenet.detection"}
+
 _REGISTRY: dict[str, Callable[..., Any]] = {}
-_TASKS: dict[str, str] = {}  # model name -> "classification" or "detection"
+_TASKS: dict[str, str] = {}  # model name -> task
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
@@ -41,14 +57,27 @@ def register_model(fn: F | None = None, *, task: str = "classification") -> F | 
     return register(fn) if fn is not None else register
 
 
+def _load(task: str | None = None) -> None:
+    """Import the packages that register ``task``'s models (None: every task's)."""
+    for name, package in _TASK_PACKAGES.items():
+        if task is None or task == name:
+            importlib.import_module(package)
+
+
 def list_models(task: str | None = "classification") -> list[str]:
     """Names of the registered models of ``task`` (None: every task), in registration
     order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small."""
+    if task != "classification":
+        _load(task)
     return [name for name in _REGISTRY if task is None or _TASKS[name] == task]
 
 
 def model_task(name: str) -> str:
-    """``"classification"`` or ``"detection"``."""
+    """The task of a registered model: ``"classification"``, ``"detection"``, ..."""
+    if name not in _REGISTRY:
+        _load()
+    if name not in _REGISTRY:
+        raise MobileNetError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}")
     return _TASKS[name]
 
 
@@ -58,57 +87,87 @@ def check_width_mult(width_mult: float) -> float:
     return float(width_mult)
 
 
-def create_model(name: str, weights: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model: a :class:`MobileNet` classifier, or an SSDLite detector
-    for the names of ``list_models(task="detection")``.
+def create_model(
+    name: str, weights: str | Path | None = None, sha256: str | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build a registered model: a classifier, or a model of another task (see
+    :func:`list_models` with ``task=None``).
 
     Args:
-        name: one of :func:`list_models`.
+        name: a registered model name.
         weights: optional checkpoint to load: a local path (any format
-            :func:`mobilenet.load_weights` accepts), a URL, or the name of an official
-            checkpoint (see :func:`mobilenet.weights.list_pretrained`). When given and
-            ``num_classes`` is not, the number of classes is taken from the checkpoint.
-        **kwargs: ``width_mult``, ``num_classes``, ``dropout``.
+            :func:`mobilenet.load_weights` accepts), a URL, or the key of an official
+            checkpoint (see :func:`mobilenet.models.pretrained.list_pretrained`). When given
+            and ``num_classes`` is not, the number of classes is taken from the checkpoint.
+        sha256: the expected SHA-256 (or a prefix of it) of a URL's file.
+        **kwargs: the builder's options: ``width_mult``, ``num_classes``, ``dropout``, ...
     """
-    if name not in _REGISTRY:
-        known = ", ".join(_REGISTRY)
-        raise MobileNetError(f"unknown model {name!r}; known models: {known}")
+    model_task(name)  # registers the model's family, or refuses an unknown name
     if "width_mult" in kwargs:
         kwargs["width_mult"] = check_width_mult(kwargs["width_mult"])
     num_classes = kwargs.get("num_classes")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
         raise MobileNetError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     if weights is None:
-        return _REGISTRY[name](**kwargs)
-    from ..weights import read_checkpoint, resolve_weights
+        return _build(name, kwargs)
+    from .pretrained import resolve_weights
 
-    path = resolve_weights(weights)
+    path = resolve_weights(weights, sha256)
     state_dict, metadata = read_checkpoint(path)
-    if _TASKS[name] == "detection":
-        from ..detection.weights import detector_from_checkpoint
-
-        return detector_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
     return model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    builder = _REGISTRY[name]
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as e:
+        raise MobileNetError(f"{name}: {e}") from None
+    return builder(**kwargs)
 
 
 def model_from_checkpoint(
     name: str,
-    state_dict: dict[str, Any],
-    metadata: dict[str, str],
+    state_dict: dict[str, torch.Tensor],
+    metadata: Mapping[str, str],
     source_name: str = "checkpoint",
     **kwargs: Any,
-) -> MobileNet:
+) -> nn.Module:
     """Build ``name`` to fit a checkpoint already read, and load it.
 
-    Our own files supply width, dropout and classes as defaults; for other checkpoints
-    the number of classes is read from the classifier. ``kwargs`` override both.
+    Our own files supply their saved config (width, classes, dropout, a detector's input
+    size ...) as defaults; for other checkpoints the number of classes is read from the
+    classifier. ``kwargs`` override both.
     """
-    from ..weights import infer_num_classes, load_weights, saved_config
-
+    model_task(name)
     saved = saved_config(metadata)
-    if saved is not None and saved.name == name:  # our own file: its config is the default
-        kwargs = {"width_mult": saved.width_mult, "dropout": saved.dropout, **kwargs}
-    kwargs.setdefault("num_classes", infer_num_classes(state_dict))
-    model = create_model(name, **kwargs)
+    if saved is not None and saved["name"] == name:  # our own file: its config is the default
+        accepted = _options(_REGISTRY[name])
+        defaults = {
+            k: tuple(v) if isinstance(v, list) else v  # JSON keeps tuples as lists
+            for k, v in saved.items()
+            if k not in ("name", "bn_eps") and (accepted is None or k in accepted)
+        }
+        kwargs = {**defaults, **kwargs}
+    kwargs.setdefault("num_classes", find_layout(state_dict).num_classes(state_dict))
+    model = _build(name, kwargs)
     load_weights(model, state_dict, source_name=source_name, metadata=metadata)
     return model
+
+
+def _options(builder: Callable[..., Any]) -> set[str] | None:
+    """The keyword arguments a builder takes (None: any, through ``**kwargs``)."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def checkpoint_task(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """The task of the model a checkpoint holds: from our own files' config, else from the
+    layout its tensors are written in."""
+    saved = saved_config(metadata)
+    if saved is not None:
+        return model_task(saved["name"])
+    _load()
+    return getattr(find_layout(state_dict).family, "task", "classification")

@@ -1,17 +1,23 @@
-"""Training: recipes, the TF-style RMSProp, the loop, evaluation, distributed runs."""
+"""Training: the engine every task runs on, recipes, optimizers, distributed runs.
 
+The tasks themselves (what to train) live in :mod:`mobilenet.tasks`.
+"""
+
+from .engine import FitResult, RunConfig, Setup, Task, TrainingDiverged, fit
 from .evaluate import evaluate
-from .loop import TrainConfig, TrainingDiverged, train
 from .optim import RMSpropTF
 from .recipes import RECIPES, Recipe, get_recipe
 
 __all__ = [
     "RECIPES",
+    "FitResult",
     "RMSpropTF",
     "Recipe",
-    "TrainConfig",
+    "RunConfig",
+    "Setup",
+    "Task",
     "TrainingDiverged",
     "evaluate",
+    "fit",
     "get_recipe",
-    "train",
 ]

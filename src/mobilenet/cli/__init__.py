@@ -1,0 +1,57 @@
+"""The ``mobilenet`` command line: one module per command group.
+
+* :mod:`.models`: ``list``, ``cost``, ``convert``;
+* :mod:`.train`: ``train``, ``eval``, ``predict`` for every task (the model decides), and
+  ``detect train|eval|predict``, the same commands with a detector by default;
+* :mod:`.deploy`: ``export``, ``quantize``, ``bench``;
+* :mod:`.experiments`: ``memory``, ``experiment``;
+* :mod:`.args`: the argument types and shared arguments, defined once.
+
+Every error a user can cause is a :class:`~mobilenet.MobileNetError`, printed as one line
+with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import MobileNetError
+from . import deploy, experiments, models, train
+from .args import Parser
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="mobilenet",
+        description="The MobileNet family (V1, V2, V3), as the papers describe it.",
+    )
+    parser.add_argument("--version", action="version", version=f"mobilenet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models.add_parsers(sub)
+    train.add_parsers(sub)
+    train.add_detect_alias(sub)
+    deploy.add_parsers(sub)
+    experiments.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MobileNetError as e:
+        print(f"mobilenet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `mobilenet cost --all --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,0 +1,171 @@
+"""``mobilenet export``, ``quantize``, ``bench``: deployment and its engines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from ..errors import MobileNetError
+from ..models import create_model, model_task
+from .args import add_model_args, model_kwargs, model_name, positive_int, resolution, width
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("--model", required=True, type=model_name(), help="model name")
+    add_model_args(p)
+    p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--resolution", type=resolution, default=None, help="input size")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "quantize",
+        help="int8 quantization: post-training or quantization-aware, PyTorch or ONNX",
+        description="PTQ calibrates activation ranges on --calibration-images images; QAT "
+        "fine-tunes with fake quantization for --epochs epochs (PyTorch format only). The "
+        "format follows --out (.onnx: ONNX Runtime QDQ; otherwise PyTorch int8 safetensors).",
+    )
+    p.add_argument("--model", type=model_name("classification"), help="for torchvision/timm")
+    p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
+    p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
+    p.add_argument("--method", choices=["ptq", "qat"], default="ptq")
+    p.add_argument("--format", choices=["torch", "onnx"], default=None)
+    p.add_argument("--calibration-images", type=positive_int, default=512, help="PTQ")
+    p.add_argument("--epochs", type=positive_int, default=3, help="QAT fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (SGD)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="QAT batch size")
+    p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="time every inference engine on this machine")
+    p.add_argument("model", type=model_name("classification"), help="model name")
+    p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--resolution", type=resolution, default=224)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--engines", default=None, help="comma-separated (default: all)")
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
+    p.add_argument("--iterations", type=positive_int, default=10, help="calls per round")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
+
+    if model_task(args.model) == "detection":
+        return _export_detector(args)
+    if args.weights:
+        from ..inference import load_trained
+
+        trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+        if trained.model.config.name != args.model:
+            raise MobileNetError(
+                f"{args.weights} holds {trained.model.config.name}, not {args.model}"
+            )
+        model, resolution = trained.model, trained.resolution
+    else:  # random initialisation: for checking a deployment path, not for use
+        model = create_model(args.model, **model_kwargs(args))
+        resolution = args.resolution or 224
+    if args.format == "onnx":
+        diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET)
+        checked = "ONNX Runtime"
+    else:
+        diff = export_torchscript(model, args.out, resolution)
+        checked = "TorchScript"
+    print(
+        f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
+        f"{checked} vs PyTorch max abs difference {diff:.2e}"
+    )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..export.int8 import QATConfig, quantize_torch, save_int8
+    from ..export.quantize import quantize_onnx
+    from ..inference import load_trained
+    from ..models.base import DeployedModel
+
+    fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
+    if fmt == "onnx" and args.method == "qat":
+        raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise MobileNetError(f"--lr must be positive, got {args.lr}")
+    trained = load_trained(args.weights, args.model)
+    if isinstance(trained.model, DeployedModel):
+        raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
+    name = trained.model.config.name
+    if fmt == "onnx":
+        out = quantize_onnx(trained, args.data, args.out, args.calibration_images)
+        how = f"ONNX QDQ, calibrated on {args.calibration_images} images of {args.data}"
+    else:
+        qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+        log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+        model = quantize_torch(
+            trained, args.data, args.method, args.calibration_images, qat, progress=log
+        )
+        out = save_int8(model, args.out, trained.classes, trained.resolution)
+        how = (
+            f"PyTorch x86, calibrated on {args.calibration_images} images of {args.data}"
+            if args.method == "ptq"
+            else f"PyTorch x86, {args.epochs} epochs of QAT on {args.data}"
+        )
+    print(
+        f"wrote {out}: {name} int8 ({how}; per-channel weights); evaluate it with "
+        f"`mobilenet eval --weights {out} --data ...`"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import ENGINES, BenchConfig, check_engines, format_table, run_bench
+
+    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    engines = check_engines([e.strip() for e in engines if e.strip()], args.model, args.width_mult)
+    cfg = BenchConfig(
+        args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
+        args.iterations,
+    )  # fmt: skip
+    result = run_bench(cfg, engines, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _export_detector(args: argparse.Namespace) -> int:
+    """A detector's raw outputs and default boxes, as ONNX."""
+    from ..detection.export import export_detector_onnx
+    from ..export.onnx import DEFAULT_OPSET
+
+    if args.format != "onnx":
+        raise MobileNetError("detectors export to ONNX only (--format onnx)")
+    metadata = {}
+    if args.weights:
+        from ..detection.predict import load_detector
+
+        trained = load_detector(args.weights, args.model)
+        if trained.model.config.name != args.model:
+            raise MobileNetError(
+                f"{args.weights} holds {trained.model.config.name}, not {args.model}"
+            )
+        model = trained.model
+        metadata["categories"] = json.dumps([c.name for c in trained.categories])
+    else:  # random initialisation: for checking a deployment path, not for use
+        kwargs = model_kwargs(args)
+        if args.resolution is not None:
+            kwargs["image_size"] = args.resolution
+        model = create_model(args.model, **kwargs)
+    diff = export_detector_onnx(model, args.out, args.opset or DEFAULT_OPSET, metadata)
+    size = model.config.image_size
+    print(
+        f"wrote {args.out}: {model.config.name} at {size}x{size}, dynamic batch; outputs "
+        f"logits, box_codes, default_boxes ({len(model.anchors())} boxes); ONNX Runtime vs "
+        f"PyTorch max abs difference {diff:.2e}"
+    )
+    return 0

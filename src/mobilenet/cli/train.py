@@ -1,0 +1,372 @@
+"""``mobilenet train``, ``eval``, ``predict``: one command for every task.
+
+The model's registered task (or, for ``eval`` and ``predict``, the checkpoint's) decides
+what runs; a flag that only another task uses is refused rather than ignored.
+``mobilenet detect train|eval|predict`` is the same commands with a detector by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import MobileNetError
+from ..models import model_task
+from .args import (
+    is_main_process,
+    model_name,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolution,
+    width,
+)
+
+__all__ = ["add_detect_alias", "add_parsers"]
+
+# Flags that only one task uses: dest -> (task, flag). The others are shared.
+TASK_FLAGS = {
+    "recipe": ("classification", "--recipe"),
+    "val_fraction": ("classification", "--val-fraction"),
+    "pretrained": ("classification", "--pretrained"),
+    "channels_last": ("classification", "--no-channels-last"),
+    "top": ("classification", "--top"),
+    "engine": ("classification", "--engine"),
+    "min_scale": ("detection", "--min-scale"),
+    "max_scale": ("detection", "--max-scale"),
+    "focal": ("detection", "--focal"),
+    "augment": ("detection", "--augment"),
+    "cache": ("detection", "--cache"),
+    "flip": ("detection", "--flip/--no-flip"),
+    "min_score": ("detection", "--min-score"),
+    "draw": ("detection", "--out"),
+}
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_train(sub, "mobilenet_v3_small", None)
+    _add_eval(sub, None)
+    _add_predict(sub, None)
+
+
+def add_detect_alias(sub: argparse._SubParsersAction) -> None:
+    detect = sub.add_parser("detect", help="object detection: train, eval, predict (an alias)")
+    dsub = detect.add_subparsers(dest="detect_command", required=True, metavar="COMMAND")
+    _add_train(dsub, "ssdlite_mobilenet_v3_small", "detection")
+    _add_eval(dsub, "detection")
+    _add_predict(dsub, "detection")
+
+
+def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | None) -> None:
+    from ..train.recipes import RECIPES
+
+    p = sub.add_parser(
+        "train",
+        help="train a classifier or a detector (the model decides)",
+        description="Train on one process, or on many under torchrun "
+        "(torchrun --nproc-per-node N -m mobilenet train ...). Classifiers train on an "
+        "image folder (one sub-folder per class) or mnist/digits; detectors on a "
+        "COCO-format folder (annotations.json) or mnist-det.",
+    )
+    p.set_defaults(func=cmd_train, task=task)
+    p.add_argument("--model", type=model_name(task), default=default_model)
+    p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
+    p.add_argument("--data", required=True, help="image folder, COCO folder or built-in set")
+    p.add_argument("--val-data", help="separate held-out folder")
+    p.add_argument("--epochs", type=positive_int, help="default: the recipe's (detection: 30)")
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (all processes)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (default: the recipe's)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "rmsprop_tf"], help="(needs --lr)")
+    p.add_argument("--weight-decay", type=float, help="default: the recipe's (detection: 4e-5)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the decay")
+    p.add_argument("--ema-decay", type=positive_float, help="keep an EMA of the weights")
+    p.add_argument("--resolution", "--image-size", dest="resolution", type=resolution,
+                   help="input size (default: the recipe's; detection: 320)")  # fmt: skip
+    p.add_argument("--eval-every", type=positive_int, default=1, help="epochs between evals")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    c = p.add_argument_group("classification")
+    c.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: demo)")
+    c.add_argument("--val-fraction", type=float, help="share of --data held out (default 0.1)")
+    c.add_argument("--pretrained", help="start from these weights (classifier reset)")
+    c.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    d = p.add_argument_group("detection")
+    d.add_argument("--min-scale", type=positive_float, help="smallest default box (SSD: 0.2)")
+    d.add_argument("--max-scale", type=positive_float, help="largest default box (SSD: 0.95)")
+    d.add_argument("--focal", action="store_true", default=None, help="focal loss")
+    d.add_argument("--augment", choices=["ssd", "light", "none"], help="default: ssd")
+    d.add_argument(
+        "--cache",
+        action="store_true",
+        default=None,
+        help="decode and resize the training images once (--augment light/none)",
+    )
+    flip = d.add_mutually_exclusive_group()
+    flip.add_argument("--flip", dest="flip", action="store_true", default=None)
+    flip.add_argument("--no-flip", dest="flip", action="store_false")
+
+
+def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 of a classifier, COCO mAP of a detector")
+    p.set_defaults(func=cmd_eval, task=task)
+    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--data", required=True, help="image folder, COCO folder or built-in set")
+    p.add_argument("--model", type=model_name(task), help="for torchvision/timm checkpoints")
+    p.add_argument("--batch-size", type=positive_int, help="default: 64 (detection: 16)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    c = p.add_argument_group("classification")
+    c.add_argument("--width-mult", type=width, default=None, help="width multiplier alpha")
+    c.add_argument("--resolution", type=resolution, default=None, help="input size")
+    c.add_argument("--workers", type=non_negative_int, default=None, help="default 0")
+    c.add_argument("--device", default=None, help="default: cpu")
+
+
+def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
+    from ..inference import PREDICT_ENGINES
+
+    p = sub.add_parser("predict", help="classify images, or detect the objects in them")
+    p.set_defaults(func=cmd_predict, task=task)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--model", type=model_name(task), help="for torchvision/timm checkpoints")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    c = p.add_argument_group("classification")
+    c.add_argument("--width-mult", type=width, default=None, help="width multiplier alpha")
+    c.add_argument("--resolution", type=resolution, default=None, help="input size")
+    c.add_argument("--top", type=positive_int, default=None, help="classes per image (5)")
+    c.add_argument("--engine", choices=PREDICT_ENGINES, default=None,
+                   help="auto (default: ONNX Runtime where installed), onnxruntime, "
+                   "eager-fused, eager")  # fmt: skip
+    d = p.add_argument_group("detection")
+    d.add_argument("--min-score", type=float, default=None, help="report above (0.5)")
+    d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn")
+
+
+# --------------------------------------------------------------------------- which task
+
+
+def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
+    """Refuse a flag of another task: it would be ignored."""
+    if args.task is not None and task != args.task:
+        raise MobileNetError(f"{what} is a {task} model; `mobilenet detect` takes detectors")
+    for dest, (owner, flag) in TASK_FLAGS.items():
+        if owner != task and getattr(args, dest, None) is not None:
+            raise MobileNetError(f"{flag} applies to {owner} models; {what} is a {task} model")
+    if task != "classification":
+        for dest, flag in (("width_mult", "--width-mult"), ("resolution", "--resolution")):
+            if args.func is not cmd_train and getattr(args, dest, None) is not None:
+                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
+        for dest, flag in (("workers", "--workers"), ("device", "--device")):
+            if args.func is not cmd_train and getattr(args, dest, None) is not None:
+                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
+
+
+def _checkpoint_task(weights: str, model: str | None) -> str:
+    """The task of ``--model``, else of the model the checkpoint holds."""
+    if model is not None:
+        return model_task(model)
+    from ..models.pretrained import resolve_weights
+    from ..models.registry import checkpoint_task
+    from ..weights import read_checkpoint
+    from ..weights.io import read_metadata
+
+    path = resolve_weights(weights)
+    if path.suffix == ".onnx":
+        return "classification"  # exported classifiers (detectors export raw heads)
+    metadata = read_metadata(path)
+    if metadata.get("task"):
+        return metadata["task"]
+    if metadata.get("format", "").startswith("mobilenet") and "config" not in metadata:
+        return "classification"  # int8 classifiers
+    return checkpoint_task(*read_checkpoint(path))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    task = model_task(args.model)
+    _check_flags(args, task, args.model)
+    if args.optimizer is not None and args.lr is None:
+        raise MobileNetError("--optimizer changes the recipe's optimizer: give --lr too")
+    if task == "detection":
+        from ..tasks.detection import train_detector
+
+        result = train_detector(_detection_config(args))
+        best = (
+            f"mAP {result.best_map:.3f}, mAP@.5 {result.best_map_50:.3f} "
+            f"(epoch {result.best_epoch})"
+            if result.best_map is not None
+            else "-"
+        )
+        best = f"best held-out {best}"
+    else:
+        from ..tasks.classification import train
+
+        result = train(_classification_config(args))
+        best = f"{result.best_top1:.2f}% (epoch {result.best_epoch})" if result.best_top1 else "-"
+        best = f"best validation top-1 {best}"
+    if is_main_process():
+        print(
+            f"done in {result.seconds:.0f} s: {best}\n"
+            f"  weights  {result.out / 'best.safetensors'}\n"
+            f"  curves   {result.out / 'curves.png'}\n"
+            f"  metrics  {result.out / 'metrics.csv'}"
+        )
+    return 0
+
+
+def _classification_config(args: argparse.Namespace):
+    from ..tasks.classification import TrainConfig
+    from ..train.recipes import get_recipe
+
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "optimizer": args.optimizer,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "ema_decay": args.ema_decay,
+    }
+    return TrainConfig(
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        recipe=get_recipe(args.recipe or "demo", **overrides),
+        width_mult=args.width_mult,
+        val_data=args.val_data,
+        val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+        lr=args.lr,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last is not False,
+        pretrained=args.pretrained,
+        resume=args.resume,
+        progress=not args.quiet,
+        eval_every=args.eval_every,
+    )
+
+
+def _detection_config(args: argparse.Namespace):
+    from ..tasks.detection import DetectTrainConfig
+
+    given = {
+        "image_size": args.resolution,
+        "min_scale": args.min_scale,
+        "max_scale": args.max_scale,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "ema_decay": args.ema_decay,
+        "focal": args.focal,
+        "augment": args.augment,
+        "cache": args.cache,
+        "flip": args.flip,
+    }
+    return DetectTrainConfig(
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        width_mult=args.width_mult,
+        val_data=args.val_data,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        resume=args.resume,
+        progress=not args.quiet,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    task = _checkpoint_task(args.weights, args.model)
+    _check_flags(args, task, args.model or args.weights)
+    if task == "detection":
+        return _eval_detector(args)
+    from ..inference import evaluate_on, load_trained
+
+    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    metrics = evaluate_on(
+        trained, args.data, args.batch_size or 64, args.workers or 0, args.device or "cpu"
+    )
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"{trained.model.config.name} on {args.data}: top-1 {metrics['top1']:.2f}%  "
+            f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+            f"({metrics['images']} images at {trained.resolution}x{trained.resolution})"
+        )
+    return 0
+
+
+def _eval_detector(args: argparse.Namespace) -> int:
+    from ..detection.data import CocoDetection, dataset_root, eval_transform
+    from ..detection.evaluate import evaluate_detector
+    from ..detection.predict import load_detector
+
+    trained = load_detector(args.weights, args.model)
+    split = "val" if args.data == "mnist-det" else "train"
+    dataset = CocoDetection(dataset_root(args.data, split), eval_transform(), trained.categories)
+    metrics = evaluate_detector(trained.model, dataset, args.batch_size or 16)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        size = trained.model.config.image_size
+        print(
+            f"{trained.model.config.name} on {args.data}: mAP@[.5:.95] {metrics['map']:.3f}  "
+            f"mAP@.5 {metrics['map_50']:.3f}  mAP@.75 {metrics['map_75']:.3f}  "
+            f"({int(metrics['images'])} images, network input {size}x{size})"
+        )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    task = _checkpoint_task(args.weights, args.model)
+    _check_flags(args, task, args.model or args.weights)
+    if task == "detection":
+        return _detect(args)
+    from ..inference import load_trained, predict
+
+    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    results = predict(trained, args.images, args.top or 5, args.engine or "auto")
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(result["image"])
+        for entry in result["top"]:
+            print(f"  {entry['probability']:7.2%}  {entry['class']}")
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from ..detection.predict import detect_images, load_detector
+
+    trained = load_detector(args.weights, args.model)
+    min_score = 0.5 if args.min_score is None else args.min_score
+    results = detect_images(trained, args.images, args.draw, min_score)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        drawn = f"  -> {result['drawn']}" if "drawn" in result else ""
+        print(f"{result['image']}: {len(result['detections'])} objects{drawn}")
+        for d in result["detections"]:
+            box = ", ".join(f"{v:.0f}" for v in d["box"])
+            print(f"  {d['score']:6.2%}  {d['label']:<12} [{box}]")
+    return 0

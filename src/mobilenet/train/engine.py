@@ -1,0 +1,426 @@
+"""The training engine: one fit loop for every task. Read it top to bottom in :func:`fit`.
+
+A task (classification, detection, ...) says *what* to train through the small
+:class:`Task` interface: its model and training data, the loss of a batch, how to
+evaluate, which validation metric is its primary score, what to store with the best
+weights. The engine owns *how*: one process or many under ``torchrun``
+(DistributedDataParallel, each process on its shard of every global batch), AMP with a
+GradScaler, the weight EMA, the per-step schedule, the NaN/Inf stop, progress bars, the
+run folder (``config.json``, ``metrics.csv``, TensorBoard, ``curves.png``,
+``best.safetensors``, ``last.pt``, ``summary.json``), and exact resume.
+
+Determinism: the data order, the augmentations and dropout of epoch ``e`` depend only on
+``(seed, e)`` (the sampler, the loader's generator and the global RNG are re-seeded at the
+start of every epoch), and ``last.pt`` holds everything else (weights, optimizer,
+schedule, scaler, EMA, best score) as of the end of an epoch. So ``--resume`` after an
+interruption anywhere continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import MobileNetError
+from ..weights import save_weights
+from . import checkpoint as ckpt
+from .cpu import keep_freed_memory, one_thread_worker
+from .distributed import Distributed, setup
+from .optim import build_ema, build_optimizer, build_scheduler
+from .recipes import Recipe
+
+__all__ = ["FitResult", "RunConfig", "Setup", "Task", "TrainingDiverged", "fit"]
+
+
+class TrainingDiverged(MobileNetError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunConfig:
+    """How to run: the engine's settings, the same for every task."""
+
+    out: Path  # the run folder
+    recipe: Recipe  # epochs, global batch size, optimizer, schedule, EMA
+    lr: float | None = None  # absolute learning rate; default: the recipe's, batch-scaled
+    seed: int = 0
+    workers: int = 2  # data loading processes per training process
+    device: str = "auto"
+    amp: bool = False  # mixed precision (CUDA)
+    channels_last: bool = True  # NHWC weights: depthwise convolutions run faster in it
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    resume: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "out": str(self.out)}
+
+
+@dataclass
+class Setup:
+    """What a task builds for a run: the model and the training data."""
+
+    model: nn.Module
+    train_set: Dataset
+    collate: Callable[[list[Any]], Any] | None = None
+    validates: bool = True  # False: no held-out data (the best epoch has the lowest loss)
+
+
+class Task(Protocol):
+    """What a task adds to the engine."""
+
+    name: str  # "classification", "detection", ...
+    stats: tuple[str, ...]  # training statistics of a batch, e.g. ("loss", "top1")
+    metrics: tuple[str, ...]  # validation metrics, e.g. ("loss", "top1", "top5")
+    primary: str  # the metric that selects the best weights (higher is better)
+
+    def setup(self, dist: Distributed) -> Setup: ...
+
+    def loss(
+        self, model: nn.Module, batch: Any, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(loss to minimise, batch means of ``stats``, batch size)."""
+        ...
+
+    def evaluate(self, model: nn.Module, dist: Distributed) -> dict[str, float] | None:
+        """``metrics`` on the held-out data (None where this process does not evaluate)."""
+        ...
+
+    def metadata(self, epoch: int, val: dict[str, float] | None) -> dict[str, str]:
+        """Stored with the best weights (class names, data, scores)."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """The task's settings, written to ``config.json`` and ``last.pt``."""
+        ...
+
+    def epoch_line(self, row: dict[str, Any], epochs: int) -> str: ...
+
+    def plot(self, history: list[dict[str, Any]], path: Path) -> None: ...
+
+
+@dataclass
+class FitResult:
+    best_epoch: int | None
+    best_val: dict[str, float] | None  # validation metrics of the best epoch
+    final: dict[str, Any]  # the last epoch's row of metrics.csv
+    seconds: float
+    out: Path
+
+
+def fit(task: Task, run: RunConfig) -> FitResult:
+    """Train ``task`` as ``run`` says; returns where the run folder is and its best epoch."""
+    start = time.perf_counter()
+    check_run(run)
+    dist = setup(run.device)
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # see mobilenet.train.cpu: fewer page faults per step
+    try:
+        if run.amp and dist.device.type != "cuda":
+            raise MobileNetError("--amp needs a CUDA device")
+        if run.recipe.batch_size % dist.world_size:
+            raise MobileNetError(
+                f"batch size {run.recipe.batch_size} is not divisible by "
+                f"{dist.world_size} processes"
+            )
+        resumed = ckpt.load_last(Path(run.out) / "last.pt") if run.resume else None
+        torch.manual_seed(run.seed)
+        built = task.setup(dist)
+        loader = _train_loader(built, run, dist)
+        state = _State(built.model, run, dist, len(loader))
+        if resumed is not None:
+            state.restore(resumed)
+        return _epochs(task, run, dist, built, loader, state, start)
+    finally:
+        dist.close()
+
+
+def _epochs(
+    task: Task,
+    run: RunConfig,
+    dist: Distributed,
+    built: Setup,
+    loader: DataLoader,
+    state: _State,
+    start: float,
+) -> FitResult:
+    out, epochs = Path(run.out), run.recipe.epochs
+    log = _RunFolder(out, task, run, state.lr, dist.world_size) if dist.is_main else None
+    for epoch in range(state.epoch, epochs):
+        seed = run.seed * 100_003 + epoch
+        torch.manual_seed(seed)
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        loader.generator.manual_seed(seed)  # type: ignore[union-attr]
+        stats = _train_one_epoch(task, state, loader, dist, run, epoch)
+        # Each process updated its BatchNorm statistics on its own shard: average them,
+        # so every replica (and its EMA) evaluates and saves the same network.
+        dist.average_buffers(state.model)
+        if state.ema is not None:
+            dist.average_buffers(state.ema.module)
+        due = (epoch + 1) % run.eval_every == 0 or epoch + 1 == epochs
+        val = task.evaluate(state.evaluated, dist) if built.validates and due else None
+        row = _row(task, epoch + 1, stats, val)
+        state.history.append(row)
+        score = val[task.primary] if val is not None else None
+        if not built.validates:
+            score = -stats["loss"]
+        improved = score is not None and (state.best_score is None or score > state.best_score)
+        if improved:
+            state.best_score, state.best_epoch, state.best_val = score, epoch + 1, val
+        if log is not None:
+            if improved:
+                metadata = task.metadata(epoch + 1, val)
+                save_weights(state.evaluated, out / "best.safetensors", metadata)
+            log.epoch(row, state.history)
+            ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, task.config()))
+            if run.progress:
+                print(task.epoch_line(row, epochs), flush=True)
+        dist.barrier()
+
+    checksums = dist.replica_checksums(state.model)
+    seconds = time.perf_counter() - start
+    if log is not None:
+        log.close(state, checksums, seconds, dist.world_size)
+    final = state.history[-1] if state.history else {}
+    return FitResult(state.best_epoch, state.best_val, final, seconds, out)
+
+
+def _train_one_epoch(
+    task: Task,
+    state: _State,
+    loader: DataLoader,
+    dist: Distributed,
+    run: RunConfig,
+    epoch: int,
+) -> dict[str, float]:
+    state.ddp.train()
+    totals = torch.zeros(len(task.stats) + 1, dtype=torch.float64)  # sums of stats, samples
+    lr = state.optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    bar = _progress(loader, epoch, run.recipe.epochs) if dist.is_main and run.progress else None
+    for step, batch in enumerate(bar if bar is not None else loader):
+        with torch.autocast(dist.device.type, enabled=run.amp):
+            loss, stats, n = task.loss(state.ddp, batch, dist.device)
+        finite = dist.all_reduce(torch.isfinite(loss.detach()).to(torch.int32), "min")
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                f"stopped. The last good checkpoint is {Path(run.out) / 'last.pt'} "
+                "(try a lower --lr)"
+            )
+        lr = state.step(loss)
+        totals += torch.tensor([*(stats[k] * n for k in task.stats), n], dtype=torch.float64)
+        if bar is not None:
+            means = {k: f"{totals[i] / totals[-1]:.3g}" for i, k in enumerate(task.stats)}
+            speed = totals[-1] * dist.world_size / (time.perf_counter() - start)
+            bar.set_postfix(**means, img_s=f"{speed:.1f}")
+    seconds = time.perf_counter() - start
+    totals = dist.all_reduce(totals.to(dist.device)).cpu()
+    n = totals[-1].item()
+    means = {k: totals[i].item() / n for i, k in enumerate(task.stats)}
+    return {**means, "lr": lr, "images_per_s": n / seconds, "seconds": seconds}
+
+
+# --------------------------------------------------------------------------- the state
+
+
+class _State:
+    """The model and everything that trains it: what ``last.pt`` saves and restores."""
+
+    def __init__(self, model: nn.Module, run: RunConfig, dist: Distributed, steps: int) -> None:
+        recipe = run.recipe
+        memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+        self.model = model.to(dist.device, memory_format=memory_format)
+        self.lr = run.lr if run.lr is not None else recipe.scaled_lr(recipe.batch_size)
+        self.optimizer = build_optimizer(model, recipe, self.lr)
+        self.scheduler = build_scheduler(self.optimizer, recipe, recipe.epochs, steps)
+        self.ema = build_ema(model, recipe.ema_decay)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=run.amp)
+        cuda = dist.device.type == "cuda"
+        self.ddp: nn.Module = (
+            DistributedDataParallel(model, device_ids=[dist.device] if cuda else None)
+            if dist.enabled
+            else model
+        )
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_val: dict[str, float] | None = None
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The network that is evaluated and saved: the EMA of the weights, if kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def step(self, loss: torch.Tensor) -> float:
+        """One optimizer step; returns the learning rate it used."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return lr
+
+    def checkpoint(self, epoch: int, config: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": ckpt.rng_state(),
+            "history": self.history,
+            "best": {"score": self.best_score, "epoch": self.best_epoch, "val": self.best_val},
+            "config": config,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(saved["ema"])
+            ckpt.set_rng_state(saved["rng"])
+            self.epoch, self.history, best = saved["epoch"], saved["history"], saved["best"]
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MobileNetError(
+                f"last.pt does not fit this run (another model or settings?): {first}"
+            ) from None
+        self.best_score, self.best_epoch, self.best_val = best["score"], best["epoch"], best["val"]
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+class _RunFolder:
+    """What rank 0 writes: config.json, metrics.csv, TensorBoard, curves.png, summary.json."""
+
+    def __init__(self, out: Path, task: Task, run: RunConfig, lr: float, world: int) -> None:
+        self.out, self.task = out, task
+        out.mkdir(parents=True, exist_ok=True)
+        config = {"task": task.name, **task.config(), "run": run.to_dict()}
+        config.update(recipe=run.recipe.to_dict(), lr=lr, world_size=world)
+        ckpt.write_json(out / "config.json", config)
+        self.tensorboard = _tensorboard(out)
+
+    def epoch(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        ckpt.write_metrics(self.out / "metrics.csv", history)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+
+    def close(self, state: _State, checksums: list[float], seconds: float, world: int) -> None:
+        if state.history:
+            self.task.plot(state.history, self.out / "curves.png")
+            best_val = state.best_val or {}
+            summary = {
+                "task": self.task.name,
+                **{f"best_val_{k}": best_val.get(k) for k in self.task.metrics},
+                "best_epoch": state.best_epoch,
+                "final": state.history[-1],
+                "seconds": seconds,
+                "world_size": world,
+                # One checksum per process: DistributedDataParallel keeps replicas equal.
+                "replica_checksums": checksums,
+            }
+            ckpt.write_json(self.out / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_run(run: RunConfig) -> None:
+    """Refuse settings no task can train with, before anything is built or written."""
+    r = run.recipe
+    if r.epochs <= 0:
+        raise MobileNetError(f"epochs must be positive, got {r.epochs}")
+    if r.batch_size <= 0:
+        raise MobileNetError(f"batch size must be positive, got {r.batch_size}")
+    if r.resolution < 32:
+        raise MobileNetError(f"resolution must be >= 32, got {r.resolution}")
+    if run.lr is not None and not (run.lr > 0 and math.isfinite(run.lr)):
+        raise MobileNetError(f"learning rate must be positive, got {run.lr}")
+    if run.workers < 0:
+        raise MobileNetError(f"workers must be >= 0, got {run.workers}")
+    if run.eval_every <= 0:
+        raise MobileNetError(f"eval_every must be positive, got {run.eval_every}")
+    out = Path(run.out)
+    if out.exists() and not out.is_dir():
+        raise MobileNetError(f"--out {out} exists and is not a folder")
+    if not run.resume and (out / "last.pt").exists():
+        raise MobileNetError(
+            f"{out} already holds a run (last.pt): pass --resume to continue it, "
+            "or choose another --out"
+        )
+
+
+def _train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader:
+    """Each process takes its shard of every global batch, in an order set per epoch."""
+    sampler = DistributedSampler(
+        built.train_set, dist.world_size, dist.rank, shuffle=True, seed=run.seed, drop_last=True
+    )
+    loader = DataLoader(
+        built.train_set,
+        batch_size=run.recipe.batch_size // dist.world_size,
+        sampler=sampler,
+        num_workers=run.workers,
+        collate_fn=built.collate,
+        generator=torch.Generator(),
+        worker_init_fn=one_thread_worker if run.workers else None,
+        drop_last=True,
+        pin_memory=dist.device.type == "cuda",
+    )
+    if len(loader) == 0:
+        raise MobileNetError(
+            f"{len(built.train_set)} training images: fewer than one batch of "  # type: ignore[arg-type]
+            f"{run.recipe.batch_size}; lower --batch-size"
+        )
+    return loader
+
+
+def _row(
+    task: Task, epoch: int, stats: dict[str, float], val: dict[str, float] | None
+) -> dict[str, Any]:
+    """One line of metrics.csv: the same columns every epoch."""
+    return {
+        "epoch": epoch,
+        "lr": stats["lr"],
+        **{f"train_{k}": stats[k] for k in task.stats},
+        **{f"val_{k}": val[k] if val is not None else None for k in task.metrics},
+        "images_per_s": stats["images_per_s"],
+        "epoch_seconds": stats["seconds"],
+    }
+
+
+def _progress(loader: DataLoader, epoch: int, epochs: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,76 @@
+"""Fitting a state dict into a model: strict, all or nothing, every mismatch named."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..errors import CheckpointError
+from .io import StateDict
+
+__all__ = ["check_fits", "fit_state_dict"]
+
+
+def fit_state_dict(
+    model: nn.Module,
+    state_dict: StateDict,
+    name: str,
+    source: str,
+    saved: Mapping[str, Any] | None = None,
+    bn_eps: float | None = None,
+) -> None:
+    """Load ``state_dict`` (already in the model's own names) into ``model``.
+
+    ``saved`` is the config stored with one of our own files: it must name the same model,
+    and its BatchNorm epsilon wins over ``bn_eps`` (the epsilon the source trained with).
+    The fit is checked before anything is copied: on any mismatch the model is untouched.
+    """
+    config = getattr(model, "config", None)
+    if saved is not None and config is not None:
+        if saved["name"] != config.name:
+            raise CheckpointError(
+                f"{name} holds {saved['name']} (width {saved.get('width_mult')}), not {config.name}"
+            )
+        bn_eps = saved.get("bn_eps", bn_eps)
+    check_fits(model, state_dict, name, source)
+    own = model.state_dict()
+    # A checkpoint without BatchNorm step counters keeps the model's own.
+    missing_counters = {k: own[k] for k in own if k not in state_dict}
+    model.load_state_dict({**state_dict, **missing_counters}, strict=True)
+    if bn_eps is not None:
+        model.set_bn_eps(bn_eps)  # type: ignore[operator]
+
+
+def check_fits(model: nn.Module, state_dict: StateDict, name: str, source: str) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [
+        f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(own[k].shape)})"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{name} ({source} layout) does not fit {_describe(model)}:"]
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
+            lines.append(f"  {len(keys)} {label}: {shown}")
+    if misshaped and all(k.startswith("classifier.") for k in misshaped):
+        lines.append("  (only the classifier differs: pass the checkpoint's number of classes)")
+    raise CheckpointError("\n".join(lines))
+
+
+def _describe(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        return type(model).__name__
+    return f"{config.name} (width {config.width_mult}, {config.num_classes} classes)"

@@ -1,0 +1,139 @@
+"""Reading checkpoints people already have, and writing our own safetensors.
+
+Pickled files are opened with ``torch.load(weights_only=True)`` only: tensors and plain
+containers, never arbitrary objects. Our own files are safetensors whose metadata holds
+``format = "mobilenet"`` and the model's config as JSON, so a file alone says which
+network it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from ..fileio import atomic_write
+
+__all__ = [
+    "FORMAT",
+    "PathLike",
+    "StateDict",
+    "read_checkpoint",
+    "read_metadata",
+    "read_state_dict",
+    "save_weights",
+    "saved_config",
+]
+
+StateDict = dict[str, torch.Tensor]
+PathLike = str | os.PathLike[str]
+
+FORMAT = "mobilenet"  # metadata["format"] of our safetensors files
+
+
+def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Read a state dict and its metadata from safetensors or a (weights-only) pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad or unsafe pickle
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (safetensors, or a PyTorch state dict "
+            f"loadable with weights_only=True): {first_line}"
+        ) from None
+    return _unwrap(obj, path), {}
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors ({} for pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not _is_safetensors(path):
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_state_dict(
+    checkpoint: PathLike | Mapping[str, torch.Tensor],
+    source_name: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[StateDict, Mapping[str, str], str]:
+    """(state dict, metadata, a name for messages) of a path or an in-memory state dict."""
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint), metadata or {}, source_name or "state dict"
+    state_dict, metadata = read_checkpoint(checkpoint)
+    return state_dict, metadata, source_name or str(checkpoint)
+
+
+def _is_safetensors(path: Path) -> bool:
+    # An 8-byte little-endian header length, then a JSON header starting with "{".
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
+
+
+def _unwrap(obj: object, path: Path) -> StateDict:
+    """The state dict inside a training checkpoint ({"state_dict": ...}, {"model": ...})."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: holds no state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    if all(k.startswith("module.") for k in tensors):  # saved from DistributedDataParallel
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def saved_config(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The model config stored in our safetensors metadata, as a dict (None for files
+    written by other libraries)."""
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        return None
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError as e:
+        raise CheckpointError(f"corrupt model config in checkpoint metadata: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise CheckpointError("corrupt model config in checkpoint metadata: no model name")
+    return config
+
+
+def save_weights(
+    model: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the model's weights as safetensors, its config (``model.config.to_dict()``)
+    as metadata; atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()  # type: ignore[operator]
+    meta = {"format": FORMAT, "config": json.dumps(config), **(metadata or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
