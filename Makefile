@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo costs test lint format clean
+.PHONY: setup demo costs test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ costs: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -n 2 --durations=10
+
+# The same without the end-to-end runs of whole commands (marked slow): a quicker check.
+test-fast: setup lint
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -208,6 +208,7 @@ def test_pycocotools_map_matches_torchmetrics():
     assert ours["map_50"] == pytest.approx(reference["map_50"].item(), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_detect_cli_train_eval_predict_export(tmp_path, capsys):
     root = _folder(
         tmp_path / "d",
@@ -258,6 +259,7 @@ def test_detect_cli_train_eval_predict_export(tmp_path, capsys):
     assert "data not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_detect_train_under_torchrun_keeps_replicas_equal(tmp_path):
     import os
     import subprocess

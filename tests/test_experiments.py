@@ -95,6 +95,7 @@ def test_ablation_variants_change_only_what_they_name():
     assert len(shortcuts.linked) == sum(b.use_residual for b in blocks) == 10
 
 
+@pytest.mark.slow
 def test_an_ablation_end_to_end_and_reused(tmp_path, monkeypatch):
     tiny = Setup("digits", 32, 1, 0.25, (0, 1))
     monkeypatch.setattr("mobilenet.experiments.ablations.setup", lambda *args: tiny)
@@ -106,7 +107,8 @@ def test_an_ablation_end_to_end_and_reused(tmp_path, monkeypatch):
     assert "mean" in (tmp_path / "report.md").read_text()
     _outputs_written(tmp_path, "ablation-bottleneck.png")
     # Finished runs are read back, not trained again.
-    monkeypatch.setattr("mobilenet.tasks.classification.train", lambda *a, **k: pytest.fail("retrained"))
+    retrain = lambda *a, **k: pytest.fail("retrained")  # noqa: E731
+    monkeypatch.setattr("mobilenet.tasks.classification.train", retrain)
     again = run_ablation("ablation-bottleneck", tmp_path, quick=True)
     assert again == summary
 

@@ -43,6 +43,7 @@ def _digit_images(tmp_path: Path, n: int = 3) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_folder_then_eval_and_predict(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--epochs", "3", "--out", str(out), *QUICK]) == 0
@@ -96,6 +97,7 @@ def _final_state(run: Path) -> dict:
     return torch.load(run / "last.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     args = ["train", "--data", "digits", "--recipe", "paper-v2", "--epochs", "3", *QUICK]
     # The interrupted run: killed in the middle of an epoch.
@@ -138,6 +140,7 @@ def test_resume_without_a_run_fails_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_distributed_two_processes(tmp_path):
     out = tmp_path / "ddp"
     command = [
@@ -261,6 +264,7 @@ def test_pretrained_backbone_with_a_new_classifier(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_int8_quantization_through_onnx_runtime(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--epochs", "4", "--out", str(out), *QUICK]) == 0

@@ -61,16 +61,20 @@ def materialised(model: nn.Module, resolution: int, bottlenecks_only: bool) -> d
     return widest
 
 
-def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
-    from ..cost import cost
-    from ..memory import measure_peak, memory_efficient
-    from ..models import create_model
+# Whole-network peaks, in the order of the plot's bars and the report's columns.
+_PEAK_KINDS = (
+    "v1_standard_bytes",
+    "v2_standard_bytes",
+    "v2_efficient_analytic_bytes",
+    "v2_efficient_measured_bytes",
+)
 
-    v1, v2 = create_model("mobilenet_v1"), create_model("mobilenet_v2")
+
+def _table3(v1: nn.Module, v2: nn.Module) -> list[dict[str, Any]]:
+    """Table 3's rows: the widest materialised tensor of each network per spatial size."""
     c1, c2 = materialised(v1, 224, False), materialised(v2, 224, True)
-    sizes = sorted(c1, reverse=True)
     rows = []
-    for size in sizes:
+    for size in sorted(c1, reverse=True):
         kb1, kb2 = c1[size] * size * size * 2 / 1000, c2[size] * size * size * 2 / 1000
         rows.append(
             {
@@ -83,7 +87,13 @@ def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
                 "paper_v2_kb": PAPER_KB.get(size, (None, None))[1],
             }
         )
-    write_csv(out / "table3.csv", rows)
+    return rows
+
+
+def _peaks(v1: nn.Module, v2: nn.Module, quick: bool, splits: int) -> list[dict[str, Any]]:
+    """Whole-network fp32 peaks: standard PyTorch, and V2 with the memory-efficient executor."""
+    from ..cost import cost
+    from ..memory import measure_peak, memory_efficient
 
     peaks = []
     for resolution in (224,) if quick else (224, 512):
@@ -98,12 +108,14 @@ def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
                 "v2_efficient_measured_bytes": measure_peak(efficient, x, module=efficient),
             }
         )
-    write_json(out / "results.json", {"table3": rows, "peaks_fp32": peaks, "splits": splits})
+    return peaks
 
+
+def _plot(path: Path, rows: list[dict[str, Any]], peaks: list[dict[str, Any]], splits: int) -> None:
     fig, axes = figure(ncols=2, size=(6.0, 4.5))
     ax = axes[0][0]
-    labels = [f"{s}x{s}" for s in sizes]
-    positions = torch.arange(len(sizes)).tolist()
+    labels = [f"{r['size']}x{r['size']}" for r in rows]
+    positions = torch.arange(len(rows)).tolist()
     ax.bar([p - 0.2 for p in positions], [r["v1_kb"] for r in rows], 0.4, label="MobileNetV1")
     ax.bar([p + 0.2 for p in positions], [r["v2_kb"] for r in rows], 0.4, label="MobileNetV2")
     ax.set_xticks(positions, labels)
@@ -113,28 +125,28 @@ def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
     ax.legend()
     ax.set_title("V2 Table 3: memory to materialise per resolution")
     ax = axes[0][1]
-    kinds = [
-        "v1_standard_bytes",
-        "v2_standard_bytes",
-        "v2_efficient_analytic_bytes",
-        "v2_efficient_measured_bytes",
-    ]
     names = ["V1", "V2", f"V2 efficient t={splits}\n(analytic)", "V2 efficient\n(measured)"]
     width = 0.8 / len(peaks)
     for i, peak in enumerate(peaks):
         ax.bar(
-            [k + i * width for k in range(len(kinds))],
-            [peak[k] / 2**20 for k in kinds],
+            [k + i * width for k in range(len(_PEAK_KINDS))],
+            [peak[k] / 2**20 for k in _PEAK_KINDS],
             width,
             label=f"{peak['resolution']}x{peak['resolution']}",
         )
-    ax.set_xticks([k + width * (len(peaks) - 1) / 2 for k in range(len(kinds))], names, fontsize=8)
+    ticks = [k + width * (len(peaks) - 1) / 2 for k in range(len(_PEAK_KINDS))]
+    ax.set_xticks(ticks, names, fontsize=8)
     ax.set_ylabel("peak activation memory (MiB, fp32, batch 1)")
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("whole-network peak of live activations")
-    save_figure(fig, out / "memory.png")
+    save_figure(fig, path)
 
+
+def _report(
+    path: Path, rows: list[dict[str, Any]], peaks: list[dict[str, Any]], splits: int
+) -> dict[str, Any]:
+    """Write report.md; return the maxima and whether they match the paper's."""
     table = markdown_table(
         ["size", "V1 channels", "V1 KB", "paper", "V2 channels", "V2 KB", "paper"],
         [
@@ -152,7 +164,7 @@ def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
     )
     peak_table = markdown_table(
         ["input", "V1 (PyTorch)", "V2 (PyTorch)", f"V2 efficient t={splits}", "measured"],
-        [[f"{p['resolution']}", *(f"{p[k] / 2**20:.2f} MiB" for k in kinds)] for p in peaks],
+        [[f"{p['resolution']}", *(f"{p[k] / 2**20:.2f} MiB" for k in _PEAK_KINDS)] for p in peaks],
     )
     max1, max2 = max(r["v1_kb"] for r in rows), max(r["v2_kb"] for r in rows)
     paper1, paper2 = (max(v[i] for v in PAPER_KB.values()) for i in (0, 1))
@@ -171,7 +183,7 @@ def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
         else "Every row matches the paper within 1 KB."
     )
     write_text(
-        out / "report.md",
+        path,
         f"""# memory (MobileNetV2 Table 3)
 
 Largest tensor crossing between operations at each spatial size of a 224x224 input,
@@ -193,3 +205,15 @@ measured from the real allocations):
 """,
     )
     return {"v1_max_kb": max1, "v2_max_kb": max2, "maxima_match_paper": matches}
+
+
+def run(out: Path, quick: bool = False, splits: int = 4) -> dict[str, Any]:
+    from ..models import create_model
+
+    v1, v2 = create_model("mobilenet_v1"), create_model("mobilenet_v2")
+    rows = _table3(v1, v2)
+    write_csv(out / "table3.csv", rows)
+    peaks = _peaks(v1, v2, quick, splits)
+    write_json(out / "results.json", {"table3": rows, "peaks_fp32": peaks, "splits": splits})
+    _plot(out / "memory.png", rows, peaks, splits)
+    return _report(out / "report.md", rows, peaks, splits)
