@@ -1,6 +1,15 @@
-"""Test helpers: realistic BatchNorm statistics for output comparisons."""
+"""Test helpers: realistic BatchNorm statistics for output comparisons; runs of the
+command line in child processes."""
 
 from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,3 +68,35 @@ def unit_scale_logits(model: nn.Module, classifier: nn.Linear, resolution: int =
         classifier.weight /= std
         classifier.bias /= std
     return model
+
+
+# ----------------------------------------------------------------------------- runs
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def mobilenet_command(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m mobilenet ARGS`` in a child process with one OpenMP thread."""
+    command = [sys.executable, "-m", "mobilenet", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
+
+
+def kill_mid_epoch(args: list[str], out: Path) -> int:
+    """Start ``mobilenet ARGS --out OUT``, SIGKILL it half-way through the epoch after the
+    first ``last.pt``; returns the epoch that ``last.pt`` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mobilenet", *args, "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    time.sleep(float(rows[-1]["epoch_seconds"]) / 2)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    return torch.load(out / "last.pt", weights_only=True)["epoch"]

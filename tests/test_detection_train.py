@@ -1,13 +1,8 @@
 """The detection task on the shared engine: the unified commands, EMA, exact resume after
 SIGKILL, and flags of another task refused."""
 
-import csv
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +10,7 @@ from PIL import Image
 
 from mobilenet.cli import main
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+from .helpers import kill_mid_epoch, mobilenet_command
 
 
 def _coco_folder(root, n):
@@ -40,37 +35,15 @@ def _train_args(root, epochs):
             "--augment", "ssd", "--ema-decay", "0.9", "--quiet"]  # fmt: skip
 
 
-def _run(*args):
-    command = [sys.executable, "-m", "mobilenet", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-
-
 @pytest.mark.slow
 def test_detection_resume_after_sigkill_is_bit_exact(tmp_path):
     root = _coco_folder(tmp_path / "data", 24)
     args = _train_args(root, 4)
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mobilenet", *args, "--out", str(interrupted)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while not (interrupted / "last.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    rows = list(csv.DictReader((interrupted / "metrics.csv").open()))
-    time.sleep(float(rows[-1]["epoch_seconds"]) / 2)  # half-way through the next epoch
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    killed_at = torch.load(interrupted / "last.pt", weights_only=True)["epoch"]
-    assert killed_at < 4
-
-    resumed = _run(*args, "--out", str(interrupted), "--resume")
+    assert kill_mid_epoch(args, interrupted) < 4
+    resumed = mobilenet_command(*args, "--out", str(interrupted), "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    straight = _run(*args, "--out", str(tmp_path / "straight"))
+    straight = mobilenet_command(*args, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
 
     a = torch.load(interrupted / "last.pt", weights_only=True)

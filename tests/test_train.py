@@ -2,11 +2,8 @@
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +17,11 @@ from mobilenet.tasks.classification import TrainConfig, train
 from mobilenet.train import TrainingDiverged, get_recipe
 from mobilenet.weights import read_checkpoint
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+from .helpers import ENV, kill_mid_epoch
+from .helpers import mobilenet_command as cli
+
 QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
 QUICK += ["--workers", "0", "--quiet"]
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mobilenet", *args], capture_output=True, text=True, env=ENV, cwd=cwd
-    )
 
 
 def _digit_images(tmp_path: Path, n: int = 3) -> list[str]:
@@ -100,26 +93,8 @@ def _final_state(run: Path) -> dict:
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     args = ["train", "--data", "digits", "--recipe", "paper-v2", "--epochs", "3", *QUICK]
-    # The interrupted run: killed in the middle of an epoch.
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mobilenet", *args, "--out", str(interrupted)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while not (interrupted / "last.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    rows = list(csv.DictReader((interrupted / "metrics.csv").open()))
-    time.sleep(float(rows[-1]["epoch_seconds"]) / 2)  # half-way through the next epoch
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    killed_at = _final_state(interrupted)["epoch"]
-    assert killed_at < 3
-
+    assert kill_mid_epoch(args, interrupted) < 3  # killed in the middle of an epoch
     resumed = cli(*args, "--out", str(interrupted), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     uninterrupted = cli(*args, "--out", str(tmp_path / "straight"))

@@ -49,15 +49,17 @@ def relu_roundtrip(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return x_hat, recoverable
 
 
-def run(
-    out: Path, quick: bool = False, dims: tuple[int, ...] = DIMS, seed: int = 0
-) -> dict[str, Any]:
-    trials = 10 if quick else 50
-    rng = np.random.default_rng(seed)
-    x = spiral(500 if quick else 1000)
+def _trials(
+    x: np.ndarray, dims: tuple[int, ...], trials: int, rng: np.random.Generator
+) -> tuple[
+    dict[int, list[float]], dict[int, list[float]], dict[int, tuple[np.ndarray, np.ndarray]]
+]:
+    """Round-trip ``x`` through ``trials`` random T per n: per n, the recovered fraction and
+    the projection error of every trial, and the first trial's ``(x_hat, recoverable)``."""
     fractions: dict[int, list[float]] = {n: [] for n in dims}
     errors: dict[int, list[float]] = {n: [] for n in dims}
     shown: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # Trial-major: this order of draws from rng is what the seeded results depend on.
     for trial in range(trials):
         for n in dims:
             t = rng.standard_normal((n, 2))
@@ -67,18 +69,17 @@ def run(
             errors[n].append(float(np.linalg.norm(x_hat @ fit - x, axis=1).mean()))
             if trial == 0:
                 shown[n] = (x_hat, recoverable)
+    return fractions, errors, shown
 
-    rows = [
-        {
-            "n": n,
-            "recovered_fraction": round(float(np.mean(fractions[n])), 4),
-            "recovered_std": round(float(np.std(fractions[n])), 4),
-            "projection_error": round(float(np.mean(errors[n])), 4),
-        }
-        for n in dims
-    ]
-    recovered = {str(r["n"]): r["recovered_fraction"] for r in rows}
 
+def _plot_panels(
+    path: Path,
+    x: np.ndarray,
+    dims: tuple[int, ...],
+    shown: dict[int, tuple[np.ndarray, np.ndarray]],
+    fractions: dict[int, list[float]],
+) -> None:
+    """The paper's figure: the spiral, then ``x_hat`` for each n, recoverable points coloured."""
     fig, axes = figure(ncols=len(dims) + 1, size=(3.0, 3.2))
     panels = axes[0]
     panels[0].scatter(x[:, 0], x[:, 1], s=2, c=np.arange(len(x)), cmap="viridis")
@@ -94,8 +95,13 @@ def run(
         ax.set_ylabel("x2")
     panels[-1].legend(loc="lower right", markerscale=4, fontsize=8)
     fig.suptitle("pinv(T) ReLU(T x) for a random n x 2 matrix T (V2 Figure 1)", y=1.06)
-    save_figure(fig, out / "relu_manifold.png")
+    save_figure(fig, path)
 
+
+def _plot_fraction(
+    path: Path, dims: tuple[int, ...], rows: list[dict[str, Any]], trials: int
+) -> None:
+    """The recovered fraction against n, with its spread over the random matrices."""
     fig, axes = figure(size=(5.0, 3.8))
     ax = axes[0][0]
     ax.errorbar(
@@ -112,11 +118,18 @@ def run(
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title(f"ReLU keeps the manifold in wide layers ({trials} random T each)")
-    save_figure(fig, out / "relu_manifold_fraction.png")
+    save_figure(fig, path)
 
-    write_json(out / "recovered.json", recovered)
-    write_json(out / "results.json", {"trials": trials, "points": len(x), "rows": rows})
-    write_csv(out / "results.csv", rows)
+
+def _report(
+    path: Path,
+    dims: tuple[int, ...],
+    rows: list[dict[str, Any]],
+    recovered: dict[str, float],
+    trials: int,
+    points: int,
+) -> bool:
+    """Write report.md; return whether the paper's trend is reproduced."""
     trend = recovered[str(dims[0])] < min(recovered[str(n)] for n in dims if n >= 15)
     table = markdown_table(
         ["n", "recovered (mean)", "std", "projection error"],
@@ -127,7 +140,7 @@ def run(
     )
     report = f"""# relu-manifold (MobileNetV2 Figure 1)
 
-A 2-D spiral of {len(x)} points embedded into n dimensions by a random Gaussian matrix T,
+A 2-D spiral of {points} points embedded into n dimensions by a random Gaussian matrix T,
 ReLU, projected back with pinv(T); {trials} random matrices per n. A point counts as
 recovered when the rows of T that ReLU keeps active still span the plane, so the point is
 exactly recoverable from the ReLU output.
@@ -142,5 +155,31 @@ between the spiral and pinv(T) ReLU(T x) after the best linear correction (spira
 ![panels](relu_manifold.png)
 ![fraction](relu_manifold_fraction.png)
 """
-    write_text(out / "report.md", report)
+    write_text(path, report)
+    return trend
+
+
+def run(
+    out: Path, quick: bool = False, dims: tuple[int, ...] = DIMS, seed: int = 0
+) -> dict[str, Any]:
+    trials = 10 if quick else 50
+    rng = np.random.default_rng(seed)
+    x = spiral(500 if quick else 1000)
+    fractions, errors, shown = _trials(x, dims, trials, rng)
+    rows = [
+        {
+            "n": n,
+            "recovered_fraction": round(float(np.mean(fractions[n])), 4),
+            "recovered_std": round(float(np.std(fractions[n])), 4),
+            "projection_error": round(float(np.mean(errors[n])), 4),
+        }
+        for n in dims
+    ]
+    recovered = {str(r["n"]): r["recovered_fraction"] for r in rows}
+    _plot_panels(out / "relu_manifold.png", x, dims, shown, fractions)
+    _plot_fraction(out / "relu_manifold_fraction.png", dims, rows, trials)
+    write_json(out / "recovered.json", recovered)
+    write_json(out / "results.json", {"trials": trials, "points": len(x), "rows": rows})
+    write_csv(out / "results.csv", rows)
+    trend = _report(out / "report.md", dims, rows, recovered, trials, len(x))
     return {"recovered": recovered, "trend_reproduced": bool(trend)}

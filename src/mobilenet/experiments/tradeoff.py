@@ -114,15 +114,8 @@ def run_accuracy(folders: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(out: Path, quick: bool = False, runs: list[str] | None = None) -> dict[str, Any]:
-    accuracy = run_accuracy(runs or [])
-    rows = measure(quick)
-    write_csv(out / "results.csv", rows)
-    write_json(
-        out / "results.json",
-        {"engine": "onnxruntime", "threads": 1, "rows": rows, "accuracy": accuracy},
-    )
-
+def _plot_cost(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Latency and parameters against MAdds, one series per family."""
     fig, axes = figure(ncols=2, size=(6.5, 5.0))
     for ax, (key, label) in zip(
         axes[0],
@@ -158,34 +151,39 @@ def run(out: Path, quick: bool = False, runs: list[str] | None = None) -> dict[s
         ax.legend(title="marker size: width", fontsize=8)
     axes[0][0].set_title("latency against MAdds (labels: width at the largest resolution)")
     axes[0][1].set_title("parameters against MAdds (resolution moves along x only)")
-    save_figure(fig, out / "tradeoff.png")
+    save_figure(fig, path)
 
-    if accuracy:
-        fig, axes = figure(size=(6.0, 4.5))
-        ax = axes[0][0]
-        for family in FAMILIES:
-            mine = [r for r in accuracy if r["model"] == family]
-            if mine:
-                ax.scatter(
-                    [r["madds"] / 1e6 for r in mine],
-                    [r["top1"] for r in mine],
-                    label=LABELS[family],
+
+def _plot_accuracy(path: Path, accuracy: list[dict[str, Any]]) -> None:
+    """Validation top-1 of the training runs against their MAdds (V1 Figure 4)."""
+    fig, axes = figure(size=(6.0, 4.5))
+    ax = axes[0][0]
+    for family in FAMILIES:
+        mine = [r for r in accuracy if r["model"] == family]
+        if mine:
+            ax.scatter(
+                [r["madds"] / 1e6 for r in mine],
+                [r["top1"] for r in mine],
+                label=LABELS[family],
+            )
+            for r in mine:
+                ax.annotate(
+                    f"{r['width_mult']:g}-{r['resolution']}",
+                    (r["madds"] / 1e6, r["top1"]),
+                    fontsize=7,
                 )
-                for r in mine:
-                    ax.annotate(
-                        f"{r['width_mult']:g}-{r['resolution']}",
-                        (r["madds"] / 1e6, r["top1"]),
-                        fontsize=7,
-                    )
-        ax.set_xscale("log")
-        ax.set_xlabel("multiply-adds (millions, log scale)")
-        ax.set_ylabel("validation top-1 (%)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        ax.set_title("accuracy against MAdds (labels: width-resolution)")
-        save_figure(fig, out / "accuracy.png")
+    ax.set_xscale("log")
+    ax.set_xlabel("multiply-adds (millions, log scale)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title("accuracy against MAdds (labels: width-resolution)")
+    save_figure(fig, path)
 
-    # Cost per family at the full model: MAdds scale ~ width^2 and ~ resolution^2 (V1 3.3-3.4).
+
+def _scaling_table(rows: list[dict[str, Any]]) -> str:
+    """Each family's full model: its cost, and how its MAdds scale with width (~ alpha^2)
+    and resolution (~ rho^2), as V1 Sections 3.3-3.4 predict."""
     ref = {(r["model"], r["width_mult"], r["resolution"]): r for r in rows}
     lo_res = min(r["resolution"] for r in rows)
     scaling = []
@@ -204,7 +202,7 @@ def run(out: Path, quick: bool = False, runs: list[str] | None = None) -> dict[s
                 f"{small['madds'] / full['madds']:.2f} (rho^2 = {(lo_res / 224) ** 2:.2f})",
             ]
         )
-    table = markdown_table(
+    return markdown_table(
         [
             "model",
             "MAdds (1.0-224)",
@@ -216,6 +214,10 @@ def run(out: Path, quick: bool = False, runs: list[str] | None = None) -> dict[s
         ],
         scaling,
     )
+
+
+def _report(path: Path, rows: list[dict[str, Any]], with_accuracy: bool) -> None:
+    table = _scaling_table(rows)
     text = f"""# tradeoff (MobileNetV1 Figures 4-5)
 
 {len(rows)} configurations: {", ".join(LABELS.values())} at widths
@@ -233,7 +235,21 @@ convolutions, squeeze-excite and h-swish do little arithmetic per byte moved).
 
 ![tradeoff](tradeoff.png)
 """
-    if accuracy:
+    if with_accuracy:
         text += "\n![accuracy](accuracy.png)\n"
-    write_text(out / "report.md", text)
+    write_text(path, text)
+
+
+def run(out: Path, quick: bool = False, runs: list[str] | None = None) -> dict[str, Any]:
+    accuracy = run_accuracy(runs or [])
+    rows = measure(quick)
+    write_csv(out / "results.csv", rows)
+    write_json(
+        out / "results.json",
+        {"engine": "onnxruntime", "threads": 1, "rows": rows, "accuracy": accuracy},
+    )
+    _plot_cost(out / "tradeoff.png", rows)
+    if accuracy:
+        _plot_accuracy(out / "accuracy.png", accuracy)
+    _report(out / "report.md", rows, bool(accuracy))
     return {"configurations": len(rows), "runs": len(accuracy)}

@@ -141,7 +141,7 @@ class ClassificationTask:
         return metadata
 
     def config(self) -> dict[str, Any]:
-        return {"train": json.loads(json.dumps(self.cfg.to_dict()))}
+        return {"train": self.cfg.to_dict()}
 
     def epoch_line(self, row: dict[str, Any], epochs: int) -> str:
         val = (

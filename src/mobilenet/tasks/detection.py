@@ -197,7 +197,7 @@ class DetectionTask:
 
     def config(self) -> dict[str, Any]:
         classes = self.train_set.classes if self.train_set is not None else None
-        return {"train": json.loads(json.dumps(self.cfg.to_dict())), "classes": classes}
+        return {"train": self.cfg.to_dict(), "classes": classes}
 
     def epoch_line(self, row: dict[str, Any], epochs: int) -> str:
         val = (

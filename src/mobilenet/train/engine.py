@@ -18,10 +18,11 @@ interruption anywhere continues exactly as if the run had never stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,7 +63,9 @@ class RunConfig:
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "out": str(self.out)}
+        """The settings but the recipe (``config.json`` holds it on its own)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recipe"}
+        return {**d, "out": str(self.out)}
 
 
 @dataclass
@@ -181,7 +184,7 @@ def _epochs(
                 metadata = task.metadata(epoch + 1, val)
                 save_weights(state.evaluated, out / "best.safetensors", metadata)
             log.epoch(row, state.history)
-            ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, task.config()))
+            ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, _plain(task.config())))
             if run.progress:
                 print(task.epoch_line(row, epochs), flush=True)
         dist.barrier()
@@ -315,7 +318,7 @@ class _RunFolder:
     def __init__(self, out: Path, task: Task, run: RunConfig, lr: float, world: int) -> None:
         self.out, self.task = out, task
         out.mkdir(parents=True, exist_ok=True)
-        config = {"task": task.name, **task.config(), "run": run.to_dict()}
+        config = {"task": task.name, **_plain(task.config()), "run": run.to_dict()}
         config.update(recipe=run.recipe.to_dict(), lr=lr, world_size=world)
         ckpt.write_json(out / "config.json", config)
         self.tensorboard = _tensorboard(out)
@@ -410,6 +413,11 @@ def _row(
         "images_per_s": stats["images_per_s"],
         "epoch_seconds": stats["seconds"],
     }
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """Plain JSON values (a weights-only ``last.pt`` holds nothing else)."""
+    return json.loads(json.dumps(config, default=str))
 
 
 def _progress(loader: DataLoader, epoch: int, epochs: int):
