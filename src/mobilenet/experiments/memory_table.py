@@ -112,6 +112,7 @@ def _peaks(v1: nn.Module, v2: nn.Module, quick: bool, splits: int) -> list[dict[
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], peaks: list[dict[str, Any]], splits: int) -> None:
+    """Table 3 as bars per spatial size, and the whole-network peaks per input size."""
     fig, axes = figure(ncols=2, size=(6.0, 4.5))
     ax = axes[0][0]
     labels = [f"{r['size']}x{r['size']}" for r in rows]

@@ -217,6 +217,7 @@ def _scaling_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _report(path: Path, rows: list[dict[str, Any]], with_accuracy: bool) -> None:
+    """Write report.md: the configurations measured and how their cost scales."""
     table = _scaling_table(rows)
     text = f"""# tradeoff (MobileNetV1 Figures 4-5)
 
