@@ -9,7 +9,7 @@ from pathlib import Path
 import mobilenet
 
 PACKAGE = Path(mobilenet.__file__).parent
-MAX_MODULE_LINES = 460
+MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
 

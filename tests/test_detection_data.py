@@ -8,13 +8,8 @@ import torch
 from PIL import Image
 
 from mobilenet.cli import main
-from mobilenet.detection.data import (
-    CocoDetection,
-    collate,
-    eval_transform,
-    make_mnist_det,
-    train_transform,
-)
+from mobilenet.detection.builtin import make_mnist_det
+from mobilenet.detection.data import CocoDetection, collate, eval_transform, train_transform
 from mobilenet.detection.evaluate import coco_map
 from mobilenet.errors import MobileNetError
 

@@ -174,7 +174,7 @@ def test_coco_map_needs_detection(monkeypatch, tmp_path):
 
 def test_mnist_det_needs_detection(monkeypatch, tmp_path):
     from mobilenet.data import BUILTIN
-    from mobilenet.detection.data import make_mnist_det
+    from mobilenet.detection.builtin import make_mnist_det
 
     digits = (torch.zeros(20, 1, 28, 28, dtype=torch.uint8), torch.arange(20) % 10)
     monkeypatch.setitem(BUILTIN, "mnist", (lambda: digits, 10))

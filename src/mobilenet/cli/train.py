@@ -315,7 +315,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_detector(args: argparse.Namespace) -> int:
-    from ..detection.data import CocoDetection, dataset_root, eval_transform
+    from ..detection.builtin import dataset_root
+    from ..detection.data import CocoDetection, eval_transform
     from ..detection.evaluate import evaluate_detector
     from ..detection.predict import load_detector
 

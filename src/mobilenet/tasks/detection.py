@@ -119,14 +119,8 @@ class DetectionTask:
         self.val_set: Any = None
 
     def setup(self, dist: Distributed) -> Setup:
-        from ..detection.data import (
-            BUILTIN_DETECTION,
-            CocoDetection,
-            collate,
-            dataset_root,
-            eval_transform,
-            train_transform,
-        )
+        from ..detection.builtin import BUILTIN_DETECTION, dataset_root
+        from ..detection.data import CocoDetection, collate, eval_transform, train_transform
         from ..detection.loss import LossConfig
 
         cfg = self.cfg
@@ -216,7 +210,7 @@ class DetectionTask:
 
 
 def _check_config(cfg: DetectTrainConfig) -> None:
-    from ..detection.data import dataset_root
+    from ..detection.builtin import dataset_root
     from ..detection.model import check_box_scales
 
     if cfg.image_size < 32:
