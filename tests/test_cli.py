@@ -71,6 +71,7 @@ BAD_INPUT = [
     (["cost", "mobilenet_v2", "--resolution", "31"], ">= 32"),
     (["cost", "mobilenet_v2", "--resolution", "abc"], ">= 32"),
     (["cost"], "give a model name or --all"),
+    (["cost", "ssdlite_mobilenet_v2", "--num-classes", "1"], "a detector needs num_classes >= 2"),
     (["cost", "mobilenet_v2", "--bogus"], "unrecognized arguments: --bogus"),
     (["detect", "train", "--data", "missing", "--out", "run", "--workers", "-1"], ">= 0"),
     (

@@ -175,6 +175,9 @@ def test_training_on_a_folder_with_broken_files(tmp_path):
         (["--data", "digits", "--epochs", "-3"], "must be > 0"),
         (["--data", "digits", "--val-data", "missing"], "validation data folder not found"),
         (["--data", "digits", "--pretrained", "missing.pth"], "pretrained checkpoint not found"),
+        (["--data", "digits", "--weight-decay", "-1"], "weight decay must be >= 0"),
+        (["--data", "digits", "--ema-decay", "1.5"], "EMA decay must be in (0, 1)"),
+        (["--data", "digits", "--warmup-epochs", "-2"], "warm-up epochs must be >= 0"),
     ],
 )
 def test_bad_train_flags_write_nothing(args, message, tmp_path, capsys):

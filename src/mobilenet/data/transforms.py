@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from ..errors import MobileNetError
 from ..models.base import EvalConfig
 
 __all__ = ["Augment", "eval_transform", "train_transform"]
@@ -30,7 +31,7 @@ def _auto_augment(name: str | None) -> list[v2.Transform]:
         return [v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)]
     if name == "autoaugment":
         return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, InterpolationMode.BILINEAR)]
-    raise ValueError(f"unknown auto-augment policy {name!r}")
+    raise MobileNetError(f"unknown auto-augment policy {name!r}")
 
 
 def train_transform(resolution: int, augment: Augment, config: EvalConfig) -> v2.Compose:

@@ -257,7 +257,7 @@ class SSDLite(nn.Module):
         anchors = self.default_boxes(grid, (size, size)).to(batch.device)
         if self.training:
             if targets is None:
-                raise ValueError("training mode needs targets")
+                raise MobileNetError("training mode needs targets")
             scaled = [
                 _scale_target(t, hw, (size, size)) for t, hw in zip(targets, sizes, strict=True)
             ]

@@ -377,4 +377,4 @@ def _unflatten(key: str, kinds: dict[str, str], tensors: dict[str, torch.Tensor]
         return torch._make_per_channel_quantized_tensor(
             tensors[key], tensors[f"{key}#scale"], tensors[f"{key}#zero_point"], axis
         )
-    raise ValueError(f"unknown stored kind {kind!r} for {key}")
+    raise CheckpointError(f"unknown stored kind {kind!r} for {key}: not an int8 file of ours")

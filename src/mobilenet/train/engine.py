@@ -363,6 +363,12 @@ def check_run(run: RunConfig) -> None:
         raise MobileNetError(f"resolution must be >= 32, got {r.resolution}")
     if run.lr is not None and not (run.lr > 0 and math.isfinite(run.lr)):
         raise MobileNetError(f"learning rate must be positive, got {run.lr}")
+    if not (r.weight_decay >= 0 and math.isfinite(r.weight_decay)):
+        raise MobileNetError(f"weight decay must be >= 0, got {r.weight_decay}")
+    if not (r.warmup_epochs >= 0 and math.isfinite(r.warmup_epochs)):
+        raise MobileNetError(f"warm-up epochs must be >= 0, got {r.warmup_epochs}")
+    if r.ema_decay is not None and not 0 < r.ema_decay < 1:
+        raise MobileNetError(f"EMA decay must be in (0, 1), got {r.ema_decay}")
     if run.workers < 0:
         raise MobileNetError(f"workers must be >= 0, got {run.workers}")
     if run.eval_every <= 0:

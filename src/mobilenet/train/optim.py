@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
+from ..errors import MobileNetError
 from .recipes import Recipe
 
 __all__ = [
@@ -51,7 +52,7 @@ class RMSpropTF(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         if lr < 0 or not 0 <= decay < 1 or momentum < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError("invalid RMSpropTF hyper-parameters")
+            raise MobileNetError("invalid RMSpropTF hyper-parameters")
         defaults = dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -108,7 +109,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> Optimizer:
         return torch.optim.SGD(groups, lr, momentum=recipe.momentum, nesterov=True, weight_decay=wd)
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr, weight_decay=wd)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+    raise MobileNetError(f"unknown optimizer {recipe.optimizer!r}")
 
 
 def warmup_cosine(
@@ -130,7 +131,7 @@ def lr_factor(recipe: Recipe, epoch: float, epochs: int) -> float:
         return (epoch + 1e-3) / recipe.warmup_epochs
     if recipe.schedule == "exponential":  # staircase: x decay_rate every decay_epochs
         return recipe.decay_rate ** math.floor(epoch / recipe.decay_epochs)
-    raise ValueError(f"unknown schedule {recipe.schedule!r}")
+    raise MobileNetError(f"unknown schedule {recipe.schedule!r}")
 
 
 def build_scheduler(
