@@ -103,3 +103,15 @@ def test_a_flag_of_another_task_is_refused(args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_missing_extra_is_named_before_training(tmp_path, monkeypatch, capsys):
+    root = _coco_folder(tmp_path / "data", 4)
+    for name in [m for m in sys.modules if m.startswith("pycocotools")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    out = tmp_path / "run"
+    assert main([*_train_args(root, 1), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith('COCO mAP needs pycocotools: pip install "mobilenet[detection]"')
+    assert not out.exists()

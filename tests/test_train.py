@@ -222,6 +222,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(torch.isfinite(v.float()).all() for v in last["model"].values())
 
 
+def test_a_run_that_fails_in_its_first_epoch_leaves_no_folder(tmp_path, monkeypatch):
+    import mobilenet.tasks.classification as task
+
+    real = task.F.cross_entropy
+    nan = lambda *args, **kwargs: real(*args, **kwargs) * float("nan")  # noqa: E731
+    monkeypatch.setattr(task.F, "cross_entropy", nan)
+    out = tmp_path / "run"
+    recipe = get_recipe("demo", epochs=2, batch_size=64, resolution=32)
+    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=0, progress=False)
+    with pytest.raises(TrainingDiverged, match="at epoch 1, step 1"):
+        train(cfg)
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is theirs: kept
+    with pytest.raises(TrainingDiverged):
+        train(cfg)
+    assert out.is_dir()
+
+
 def test_pretrained_backbone_with_a_new_classifier(tmp_path):
     import torchvision
 

@@ -210,8 +210,9 @@ class DetectionTask:
 
 
 def _check_config(cfg: DetectTrainConfig) -> None:
-    from ..detection.builtin import dataset_root
+    from ..detection.builtin import BUILTIN_DETECTION, dataset_root
     from ..detection.model import check_box_scales
+    from ..extras import require
 
     if cfg.image_size < 32:
         raise MobileNetError(f"image size must be >= 32, got {cfg.image_size}")
@@ -224,6 +225,8 @@ def _check_config(cfg: DetectTrainConfig) -> None:
             "(SSD's zoom-out and crops work on the full-size images)"
         )
     dataset_root(cfg.data, "train")  # raises for a missing folder
+    if cfg.val_data is not None or cfg.data in BUILTIN_DETECTION:
+        require("pycocotools", "detection", "COCO mAP")  # before training, not after it
 
 
 def plot_detection_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -124,6 +125,8 @@ def fit(task: Task, run: RunConfig) -> FitResult:
     """Train ``task`` as ``run`` says; returns where the run folder is and its best epoch."""
     start = time.perf_counter()
     check_run(run)
+    out = Path(run.out)
+    new_folder = not out.exists()
     dist = setup(run.device)
     if dist.device.type == "cpu":
         keep_freed_memory()  # see mobilenet.train.cpu: fewer page faults per step
@@ -135,7 +138,7 @@ def fit(task: Task, run: RunConfig) -> FitResult:
                 f"batch size {run.recipe.batch_size} is not divisible by "
                 f"{dist.world_size} processes"
             )
-        resumed = ckpt.load_last(Path(run.out) / "last.pt") if run.resume else None
+        resumed = ckpt.load_last(out / "last.pt") if run.resume else None
         torch.manual_seed(run.seed)
         built = task.setup(dist)
         loader = _train_loader(built, run, dist)
@@ -143,6 +146,11 @@ def fit(task: Task, run: RunConfig) -> FitResult:
         if resumed is not None:
             state.restore(resumed)
         return _epochs(task, run, dist, built, loader, state, start)
+    except BaseException:
+        # A run that fails before its first epoch is saved leaves no folder behind.
+        if dist.is_main and new_folder and not (out / "last.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         dist.close()
 
