@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from ..errors import MobileNetError
 from ..weights import save_weights
@@ -169,7 +169,8 @@ def _epochs(
     for epoch in range(state.epoch, epochs):
         seed = run.seed * 100_003 + epoch
         torch.manual_seed(seed)
-        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        streaming = isinstance(loader.dataset, IterableDataset)
+        (loader.dataset if streaming else loader.sampler).set_epoch(epoch)  # type: ignore[union-attr]
         loader.generator.manual_seed(seed)  # type: ignore[union-attr]
         stats = _train_one_epoch(task, state, loader, dist, run, epoch)
         # Each process updated its BatchNorm statistics on its own shard: average them,
@@ -392,10 +393,19 @@ def check_run(run: RunConfig) -> None:
 
 
 def _train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader:
-    """Each process takes its shard of every global batch, in an order set per epoch."""
-    sampler = DistributedSampler(
-        built.train_set, dist.world_size, dist.rank, shuffle=True, seed=run.seed, drop_last=True
-    )
+    """Each process takes its shard of every global batch, in an order set per epoch.
+
+    A map-style dataset is sharded by a DistributedSampler. A streaming dataset (an
+    ``IterableDataset``, e.g. tar shards) shards itself across processes and workers: it
+    has ``set_epoch(epoch)`` for the epoch's order and a ``__len__`` that is the number
+    of samples this process yields per epoch, the same on every process.
+    """
+    streaming = isinstance(built.train_set, IterableDataset)
+    sampler = None
+    if not streaming:
+        sampler = DistributedSampler(
+            built.train_set, dist.world_size, dist.rank, shuffle=True, seed=run.seed, drop_last=True
+        )
     loader = DataLoader(
         built.train_set,
         batch_size=run.recipe.batch_size // dist.world_size,
