@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
-from .errors import MobileNetError
+from .errors import CheckpointError, MobileNetError
 from .export.int8 import is_int8_checkpoint
 from .extras import available, require
 from .models import MobileNet, ModelConfig
@@ -21,7 +24,7 @@ from .models.pretrained import resolve_weights
 from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, saved_config
 
-__all__ = ["Trained", "evaluate_on", "load_trained", "predict"]
+__all__ = ["Trained", "check_image_files", "evaluate_on", "load_trained", "predict"]
 
 
 @dataclass
@@ -50,17 +53,53 @@ def load_trained(
     state_dict, metadata = read_checkpoint(path)
     if is_int8_checkpoint(metadata):
         return _load_int8(state_dict, metadata, path, resolution)
-    saved = saved_config(metadata)
+    try:
+        saved = saved_config(metadata)
+    except CheckpointError as e:  # its message does not say which file
+        raise CheckpointError(f"{path}: {e}") from None
     name = model or (saved["name"] if saved else None)
     if name is None:
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
     net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
-    classes = json.loads(metadata["classes"]) if "classes" in metadata else None
+    classes = _saved_classes(metadata, path)
     if classes is None or len(classes) != net.num_classes:
         classes = [str(i) for i in range(net.num_classes)]
-    res = resolution or int(metadata.get("resolution", net.eval_config.resolution))
+    res = resolution or _saved_resolution(metadata, path, net.eval_config.resolution)
     return Trained(net, classes, res, path)
+
+
+def _saved_classes(metadata: Mapping[str, str], path: Path) -> list[str] | None:
+    """The class names a file keeps under ``classes`` (None when it keeps none): a JSON
+    list of strings, or the file is damaged; said in one line, not a traceback later."""
+    if metadata.get("classes") is None:
+        return None
+    try:
+        classes = json.loads(metadata["classes"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata 'classes' is not JSON ({e})") from None
+    if classes is None:  # "null": no names kept
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: metadata 'classes' is not a list of class names")
+    return classes
+
+
+def _saved_resolution(metadata: Mapping[str, str], path: Path, default: int | None = None) -> int:
+    """The input size a file keeps under ``resolution`` (``default`` when it keeps none):
+    a positive integer, or the file is damaged."""
+    if "resolution" not in metadata and default is not None:
+        return default
+    value = metadata.get("resolution")
+    try:
+        res = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        res = 0
+    if res < 1:
+        raise CheckpointError(
+            f"{path}: metadata 'resolution' must be a positive integer, got {value!r}"
+        )
+    return res
 
 
 class OnnxModel(DeployedModel):
@@ -82,11 +121,12 @@ def _load_onnx(path: Path, resolution: int | None) -> Trained:
     metadata = read_metadata(session)
     if "config" not in metadata:
         raise MobileNetError(f"{path}: not an ONNX file written by mobilenet export/quantize")
-    config = ModelConfig(**json.loads(metadata["config"]))
-    classes = json.loads(metadata.get("classes", "null")) or [
-        str(i) for i in range(config.num_classes)
-    ]
-    res = int(metadata["resolution"])
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, unknown fields
+        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
+    classes = _saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    res = _saved_resolution(metadata, path)
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
     return Trained(OnnxModel(session, config), classes, res, path)
@@ -95,13 +135,12 @@ def _load_onnx(path: Path, resolution: int | None) -> Trained:
 def _load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
     from .export.int8 import int8_from_checkpoint
 
+    res = _saved_resolution(metadata, path)  # first: the graph is rebuilt at this size
+    classes = _saved_classes(metadata, path)
     model = int8_from_checkpoint(state_dict, metadata, str(path))
-    res = int(metadata["resolution"])
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    classes = json.loads(metadata.get("classes", "null")) or [
-        str(i) for i in range(model.num_classes)
-    ]
+    classes = classes or [str(i) for i in range(model.num_classes)]
     return Trained(model, classes, res, path)
 
 
@@ -131,6 +170,21 @@ def evaluate_on(
         return evaluate(trained.model, loader, dist, channels_last=False)
     model = trained.model.to(dist.device, memory_format=torch.channels_last)
     return evaluate(model, loader, dist)
+
+
+def check_image_files(paths: list[str]) -> None:
+    """Refuse, before anything is read, an input that is missing or not a regular file: a
+    folder cannot be decoded, and opening a FIFO would wait for a writer for ever."""
+    for path in paths:
+        try:
+            mode = Path(path).stat().st_mode
+        except FileNotFoundError:
+            raise MobileNetError(f"image not found: {path}") from None
+        except (OSError, ValueError) as e:  # permission, a NUL in the name, a loop
+            raise MobileNetError(f"{path}: cannot be read ({e})") from None
+        if not stat.S_ISREG(mode):
+            what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else ""
+            raise MobileNetError(f"{path}: not an image file ({what or 'not a regular file'})")
 
 
 PREDICT_ENGINES = ("auto", "onnxruntime", "eager-fused", "eager")
@@ -178,14 +232,17 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
 @torch.no_grad()
 def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "auto") -> list[dict]:
     """The ``top`` classes of each image, with probabilities. Unreadable images raise."""
+    check_image_files(images)
     transform = eval_transform(trained.resolution, trained.model.eval_config)
     batch = []
     for image in images:
         try:
             batch.append(transform(load_rgb(image)))
-        except FileNotFoundError:
+        except MobileNetError:  # load_rgb's own one-line refusals
+            raise
+        except FileNotFoundError:  # removed since it was checked
             raise MobileNetError(f"image not found: {image}") from None
-        except (OSError, ValueError, SyntaxError) as e:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise MobileNetError(f"{image}: not a readable image ({e})") from None
     model = inference_engine(trained, engine)
     probs = model(torch.stack(batch)).softmax(1)

@@ -8,8 +8,12 @@ is saved with the trained weights.
 
 Bad annotations never reach the training loop: when the dataset is opened, a box
 reaching outside its image is clipped to it, and a box with no area (before or after
-clipping), an annotation with an unknown category id, and an image whose file is missing
-are skipped; one warning gives the count of each.
+clipping), an annotation with an unknown category or image id, an image whose file is
+missing or does not decode, and an image or category whose id was already listed (the
+first is kept) are skipped; one warning gives the count of each. A file that is not
+COCO-shaped (a list that is not a list, an id that is not an integer, a missing
+``file_name``) is refused in one line naming the file and the entry, and so is a
+``file_name`` that leads out of the dataset's folder (an absolute path, ``..``).
 
 The built-in ``mnist-det`` set and :func:`dataset_root`, which finds a dataset's folder,
 are in :mod:`mobilenet.detection.builtin`.
@@ -18,13 +22,14 @@ are in :mod:`mobilenet.detection.builtin`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -33,7 +38,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data.images import load_rgb
+from ..data.images import find_broken, load_rgb
 from ..errors import MobileNetError
 
 __all__ = [
@@ -70,24 +75,23 @@ class CocoDetection(Dataset):
         root: str | Path,
         transform: Callable[..., Any] | None = None,
         categories: Sequence[Category] | None = None,
+        check: bool = True,
     ) -> None:
+        """``check=False`` skips decoding every image once when the folder is opened (about
+        a millisecond an image): for data known to be sound, such as the generated
+        ``mnist-det``; a corrupt image then fails only when it is read."""
         self.root = Path(root)
         path = self.root / ANNOTATIONS
         if not path.is_file():
             raise MobileNetError(f"{self.root}: no {ANNOTATIONS} (a COCO-format detection folder)")
-        try:
-            coco = json.loads(path.read_text())
-            found = sorted(Category(int(c["id"]), str(c["name"])) for c in coco["categories"])
-            images, annotations = coco["images"], coco.get("annotations", [])
-        except (ValueError, KeyError, TypeError) as e:
-            raise MobileNetError(f"{path}: not a COCO annotation file ({e})") from None
+        self.skipped: Counter[str] = Counter()
+        found, images, annotations = self._read(path)
         self.categories = list(categories) if categories is not None else found
         if not self.categories:
             raise MobileNetError(f"{path}: no categories")
         self.label_of = {c.id: i + 1 for i, c in enumerate(self.categories)}
         self.transform = transform
-        self.skipped: Counter[str] = Counter()
-        self.images, self.targets = self._clean(images, annotations)
+        self.images, self.targets = self._clean(path, images, annotations, check)
         self._cache: torch.Tensor | None = None  # resized images, see cache_resized
         self._cached_boxes: list[torch.Tensor] = []  # their boxes, scaled to match
         if self.skipped:
@@ -100,36 +104,97 @@ class CocoDetection(Dataset):
     def classes(self) -> list[str]:
         return [c.name for c in self.categories]
 
+    def _read(
+        self, path: Path
+    ) -> tuple[list[Category], list[dict[str, Any]], list[dict[str, Any]]]:
+        """The file's categories (duplicates dropped), images and annotations, every entry
+        checked for the fields and types used here, so nothing later fails on a bad one."""
+        try:
+            coco = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            raise MobileNetError(f"{path}: not a COCO annotation file ({e})") from None
+        if not isinstance(coco, dict):
+            raise MobileNetError(
+                f"{path}: not a COCO annotation file (a JSON {_kind(coco)}, not an object)"
+            )
+        images = _entries(coco, "images", path)
+        annotations = _entries(coco, "annotations", path, required=False)
+        found: dict[int, Category] = {}
+        for i, entry in enumerate(_entries(coco, "categories", path)):
+            where = f"{path}: categories[{i}]"
+            category = Category(_get(entry, "id", int, where), _get(entry, "name", str, where))
+            if category.id in found:
+                self.skipped["categories skipped (id listed twice, the first kept)"] += 1
+                continue
+            found[category.id] = category
+        for i, info in enumerate(images):
+            where = f"{path}: images[{i}]"
+            _get(info, "id", int, where)
+            name = _get(info, "file_name", str, where)
+            if not _stays_inside(name):
+                raise MobileNetError(f"{where}: file_name {name!r} leads out of {self.root}")
+            if ("width" in info) != ("height" in info):
+                raise MobileNetError(f"{where}: has one of width and height, not both")
+            if "width" in info and min(_get(info, k, int, where) for k in ("width", "height")) < 1:
+                raise MobileNetError(f"{where}: width and height must be positive")
+        for i, ann in enumerate(annotations):
+            where = f"{path}: annotations[{i}]"
+            _get(ann, "image_id", int, where)
+            _get(ann, "category_id", int, where)
+            if ann.get("iscrowd", 0) not in (0, 1):
+                raise MobileNetError(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
+        return sorted(found.values()), images, annotations
+
     def _file(self, name: str) -> Path | None:
+        """The image's file, relative to the folder or to ``images/`` in it; only a regular
+        file counts (a folder or a FIFO is missing: opening a FIFO would block)."""
         for base in (self.root, self.root / "images"):
             if (base / name).is_file():
                 return base / name
         return None
 
     def _clean(
-        self, images: list[dict[str, Any]], annotations: list[dict[str, Any]]
+        self,
+        path: Path,
+        images: list[dict[str, Any]],
+        annotations: list[dict[str, Any]],
+        check: bool,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in annotations:
-            by_image.setdefault(int(ann["image_id"]), []).append(ann)
-        kept_images, targets = [], []
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        listed, files = set(), {}
         for info in images:
-            file = self._file(str(info["file_name"]))
+            if info["id"] in listed:
+                self.skipped["images skipped (id listed twice, the first kept)"] += 1
+                continue
+            listed.add(info["id"])
+            file = self._file(info["file_name"])
             if file is None:
                 self.skipped["images skipped (file missing)"] += 1
                 continue
-            if "width" in info and "height" in info:
-                width, height = int(info["width"]), int(info["height"])
-            else:
-                with Image.open(file) as im:
-                    width, height = im.size
+            files[info["id"]] = file
+        unknown = sum(len(anns) for image_id, anns in by_image.items() if image_id not in listed)
+        if unknown:
+            self.skipped["boxes skipped (unknown image id)"] += unknown
+        broken = find_broken(list(files.values())) if check else {}
+        kept_images, targets = [], []
+        for info in images:
+            file = files.pop(info["id"], None)  # pop: a repeated id finds nothing the 2nd time
+            if file is None:
+                continue
+            size = (info["width"], info["height"]) if "width" in info else _size(file)
+            if file in broken or size is None:
+                self.skipped["images skipped (corrupt)"] += 1
+                continue
+            width, height = size
             boxes, labels, crowd = [], [], []
-            for ann in by_image.get(int(info["id"]), []):
+            for ann in by_image.get(info["id"], []):
                 box = self._clean_box(ann, width, height)
                 if box is None:
                     continue
                 boxes.append(box)
-                labels.append(self.label_of[int(ann["category_id"])])
+                labels.append(self.label_of[ann["category_id"]])
                 crowd.append(int(ann.get("iscrowd", 0)))
             kept_images.append({**info, "path": file, "width": width, "height": height})
             targets.append(
@@ -142,12 +207,15 @@ class CocoDetection(Dataset):
         return kept_images, targets
 
     def _clean_box(self, ann: dict[str, Any], width: int, height: int) -> list[float] | None:
-        if int(ann.get("category_id", -1)) not in self.label_of:
+        if ann["category_id"] not in self.label_of:
             self.skipped["boxes skipped (unknown category id)"] += 1
             return None
         try:
             x, y, w, h = (float(v) for v in ann["bbox"])
         except (KeyError, TypeError, ValueError):
+            self.skipped["boxes skipped (malformed bbox)"] += 1
+            return None
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
             self.skipped["boxes skipped (malformed bbox)"] += 1
             return None
         if not (w > 0 and h > 0):
@@ -235,6 +303,62 @@ class CocoDetection(Dataset):
                 )
         categories = [{"id": i + 1, "name": c.name} for i, c in enumerate(self.categories)]
         return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, in JSON's words, for messages."""
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def _entries(
+    coco: dict[str, Any], key: str, path: Path, required: bool = True
+) -> list[dict[str, Any]]:
+    """``coco[key]``, which must be a list of objects (``annotations`` may be absent: a
+    test set's file has none)."""
+    if key not in coco:
+        if required:
+            raise MobileNetError(f"{path}: not a COCO annotation file (no {key!r} list)")
+        return []
+    value = coco[key]
+    if not isinstance(value, list):
+        raise MobileNetError(f"{path}: {key!r} must be a list, got a {_kind(value)}")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise MobileNetError(f"{path}: {key}[{i}] must be an object, got a {_kind(entry)}")
+    return value
+
+
+def _get(entry: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """``entry[key]``, which must be there and of ``kind`` (an int is never a bool, and a
+    string id such as ``"7"`` is refused: ids are matched across the file as numbers)."""
+    if key not in entry:
+        raise MobileNetError(f"{where} has no {key!r}")
+    value = entry[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        wanted = "an integer" if kind is int else "a string"
+        raise MobileNetError(f"{where}: {key!r} must be {wanted}, got {value!r}")
+    return value
+
+
+def _stays_inside(name: str) -> bool:
+    """Whether ``name``, read from a data file, names a path inside the dataset's folder:
+    relative (no root, no drive) and without ``..``, in POSIX and Windows spelling."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.drive or windows.root:
+        return False
+    return ".." not in posix.parts and ".." not in windows.parts
+
+
+def _size(file: Path) -> tuple[int, int] | None:
+    """An image's (width, height) from its header; None when it cannot be read."""
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 AUGMENTS = ("ssd", "light", "none")

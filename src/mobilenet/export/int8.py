@@ -46,6 +46,7 @@ __all__ = [
     "Int8Model",
     "QATConfig",
     "calibration_batches",
+    "calibration_count",
     "calibration_dataset",
     "int8_from_checkpoint",
     "is_int8_checkpoint",
@@ -73,12 +74,23 @@ class QATConfig:
 
 
 class Int8Model(DeployedModel):
-    """A quantized network with its config, like a :class:`MobileNet` for inference."""
+    """A quantized network with its config, like a :class:`MobileNet` for inference.
 
-    def __init__(self, net: nn.Module, config: ModelConfig, method: str) -> None:
+    ``calibration_images`` is how many images PTQ calibrated on (None after QAT, or when
+    a loaded file does not say): fewer than asked when the data holds fewer.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        config: ModelConfig,
+        method: str,
+        calibration_images: int | None = None,
+    ) -> None:
         super().__init__(config)
         self.net = net
         self.method = method
+        self.calibration_images = calibration_images
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -152,11 +164,21 @@ def calibration_dataset(trained, data: str) -> Dataset:
 def calibration_batches(
     dataset: Dataset, images: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
-    """Batches of 32 from ``images`` images of ``dataset`` drawn at random."""
+    """Batches of 32 from ``images`` images of ``dataset`` drawn at random (all of them
+    when it holds fewer: see :func:`calibration_count`)."""
     order = torch.randperm(len(dataset), generator=generator)
     subset = Subset(dataset, order[: min(images, len(dataset))].tolist())
     for batch, _ in DataLoader(subset, batch_size=32):
         yield batch
+
+
+def calibration_count(dataset: Dataset, images: int, data: str = "the data") -> int:
+    """How many images calibration uses: ``images``, or all ``dataset`` holds when that is
+    fewer (calibrating on what there is beats refusing). An empty dataset is refused."""
+    available = len(dataset)  # type: ignore[arg-type]
+    if available == 0:
+        raise MobileNetError(f"no calibration images in {data}")
+    return min(images, available)
 
 
 def quantize_torch(
@@ -170,13 +192,17 @@ def quantize_torch(
 ) -> Int8Model:
     """An int8 :class:`Int8Model` of ``trained`` (a :class:`mobilenet.inference.Trained`).
 
-    PTQ calibrates on ``calibration_images`` images of ``data``; QAT fine-tunes on all of
-    them for ``qat.epochs`` epochs (``QATConfig()`` by default).
+    PTQ calibrates on ``calibration_images`` images of ``data`` (all it holds when that is
+    fewer: ``progress`` is told, and the model's ``calibration_images`` says how many);
+    QAT fine-tunes on all of them for ``qat.epochs`` epochs (``QATConfig()`` by default).
     """
     dataset = calibration_dataset(trained, data)
     generator = torch.Generator().manual_seed(seed)
     if method == "ptq":
-        batches = calibration_batches(dataset, calibration_images, generator)
+        used = calibration_count(dataset, calibration_images, data)
+        if used < calibration_images and progress:
+            progress(f"{data} holds {used} images: calibrating on all {used}")
+        batches = calibration_batches(dataset, used, generator)
         return quantize_model(trained.model, batches, trained.resolution)
     with _x86_backend():
         prepared = _prepare(trained.model, "qat", trained.resolution)
@@ -203,7 +229,7 @@ def quantize_model(
         if seen == 0:
             raise MobileNetError("no calibration images")
         net = _convert(prepared)
-    return Int8Model(net, model.config, "ptq")
+    return Int8Model(net, model.config, "ptq", calibration_images=seen)
 
 
 def _finetune(
@@ -283,6 +309,8 @@ def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution
         "resolution": str(resolution),
         "kinds": json.dumps(kinds),
     }
+    if model.calibration_images is not None:  # provenance: what the ranges were measured on
+        metadata["calibration_images"] = str(model.calibration_images)
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
@@ -301,6 +329,12 @@ def int8_from_checkpoint(
         method = metadata["quantization"].rsplit("-", 1)[1]
         resolution = int(metadata["resolution"])
         kinds = json.loads(metadata["kinds"])
+        if resolution < 1:
+            raise ValueError(f"resolution {resolution}")
+        if method not in METHODS:
+            raise ValueError(f"quantization {metadata['quantization']!r}")
+        if not isinstance(kinds, dict):
+            raise TypeError("kinds is not a JSON object")
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"{source}: damaged int8 model metadata ({e})") from None
     model = create_model(
@@ -325,7 +359,8 @@ def int8_from_checkpoint(
             raise CheckpointError(
                 f"{source}: the int8 tensors do not fit {config.name} ({first})"
             ) from None
-    return Int8Model(net, config, method)
+    calibrated = metadata.get("calibration_images", "")
+    return Int8Model(net, config, method, int(calibrated) if calibrated.isdigit() else None)
 
 
 def _flatten(key: str, value: Any, out: dict[str, torch.Tensor], kinds: dict[str, str]) -> None:

@@ -4,14 +4,15 @@ The float model is exported (BatchNorm folded), activation ranges are calibrated
 images from the user's data with the evaluation transform, and ONNX Runtime's
 ``quantize_static`` writes a QDQ model: int8 weights per output channel, uint8
 activations. The file keeps the model's config, classes and resolution as metadata, so
-``mobilenet eval`` and ``mobilenet predict`` take it like any weights file.
+``mobilenet eval`` and ``mobilenet predict`` take it like any weights file, and the number
+of images it was calibrated on (``calibration_images``).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,23 @@ import torch
 
 from ..extras import require
 from ..fileio import atomic_write
-from .int8 import calibration_batches, calibration_dataset
+from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 
-__all__ = ["quantize_file", "quantize_onnx"]
+__all__ = ["calibration_images_of", "quantize_file", "quantize_onnx"]
 
 
-def _calibration_batches(trained, data: str, images: int, seed: int) -> Iterator[dict]:
-    dataset = calibration_dataset(trained, data)
+def _calibration_batches(dataset, images: int, seed: int) -> Iterator[dict]:
     generator = torch.Generator().manual_seed(seed)
     for batch in calibration_batches(dataset, images, generator):
         yield {"images": batch.numpy().astype(np.float32)}
+
+
+def calibration_images_of(path: str | Path) -> int | None:
+    """How many images an int8 ONNX file of :func:`quantize_onnx` was calibrated on (None
+    for a file that does not say)."""
+    value = read_metadata(onnx_session(path)).get("calibration_images", "")
+    return int(value) if value.isdigit() else None
 
 
 def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> None:
@@ -62,20 +69,35 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
 
 
 def quantize_onnx(
-    trained, data: str, out: str | Path, calibration_images: int = 512, seed: int = 0
+    trained,
+    data: str,
+    out: str | Path,
+    calibration_images: int = 512,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``data``."""
+    """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``calibration_images``
+    images of ``data``: all it holds when that is fewer (``progress`` is told; the file's
+    metadata, read by :func:`calibration_images_of`, says how many were used)."""
     for module in ("onnx", "onnxruntime"):  # before the export and the calibration data
         require(module, "deploy", "ONNX quantization")
     out = Path(out)
+    dataset = calibration_dataset(trained, data)  # a bad --data is refused before the export
+    used = calibration_count(dataset, calibration_images, data)
+    if used < calibration_images and progress:
+        progress(f"{data} holds {used} images: calibrating on all {used}")
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         classes = json.dumps(trained.classes)
         export_onnx(trained.model, fp32, trained.resolution, metadata={"classes": classes})
-        metadata = {**read_metadata(onnx_session(fp32)), "precision": "int8"}
+        metadata = {
+            **read_metadata(onnx_session(fp32)),
+            "precision": "int8",
+            "calibration_images": str(used),
+        }
 
         def write(target: Path) -> None:
-            batches = _calibration_batches(trained, data, calibration_images, seed)
+            batches = _calibration_batches(dataset, used, seed)
             quantize_file(fp32, target, batches)
             set_metadata(target, metadata)
             onnx_session(target)  # it must load
