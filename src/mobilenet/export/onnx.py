@@ -1,7 +1,13 @@
-"""Export to ONNX (checked against ONNX Runtime) and TorchScript."""
+"""Export to ONNX (checked against ONNX Runtime) and TorchScript.
+
+Both formats are serialised into memory, checked there, and only then written, by Python,
+through :func:`~mobilenet.fileio.write_bytes`: a failed check writes nothing, and a full
+disk is one error line instead of an abort inside a C++ writer (``torch.jit.save``).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +18,7 @@ from torch import nn
 
 from ..errors import MobileNetError
 from ..extras import require
-from ..fileio import atomic_write
+from ..fileio import write_bytes
 from .prepare import prepare_for_inference
 
 __all__ = ["DEFAULT_OPSET", "export_onnx", "export_torchscript", "onnx_session"]
@@ -21,8 +27,9 @@ DEFAULT_OPSET = 17  # HardSwish (14+) and HardSigmoid are standard ops at this o
 TOLERANCE = 1e-4  # max abs difference, for logits of unit scale (see _check)
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session; a corrupt file gives a clear error."""
+def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str = ""):
+    """An ONNX Runtime CPU session of a file or of a serialised model (``bytes``, called
+    ``name`` in messages); a corrupt one gives a clear error."""
     ort = require("onnxruntime", "deploy", "running an ONNX model")
 
     options = ort.SessionOptions()
@@ -30,10 +37,12 @@ def onnx_session(path: str | Path, threads: int | None = None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MobileNetError(f"{path}: not a model ONNX Runtime can load ({first})") from None
+        what = name or ("the exported model" if isinstance(path, bytes) else str(path))
+        raise MobileNetError(f"{what}: not a model ONNX Runtime can load ({first})") from None
 
 
 def _check(run, model: nn.Module, resolution: int, what: str) -> float:
@@ -78,29 +87,27 @@ def export_onnx(
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
     x = torch.randn(1, 3, resolution, resolution)
-    result: dict[str, float] = {}
-
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                prepared,
-                (x,),
-                str(tmp),
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        set_metadata(tmp, {**_model_metadata(model, resolution), **(metadata or {})})
-        session = onnx_session(tmp)
-        result["diff"] = _check(
-            lambda t: session.run(None, {"images": t.numpy()})[0], model, resolution, "ONNX Runtime"
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            prepared,
+            (x,),
+            buffer,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
         )
-
-    atomic_write(path, write)
-    return result["diff"]
+    meta = {**_model_metadata(model, resolution), **(metadata or {})}
+    data = with_metadata(buffer.getvalue(), meta)
+    session = onnx_session(data)
+    diff = _check(
+        lambda t: session.run(None, {"images": t.numpy()})[0], model, resolution, "ONNX Runtime"
+    )
+    write_bytes(path, data)
+    return diff
 
 
 def _model_metadata(model: nn.Module, resolution: int) -> dict[str, str]:
@@ -113,14 +120,21 @@ def _model_metadata(model: nn.Module, resolution: int) -> dict[str, str]:
 
 def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     """Store string key/values in an ONNX file's ``metadata_props``."""
+    path = Path(path)
+    path.write_bytes(with_metadata(path.read_bytes(), metadata))
+
+
+def with_metadata(model: bytes, metadata: dict[str, str]) -> bytes:
+    """A serialised ONNX model with ``metadata`` (string key/values) as its
+    ``metadata_props``, in place of any it had."""
     onnx = require("onnx", "deploy", "writing ONNX metadata")
 
-    proto = onnx.load(str(path))
+    proto = onnx.load_model_from_string(model)
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    return proto.SerializeToString()
 
 
 def read_metadata(session) -> dict[str, str]:
@@ -132,17 +146,12 @@ def export_torchscript(model: nn.Module, path: str | Path, resolution: int = 224
     path = Path(path)
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
-    result: dict[str, float] = {}
-
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(prepared, torch.randn(1, 3, resolution, resolution))
-            torch.jit.save(traced, str(tmp))
-            loaded = torch.jit.load(str(tmp))
-        result["diff"] = _check(
-            lambda t: loaded(t).detach().numpy(), model, resolution, "TorchScript"
-        )
-
-    atomic_write(path, write)
-    return result["diff"]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(prepared, torch.randn(1, 3, resolution, resolution))
+        torch.jit.save(traced, buffer)
+        loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    diff = _check(lambda t: loaded(t).detach().numpy(), model, resolution, "TorchScript")
+    write_bytes(path, buffer.getvalue())
+    return diff

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write
+from ..fileio import write_bytes
 
 __all__ = [
     "FORMAT",
@@ -130,10 +130,15 @@ def save_weights(
     model: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write the model's weights as safetensors, its config (``model.config.to_dict()``)
-    as metadata; atomically."""
+    as metadata; atomically.
+
+    The file is serialised in memory and written by Python, so a full disk or a read-only
+    folder is one :class:`~mobilenet.MobileNetError` line, not an error of the library's
+    own writer.
+    """
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.config.to_dict()  # type: ignore[operator]
     meta = {"format": FORMAT, "config": json.dumps(config), **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_bytes(path, save(tensors, metadata=meta))
     return path
