@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CheckpointError
+from ..paths import cache_dir
 from ..weights import fetch
-from ..weights.hub import download
+from ..weights.hub import check_sha256, download
 
 __all__ = ["PRETRAINED", "Pretrained", "list_pretrained", "resolve_weights"]
 
@@ -62,8 +64,22 @@ def list_pretrained(model: str | None = None) -> list[str]:
 
 
 def resolve_weights(spec: str | Path, sha256: str | None = None) -> Path:
-    """An official checkpoint key, a URL or a local path -> a local file."""
-    if str(spec) in PRETRAINED:
-        entry = PRETRAINED[str(spec)]
-        return download(entry.url, entry.sha256)
-    return fetch(spec, sha256)
+    """An official checkpoint key, a URL or a local path -> a local file.
+
+    ``sha256`` (or a prefix) is checked for URLs and local files; for an official
+    checkpoint, whose hash is known, it must agree with it.
+    """
+    entry = PRETRAINED.get(str(spec)) or next(
+        (x for x in PRETRAINED.values() if x.url == str(spec)), None
+    )
+    if entry is None:
+        return fetch(spec, sha256)
+    expected = check_sha256(sha256) or entry.sha256
+    if not (expected.startswith(entry.sha256) or entry.sha256.startswith(expected)):
+        raise CheckpointError(
+            f"{spec} has the SHA-256 {entry.sha256}..., not the expected {expected}"
+        )
+    # Official files sit directly in the cache folder, as they always have (a cache filled
+    # before stays valid): their names carry their hash, which is checked on every use.
+    longest = max(expected, entry.sha256, key=len)
+    return download(entry.url, longest, directory=cache_dir())
