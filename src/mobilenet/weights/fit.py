@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError
 from .io import StateDict
 
-__all__ = ["check_fits", "fit_state_dict"]
+__all__ = ["check_fits", "check_values", "fit_state_dict"]
 
 
 def fit_state_dict(
@@ -35,6 +36,7 @@ def fit_state_dict(
             )
         bn_eps = saved.get("bn_eps", bn_eps)
     check_fits(model, state_dict, name, source)
+    check_values(model, state_dict, name)
     own = model.state_dict()
     # A checkpoint without BatchNorm step counters keeps the model's own.
     missing_counters = {k: own[k] for k in own if k not in state_dict}
@@ -62,11 +64,41 @@ def check_fits(model: nn.Module, state_dict: StateDict, name: str, source: str) 
         ("mis-shaped", misshaped),
     ):
         if keys:
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
-            lines.append(f"  {len(keys)} {label}: {shown}")
+            lines.append(f"  {len(keys)} {label}: {_shown(keys)}")
     if misshaped and all(k.startswith("classifier.") for k in misshaped):
         lines.append("  (only the classifier differs: pass the checkpoint's number of classes)")
     raise CheckpointError("\n".join(lines))
+
+
+def check_values(model: nn.Module, state_dict: StateDict, name: str) -> None:
+    """Refuse NaN/Inf, and integer or boolean tensors, where the model's tensor is floating.
+
+    ``load_state_dict`` would copy them without a word (casting integers): the model would
+    then predict NaN, and int8 calibration would fail far from the cause. Integer tensors
+    of the model's own (BatchNorm's ``num_batches_tracked``) take integers as they are.
+    """
+    own = model.state_dict()
+    not_floating, not_finite = [], []
+    for key, tensor in state_dict.items():
+        if key not in own or not own[key].is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            not_floating.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
+        elif not bool(torch.isfinite(tensor).all()):
+            not_finite.append(key)
+    if not (not_floating or not_finite):
+        return
+    parts = []
+    if not_finite:
+        parts.append(f"{len(not_finite)} with NaN or Inf values: {_shown(not_finite)}")
+    if not_floating:
+        parts.append(f"{len(not_floating)} not floating point: {_shown(not_floating)}")
+    raise CheckpointError(f"{name} holds unusable tensors: {'; '.join(parts)}")
+
+
+def _shown(keys: list[str]) -> str:
+    """At most five names, then how many more: a message stays readable."""
+    return ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
 
 
 def _describe(model: nn.Module) -> str:
