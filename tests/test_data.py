@@ -68,25 +68,28 @@ def _make_folder(root, classes=("a", "b"), per_class=6, size=12):
     return root
 
 
-def test_broken_files_are_skipped_with_one_warning(tmp_path):
+def test_broken_files_are_skipped_at_start_up_or_when_loaded(tmp_path):
     root = _make_folder(tmp_path / "data")
     good = (root / "a" / "0.png").read_bytes()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "a" / "big.jpg", quality=90)
-    jpeg = (root / "a" / "big.jpg").read_bytes()
-    (root / "a" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "b" / "empty.png").write_bytes(b"")
     (root / "b" / "notes.png").write_text("not an image")
-    (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])  # header intact
     (root / "b" / "readme.txt").write_text("ignored: not an image extension")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = ImageFolder(root)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1
-    assert "skipped 4 unreadable image file(s)" in messages[0]
-    for name in ("truncated.jpg", "empty.png", "notes.png", "cut.png"):
-        assert name in messages[0]
-    assert len(dataset) == 13 and dataset.classes == ["a", "b"]
+    # Headers only at start-up: what has no readable header is left out, in one line.
+    assert messages == [
+        "skipped 2 unreadable image file(s): b/empty.png (empty file), b/notes.png (not an image)"
+    ]
+    assert len(dataset) == 14 and dataset.classes == ["a", "b"]
+    # The cut PNG is found when loaded: its place is taken by the next sample.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = [dataset[i][1] for i in range(len(dataset))]
+    assert dataset.skipped == [root / "b" / "cut.png"] and len(loaded) == 14
     assert set(find_broken([root / "a" / "big.jpg", root / "b" / "empty.png"])) == {
         root / "b" / "empty.png"
     }
