@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import MobileNetError
-from . import deploy, experiments, models, train
+from . import data, deploy, experiments, models, train
 from .args import Parser
 
 __all__ = ["build_parser", "main"]
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_detect_alias(sub)
     deploy.add_parsers(sub)
     experiments.add_parsers(sub)
+    data.add_parsers(sub)
     return parser
 
 

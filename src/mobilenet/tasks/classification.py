@@ -194,10 +194,27 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _datasets(cfg: TrainConfig, model: MobileNet) -> Split:
+    from ..data.shards import eval_set, is_shards, shard_splits
+
     # Transforms follow from the model's own evaluation config (mean, std, crop ratio).
     res, aug = cfg.recipe.resolution, cfg.recipe.augment
     train_tf = train_transform(res, aug, model.eval_config)
     eval_tf = eval_transform(res, model.eval_config)
     if cfg.data in BUILTIN:
         return builtin_splits(cfg.data, train_tf, eval_tf)
+    if is_shards(cfg.data):
+        # A stream cannot hold out a random fraction of itself: the held-out images are
+        # shards (or a folder) of their own; without them the run trains unvalidated.
+        default = TrainConfig.__dataclass_fields__["val_fraction"].default
+        if cfg.val_data is None and cfg.val_fraction not in (0, default):
+            raise MobileNetError(
+                "--val-fraction cannot hold out part of tar shards: give the held-out "
+                "shards with --val-data"
+            )
+        # The global batch: each process's workers split its part in whole batches.
+        batch = cfg.recipe.batch_size
+        return shard_splits(cfg.data, cfg.val_data, train_tf, eval_tf, cfg.seed, batch)
+    if cfg.val_data is not None and is_shards(cfg.val_data):
+        train = folder_splits(cfg.data, None, 0, train_tf, eval_tf, cfg.seed)
+        return Split(train.train, eval_set(cfg.val_data, eval_tf, train.classes), train.classes)
     return folder_splits(cfg.data, cfg.val_data, cfg.val_fraction, train_tf, eval_tf, cfg.seed)
