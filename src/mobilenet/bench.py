@@ -194,8 +194,23 @@ def _worker(engine: str, cfg: BenchConfig) -> None:
 
 
 def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
-    """Time ``engines`` in interleaved rounds; the JSON-ready result."""
+    """Time ``engines`` in interleaved rounds; the JSON-ready result.
+
+    Refuses, before any process starts, a configuration whose engines cannot all fit in
+    memory at once (:func:`mobilenet.limits.check_memory`): each holds the model and a
+    batch's activations, and all of them stay alive for the interleaved rounds.
+    """
+    from .limits import check_memory, meta_model
+
     engines = check_engines(engines, cfg.model, cfg.width_mult)
+    starting = [e for e in engines if missing_extra(e) is None]
+    check_memory(
+        meta_model(cfg.model, width_mult=cfg.width_mult),
+        cfg.resolution,
+        cfg.batch,
+        "the benchmark",
+        copies=max(1, len(starting)),
+    )
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cfg.threads)}
     procs: dict[str, subprocess.Popen] = {}
     failed: dict[str, str] = {}

@@ -7,6 +7,11 @@ group with a ``k x k`` kernel costs ``k*k*(M/groups)*N*Ho*Wo``; a linear layer
 ``in * out``. Parameters are all parameters (BatchNorm included), so they agree with
 ``sum(p.numel() for p in model.parameters())``.
 
+Everything is computed from shapes alone: the graph is traced and its shapes propagated on
+PyTorch's ``meta`` device (tensors with a shape and no data), on a copy of the model whose
+weights are meta tensors too, so any resolution and any width is measured at once and
+without memory, real weights or not.
+
 Activation memory is measured on the traced graph of a plain forward pass at batch 1:
 every operation's output is a tensor that lives from the operation that makes it to the
 last operation that reads it (views and identities share their input's storage). The
@@ -19,16 +24,28 @@ V2 3,504,872 / 300.8M; V3-Large 5,483,032 / 216.6M; V3-Small 2,542,856 / 56.5M.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import MobileNetError
+from .limits import MAX_RESOLUTION
 
-__all__ = ["LAYER_TYPES", "Cost", "LayerCost", "check_resolution", "cost", "layer_type"]
+__all__ = [
+    "LAYER_TYPES",
+    "ActivationMemory",
+    "Cost",
+    "LayerCost",
+    "activation_memory",
+    "check_resolution",
+    "cost",
+    "layer_type",
+]
 
 LAYER_TYPES = ("conv1x1", "depthwise", "conv", "linear", "norm")
 MIN_RESOLUTION = 32
@@ -69,11 +86,25 @@ class Cost:
         return out
 
 
+class ActivationMemory(NamedTuple):
+    """Activation bytes of one forward pass at batch 1 (see the module docstring)."""
+
+    largest: int  # the largest single tensor
+    peak: int  # the most bytes alive at once in a plain (inference) forward pass
+    total: int  # every tensor allocated: what training keeps for the backward pass
+
+
 def check_resolution(resolution: int) -> int:
-    if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+    # The upper bound keeps every shape within int64 (so the meta device can propagate
+    # it); sizes that do not fit the machine are refused by mobilenet.limits instead.
+    if (
+        not isinstance(resolution, int)
+        or isinstance(resolution, bool)
+        or not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION
+    ):
         raise MobileNetError(
             f"resolution must be an integer >= {MIN_RESOLUTION} (the network's output "
-            f"stride), got {resolution!r}"
+            f"stride) and <= {MAX_RESOLUTION}, got {resolution!r}"
         )
     return resolution
 
@@ -103,33 +134,19 @@ def _madds(module: nn.Module, output: torch.Size) -> int:
 def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
     """Measure a model at ``resolution x resolution`` input, batch 1.
 
-    ``model`` is a module (e.g. from :func:`mobilenet.create_model`) or a registered name.
-    A MobileNet needs ``resolution >= 32``, its output stride; any other module taking a
-    3-channel image is measured as it is.
+    ``model`` is a module (e.g. from :func:`mobilenet.create_model`, on any device, the
+    ``meta`` device included) or a registered name. A MobileNet needs ``resolution >= 32``,
+    its output stride; any other module taking a 3-channel image is measured as it is.
+    Nothing is computed on real tensors: shapes are propagated on the meta device.
     """
-    from .models import MobileNet, create_model
+    from .models import MobileNet
 
     if isinstance(model, str):
-        model = create_model(model)
+        model = _meta_model(model)
     if isinstance(model, MobileNet):
         check_resolution(resolution)
     config = getattr(model, "config", None)
-    was_training = model.training
-    model.eval()
-    try:
-        # A detector's forward takes a list of images and post-processes its outputs;
-        # its network alone (tensor in, head outputs out) is forward_raw.
-        traced = _RawOutputs(model) if hasattr(model, "forward_raw") else model
-        graph_module = fx.symbolic_trace(traced)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(
-                torch.zeros(1, 3, resolution, resolution, device=device, dtype=dtype)
-            )
-    finally:
-        model.train(was_training)
-
+    graph_module, wrapped = _propagate(model, resolution)
     modules = dict(graph_module.named_modules())
     layers: list[LayerCost] = []
     for node in graph_module.graph.nodes:
@@ -141,7 +158,7 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
             continue
         shape = node.meta["tensor_meta"].shape
         params = sum(p.numel() for p in module.parameters(recurse=False))
-        name = node.target.removeprefix("model.") if traced is not model else node.target
+        name = node.target.removeprefix("model.") if wrapped else node.target
         layers.append(LayerCost(name, kind, tuple(shape), params, _madds(module, shape)))
 
     by_type = {kind: {"params": 0, "madds": 0} for kind in LAYER_TYPES}
@@ -153,7 +170,7 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
     if total_params != counted:
         by_type["other"] = {"params": total_params - counted, "madds": 0}
 
-    largest, peak = _activation_memory(graph_module)
+    largest, peak, _ = _activation_memory(graph_module)
     return Cost(
         model=config.name if config is not None else type(model).__name__,
         width_mult=config.width_mult if config is not None else 1.0,
@@ -166,6 +183,54 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
         by_type=by_type,
         layers=layers,
     )
+
+
+def activation_memory(model: nn.Module | str, resolution: int = 224) -> ActivationMemory:
+    """The activation bytes of one image through ``model`` (see :func:`cost`), including
+    the total that a training step keeps for its backward pass."""
+    if isinstance(model, str):
+        model = _meta_model(model)
+    return _activation_memory(_propagate(model, resolution)[0])
+
+
+def _meta_model(name: str) -> nn.Module:
+    from .models import create_model
+
+    with torch.device("meta"):  # builds the weights as shapes only: no memory, no time
+        return create_model(name)
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors.
+
+    ``deepcopy`` takes an object from its memo when it finds it there, so seeding the memo
+    with a meta tensor for every parameter and buffer copies the structure and never the
+    data: a model of any size is copied at once.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return copy.deepcopy(model, memo)
+
+
+def _propagate(model: nn.Module, resolution: int) -> tuple[fx.GraphModule, bool]:
+    """The traced graph of a meta copy of ``model`` in eval mode, its shapes propagated
+    from a ``1 x 3 x resolution x resolution`` input; and whether it is a detector's
+    network wrapped in :class:`_RawOutputs` (its layer names then start with ``model.``)."""
+    meta = _on_meta(model).eval()
+    # A detector's forward takes a list of images and post-processes its outputs;
+    # its network alone (tensor in, head outputs out) is forward_raw.
+    wrapped = hasattr(meta, "forward_raw")
+    graph_module = fx.symbolic_trace(_RawOutputs(meta) if wrapped else meta)
+    first = next(itertools.chain(meta.parameters(), meta.buffers()), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype)
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(x)
+    return graph_module, wrapped
 
 
 class _RawOutputs(nn.Module):
@@ -189,8 +254,9 @@ def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _activation_memory(graph_module: fx.GraphModule) -> tuple[int, int]:
-    """(largest single tensor, peak of live tensors) in bytes, from a shape-propagated graph."""
+def _activation_memory(graph_module: fx.GraphModule) -> ActivationMemory:
+    """Largest single tensor, peak of live tensors and total, in bytes, from a
+    shape-propagated graph."""
     modules = dict(graph_module.named_modules())
     nodes = list(graph_module.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
@@ -220,4 +286,4 @@ def _activation_memory(graph_module: fx.GraphModule) -> tuple[int, int]:
     for delta in events:
         live += delta
         peak = max(peak, live)
-    return largest, peak
+    return ActivationMemory(largest, peak, sum(size.values()))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any, NoReturn
 
 from ..cost import check_resolution
 from ..errors import MobileNetError
+from ..limits import MAX_RESOLUTION
 from ..models import list_models
+from ..models.registry import check_width_mult
 
 __all__ = [
     "Parser",
     "add_model_args",
+    "finite_float",
     "is_main_process",
     "model_kwargs",
     "model_name",
@@ -20,8 +24,11 @@ __all__ = [
     "positive_float",
     "positive_int",
     "resolution",
+    "seed",
     "width",
 ]
+
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; torch's wider, but a run seeds both
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,19 +38,46 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """Any finite number. ``float()`` also reads ``nan`` and ``inf``, which no flag means:
+    a NaN passes every comparison check downstream (``nan < 0`` is False) and poisons a
+    whole run."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    if value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
-width = positive_float  # the width multiplier alpha: any positive number
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def width(text: str) -> float:
+    """The width multiplier alpha: any positive number up to ``MAX_WIDTH_MULT``."""
+    value = positive_float(text)
+    try:
+        return check_width_mult(value)
+    except MobileNetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32), the range every generator a run seeds
+    (Python, NumPy, PyTorch) accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 2**32, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -72,7 +106,9 @@ def resolution(text: str) -> int:
     except MobileNetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 32, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= 32 and <= {MAX_RESOLUTION}, got {text!r}"
+        ) from None
 
 
 def model_name(task: str | None = None):
@@ -91,14 +127,22 @@ def model_name(task: str | None = None):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """``--width-mult`` and ``--num-classes``: the options every model builder takes."""
-    p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
+    """``--width-mult`` and ``--num-classes``: the options every model builder takes.
+
+    Both default to None, "not given": the builder's default (width 1.0) applies, and a
+    checkpoint's own config is not overridden by a default nobody typed.
+    """
+    p.add_argument(
+        "--width-mult", type=width, default=None, help="width multiplier alpha (default 1.0)"
+    )
     p.add_argument("--num-classes", type=non_negative_int, default=None, help="model outputs")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The builder options given on the command line (see :func:`add_model_args`)."""
-    kwargs: dict[str, Any] = {"width_mult": args.width_mult}
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "width_mult", None) is not None:
+        kwargs["width_mult"] = args.width_mult
     if getattr(args, "num_classes", None) is not None:
         kwargs["num_classes"] = args.num_classes
     return kwargs

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from ..errors import MobileNetError
+from ..limits import check_memory, meta_model
 from ..models import create_model, model_task
-from .args import add_model_args, model_kwargs, model_name, positive_int, resolution, width
+from .args import (
+    add_model_args,
+    model_kwargs,
+    model_name,
+    positive_float,
+    positive_int,
+    resolution,
+    width,
+)
 
 __all__ = ["add_parsers"]
 
@@ -22,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--resolution", type=resolution, default=None, help="input size")
-    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -39,7 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["torch", "onnx"], default=None)
     p.add_argument("--calibration-images", type=positive_int, default=512, help="PTQ")
     p.add_argument("--epochs", type=positive_int, default=3, help="QAT fine-tuning epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate (SGD)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="QAT learning rate (SGD)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="QAT batch size")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
     p.set_defaults(func=cmd_quantize)
@@ -57,25 +65,68 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def supported_opsets() -> range:
+    """The ONNX opsets the installed exporter writes (``torch.onnx``'s TorchScript-based
+    exporter, which :mod:`mobilenet.export` uses) and the installed ``onnx`` knows.
+
+    7 is the oldest opset ONNX Runtime runs. The bounds live in a private module of
+    ``torch.onnx``; where it has moved, the range the exporter has long supported is used.
+    """
+    low, high = 7, 17
+    try:
+        from torch.onnx import _constants
+
+        low = max(low, getattr(_constants, "ONNX_MIN_OPSET", low))
+        high = getattr(
+            _constants,
+            "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
+            getattr(_constants, "ONNX_MAX_OPSET", high),
+        )
+    except ImportError:
+        pass
+    try:
+        import onnx.defs
+
+        high = min(high, onnx.defs.onnx_opset_version())
+    except ImportError:  # export then names the missing extra itself
+        pass
+    return range(low, high + 1)
+
+
+def opset(text: str) -> int:
+    """An argument type: an ONNX opset the installed exporter supports."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    supported = supported_opsets()
+    if value not in supported:
+        raise argparse.ArgumentTypeError(
+            f"opset {value} is not supported by the installed exporter: choose "
+            f"{supported.start} to {supported.stop - 1}"
+        )
+    return value
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
 
+    if args.opset is not None and args.format != "onnx":
+        raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
+    if args.weights and args.num_classes is not None:
+        raise MobileNetError("--num-classes applies without --weights: the file has its classes")
     if model_task(args.model) == "detection":
         return _export_detector(args)
+    metadata: dict[str, str] = {}
     if args.weights:
-        from ..inference import load_trained
-
-        trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
-        if trained.model.config.name != args.model:
-            raise MobileNetError(
-                f"{args.weights} holds {trained.model.config.name}, not {args.model}"
-            )
-        model, resolution = trained.model, trained.resolution
+        model, resolution, metadata = _load_for_export(args)
     else:  # random initialisation: for checking a deployment path, not for use
-        model = create_model(args.model, **model_kwargs(args))
         resolution = args.resolution or 224
+        # Checked on the meta device, before a byte is allocated.
+        check_memory(meta_model(args.model, **model_kwargs(args)), resolution, *_EXPORT_CHECK)
+        model = create_model(args.model, **model_kwargs(args))
     if args.format == "onnx":
-        diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET)
+        diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET, metadata)
         checked = "ONNX Runtime"
     else:
         diff = export_torchscript(model, args.out, resolution)
@@ -87,6 +138,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# The export runs the model on batches of 1 and 3 to check the exported file against it.
+_EXPORT_CHECK = (3, "the export")
+
+
+def _load_for_export(args: argparse.Namespace):
+    """The trained model, its resolution and the metadata it keeps in the exported file
+    (its class names): the width and classes are the file's own, as for ``eval``;
+    ``--width-mult`` overrides the width only when given (a torchvision/timm file)."""
+    from ..inference import load_trained
+    from ..models.base import DeployedModel
+
+    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    if isinstance(trained.model, DeployedModel):
+        raise MobileNetError(f"{args.weights} is already exported: export the float weights")
+    if trained.model.config.name != args.model:
+        raise MobileNetError(f"{args.weights} holds {trained.model.config.name}, not {args.model}")
+    check_memory(trained.model, trained.resolution, *_EXPORT_CHECK)
+    return trained.model, trained.resolution, {"classes": json.dumps(trained.classes)}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..export.int8 import QATConfig, quantize_torch, save_int8
     from ..export.quantize import quantize_onnx
@@ -96,8 +167,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
     if fmt == "onnx" and args.method == "qat":
         raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise MobileNetError(f"--lr must be positive, got {args.lr}")
     trained = load_trained(args.weights, args.model)
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
@@ -156,10 +225,13 @@ def _export_detector(args: argparse.Namespace) -> int:
             )
         model = trained.model
         metadata["categories"] = json.dumps([c.name for c in trained.categories])
+        check_memory(model, model.config.image_size, *_EXPORT_CHECK)
     else:  # random initialisation: for checking a deployment path, not for use
         kwargs = model_kwargs(args)
         if args.resolution is not None:
             kwargs["image_size"] = args.resolution
+        meta = meta_model(args.model, **kwargs)
+        check_memory(meta, meta.config.image_size, *_EXPORT_CHECK)
         model = create_model(args.model, **kwargs)
     diff = export_detector_onnx(model, args.out, args.opset or DEFAULT_OPSET, metadata)
     size = model.config.image_size

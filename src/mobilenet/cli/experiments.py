@@ -18,6 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", type=model_name("classification"), help="a V2 or V3 model")
     p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
+    # Checked by memory_efficient, whose message also names the block's channel count.
     p.add_argument("--splits", type=int, default=4, help="channel groups t per block (>= 1)")
     p.add_argument("--resolution", type=resolution, default=224)
     p.add_argument("--batch", type=positive_int, default=1)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from ..cost import LAYER_TYPES, Cost, cost
 from ..errors import MobileNetError
-from ..models import create_model, list_models
+from ..limits import meta_model
+from ..models import list_models
 from ..models.registry import TASKS
 from .args import add_model_args, model_kwargs, model_name, resolution
 
@@ -53,7 +54,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     if args.all == (args.model is not None):
         raise MobileNetError("give a model name or --all (not both)")
     names = list_models() if args.all else [args.model]
-    costs = [cost(create_model(name, **model_kwargs(args)), args.resolution) for name in names]
+    # Built on the meta device: shapes only, so any width and resolution costs nothing.
+    costs = [cost(meta_model(name, **model_kwargs(args)), args.resolution) for name in names]
     if args.json:
         dicts = [c.to_dict(per_layer=args.per_layer) for c in costs]
         print(json.dumps(dicts if args.all else dicts[0], indent=2))

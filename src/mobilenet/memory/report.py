@@ -74,16 +74,23 @@ def memory_report(
 ) -> MemoryReport:
     """Compare the standard forward with the memory-efficient one on random weights.
 
+    Refused in one line when the model cannot fit the memory available
+    (:func:`mobilenet.limits.check_memory`).
+
     The standard forward is the model with BatchNorm folded, NCHW, in inference mode
     (``prepare_for_inference(model, channels_last=False)``). Times are medians of
     ``repeats`` calls each, the two forwards taking turns, on the current thread count.
     """
     from ..cost import check_resolution
+    from ..limits import check_memory, meta_model
     from ..models import create_model
 
     check_resolution(resolution)
-    if batch <= 0:
+    if not isinstance(batch, int) or batch <= 0:
         raise MobileNetError(f"batch must be a positive integer, got {batch!r}")
+    # Sized on the meta device first: a resolution or batch that cannot fit is refused in
+    # one line instead of by the allocator (or the kernel) halfway through.
+    check_memory(meta_model(name, width_mult=width_mult), resolution, batch, "the comparison")
     model = create_model(name, width_mult=width_mult).eval()
     efficient = memory_efficient(model, splits, band_rows)
     standard = prepare_for_inference(model, channels_last=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
+from ..limits import MAX_WIDTH_MULT
 from ..weights import find_layout, load_weights, read_checkpoint, saved_config
 
 __all__ = [
@@ -82,9 +84,27 @@ def model_task(name: str) -> str:
 
 
 def check_width_mult(width_mult: float) -> float:
-    if not isinstance(width_mult, (int, float)) or not width_mult > 0:
-        raise MobileNetError(f"width multiplier must be a positive number, got {width_mult!r}")
+    """A width multiplier alpha: a finite number in (0, MAX_WIDTH_MULT]. Beyond the bound
+    the channel counts alone (hundreds of thousands) make a model that cannot be built,
+    and a NaN or infinite width would fail deep inside a layer's constructor."""
+    if (
+        not isinstance(width_mult, (int, float))
+        or isinstance(width_mult, bool)
+        or not math.isfinite(width_mult)
+        or not 0 < width_mult <= MAX_WIDTH_MULT
+    ):
+        raise MobileNetError(
+            f"width multiplier must be a finite number > 0 and <= {MAX_WIDTH_MULT:g}, "
+            f"got {width_mult!r}"
+        )
     return float(width_mult)
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0
+    ):
+        raise MobileNetError(f"num_classes must be a non-negative integer, got {num_classes!r}")
 
 
 def create_model(
@@ -105,9 +125,7 @@ def create_model(
     model_task(name)  # registers the model's family, or refuses an unknown name
     if "width_mult" in kwargs:
         kwargs["width_mult"] = check_width_mult(kwargs["width_mult"])
-    num_classes = kwargs.get("num_classes")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
-        raise MobileNetError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+    _check_num_classes(kwargs.get("num_classes"))
     if weights is None:
         return _build(name, kwargs)
     from .pretrained import resolve_weights
@@ -138,6 +156,10 @@ def model_from_checkpoint(
     Our own files supply their saved config (width, classes, dropout, a detector's input
     size ...) as defaults; for other checkpoints the number of classes is read from the
     classifier. ``kwargs`` override both.
+
+    The saved config is checked like the builder's arguments, and the model is sized on
+    the ``meta`` device before it is built: a file whose config asks for an absurd model
+    (an infinite width, a billion classes) is refused in one line, not by the allocator.
     """
     model_task(name)
     saved = saved_config(metadata)
@@ -148,11 +170,51 @@ def model_from_checkpoint(
             for k, v in saved.items()
             if k not in ("name", "bn_eps") and (accepted is None or k in accepted)
         }
+        try:
+            if "width_mult" in defaults and "width_mult" not in kwargs:
+                check_width_mult(defaults["width_mult"])
+            if "num_classes" not in kwargs:
+                _check_num_classes(defaults.get("num_classes"))
+        except MobileNetError as e:
+            raise MobileNetError(f"{source_name}: its saved config is invalid: {e}") from None
         kwargs = {**defaults, **kwargs}
+    if "width_mult" in kwargs:
+        kwargs["width_mult"] = check_width_mult(kwargs["width_mult"])
+    _check_num_classes(kwargs.get("num_classes"))
     kwargs.setdefault("num_classes", find_layout(state_dict).num_classes(state_dict))
+    _check_fits(name, kwargs, state_dict, source_name)
     model = _build(name, kwargs)
     load_weights(model, state_dict, source_name=source_name, metadata=metadata)
     return model
+
+
+def _check_fits(
+    name: str, kwargs: dict[str, Any], state_dict: Mapping[str, torch.Tensor], source_name: str
+) -> None:
+    """Refuse a model whose weights cannot fit in memory, before building it for real.
+
+    The model is built on the meta device (shapes, no data, instantly); a model larger
+    than the checkpoint could not load it anyway, but a merely mis-shaped one is left to
+    :func:`load_weights`, whose message says which tensors differ.
+    """
+    from ..limits import available_memory, format_bytes
+
+    with torch.device("meta"):
+        meta = _build(name, kwargs)
+    tensors = [*meta.parameters(), *meta.buffers()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    available = available_memory()
+    if available is not None and need > available:
+        raise MobileNetError(
+            f"{source_name}: {name} with {_describe(kwargs)} would need "
+            f"{format_bytes(need)} for its weights, more than the {format_bytes(available)} "
+            "available"
+        )
+
+
+def _describe(kwargs: Mapping[str, Any]) -> str:
+    shown = {k: kwargs[k] for k in ("width_mult", "num_classes", "image_size") if k in kwargs}
+    return ", ".join(f"{k} {v}" for k, v in shown.items()) or "its default options"
 
 
 def _options(builder: Callable[..., Any]) -> set[str] | None:
