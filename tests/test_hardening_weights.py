@@ -394,6 +394,6 @@ def test_export_cli_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_a_failed_write_leaves_no_folder_it_made(tmp_path):
-    with pytest.raises(MobileNetError, match="No space left on device$"):
+    with pytest.raises(MobileNetError, match=r"No space left on device$"):
         fileio.atomic_write(tmp_path / "runs" / "new" / "x.onnx", _raising(errno.ENOSPC))
     assert list(tmp_path.iterdir()) == []
