@@ -205,3 +205,19 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     root = _folder(tmp_path / "data")
     os.mkfifo(root / "a" / "pipe.jpg")
     assert len(ImageFolder(root)) == 8
+
+
+def test_the_listing_keeps_the_order_of_a_sorted_glob(tmp_path):
+    """Sample indices are unchanged from the sorted rglob listing: old runs resume exactly."""
+    from mobilenet.data.images import is_image_file, list_folder
+
+    for name in ("c1/b.jpg", "c1/b/c.jpg", "c1/a-x/z.png", "c1/a.jpg", "c1/B/q.jpg", "c2/x.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    old = [
+        p.relative_to(tmp_path).as_posix()
+        for d in ("c1", "c2")
+        for p in sorted((tmp_path / d).rglob("*"))
+        if p.is_file() and is_image_file(p)
+    ]
+    assert list_folder(tmp_path).names == old
