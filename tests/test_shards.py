@@ -228,7 +228,7 @@ def test_val_fraction_needs_val_data_with_shards(shards, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_shards_in_train_and_eval_are_one_line(shards, tmp_path, capsys):
+def test_missing_shards_are_one_line_and_no_run_folder(shards, tmp_path, capsys):
     missing = str(shards / "train-{000000..000009}.tar")
     assert main(["train", "--data", missing, "--out", str(tmp_path / "run"), *QUICK]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -20,6 +20,7 @@ evaluation sampler gives every image to exactly one process.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 import warnings
@@ -130,8 +131,8 @@ def write_shards(
         )
     kept = _kept_entries(dst, prefix, folder.classes)
 
-    order = np.random.default_rng(seed).permutation(len(folder.samples))
-    samples = [folder.samples[i] for i in order]
+    listed = folder.samples  # (path, class index), built afresh on every access
+    samples = [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
     broken: dict[Path, str] = {}
     pending: list[tuple[bytes, str, int]] = []
     written: dict[str, dict[str, int]] = {}
@@ -285,8 +286,6 @@ def list_shards(data: str) -> ShardList:
 
 
 def _read_index(folder: Path) -> dict[str, Any]:
-    import json
-
     path = folder / CLASSES_FILE
     if not path.is_file():
         raise MobileNetError(
