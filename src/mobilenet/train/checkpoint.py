@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write, write_csv, write_json
+from ..fileio import write_bytes, write_csv, write_json
 
 __all__ = ["load_last", "rng_state", "save_last", "set_rng_state", "write_json", "write_metrics"]
 
@@ -29,7 +30,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_last(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # Serialised in memory first: torch.save's own writer reports no error on a full disk.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_last(path: Path) -> dict[str, Any]:

@@ -18,9 +18,7 @@ interruption anywhere continues exactly as if the run had never stopped.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -29,7 +27,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from ..errors import MobileNetError
@@ -37,8 +34,9 @@ from ..weights import save_weights
 from . import checkpoint as ckpt
 from .cpu import keep_freed_memory, one_thread_worker
 from .distributed import Distributed, setup
-from .optim import build_ema, build_optimizer, build_scheduler
 from .recipes import Recipe
+from .run_folder import RunFolder, check_resume, claim, plain
+from .state import State
 
 __all__ = ["FitResult", "RunConfig", "Setup", "Task", "TrainingDiverged", "fit"]
 
@@ -126,33 +124,50 @@ def fit(task: Task, run: RunConfig) -> FitResult:
     start = time.perf_counter()
     check_run(run)
     out = Path(run.out)
-    new_folder = not out.exists()
     dist = setup(run.device)
     if dist.device.type == "cpu":
         keep_freed_memory()  # see mobilenet.train.cpu: fewer page faults per step
     try:
-        if run.amp and dist.device.type != "cuda":
-            raise MobileNetError("--amp needs a CUDA device")
-        if run.recipe.batch_size % dist.world_size:
-            raise MobileNetError(
-                f"batch size {run.recipe.batch_size} is not divisible by "
-                f"{dist.world_size} processes"
+        _check_processes(run, dist)
+        # One run per folder (a lock); a run that fails before its first epoch is saved
+        # removes the folder it created.
+        with claim(out, dist.is_main):
+            resumed = ckpt.load_last(out / "last.pt") if run.resume else None
+            torch.manual_seed(run.seed)
+            built = task.setup(dist)
+            settings = {"task": task.name, **plain(task.config())}
+            settings.update(recipe=run.recipe.to_dict(), run=plain(run.to_dict()))
+            if resumed is not None:
+                check_resume(resumed.get("config"), settings, resumed.get("epoch", 0))
+            loader = _train_loader(built, run, dist)
+            state = State(
+                built.model, run.recipe, run.lr, run.amp, run.channels_last, dist, len(loader)
             )
-        resumed = ckpt.load_last(out / "last.pt") if run.resume else None
-        torch.manual_seed(run.seed)
-        built = task.setup(dist)
-        loader = _train_loader(built, run, dist)
-        state = _State(built.model, run, dist, len(loader))
-        if resumed is not None:
-            state.restore(resumed)
-        return _epochs(task, run, dist, built, loader, state, start)
-    except BaseException:
-        # A run that fails before its first epoch is saved leaves no folder behind.
-        if dist.is_main and new_folder and not (out / "last.pt").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+            if resumed is not None:
+                state.restore(resumed)
+            return _epochs(task, run, dist, built, loader, state, settings, start)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise MobileNetError(
+            f"a data loading process died ({str(e).splitlines()[0]}); continue from the "
+            f"last saved epoch with --resume"
+        ) from None
     finally:
         dist.close()
+
+
+def _check_processes(run: RunConfig, dist: Distributed) -> None:
+    if run.amp and dist.device.type != "cuda":
+        raise MobileNetError("--amp needs a CUDA device")
+    batch = run.recipe.batch_size
+    if batch % dist.world_size:
+        raise MobileNetError(f"batch size {batch} is not divisible by {dist.world_size} processes")
+    if batch // dist.world_size < 2:
+        raise MobileNetError(
+            f"batch size {batch} gives {batch // dist.world_size} image per process: "
+            "BatchNorm needs at least 2"
+        )
 
 
 def _epochs(
@@ -161,11 +176,15 @@ def _epochs(
     dist: Distributed,
     built: Setup,
     loader: DataLoader,
-    state: _State,
+    state: State,
+    settings: dict[str, Any],
     start: float,
 ) -> FitResult:
     out, epochs = Path(run.out), run.recipe.epochs
-    log = _RunFolder(out, task, run, state.lr, dist.world_size) if dist.is_main else None
+    log = None
+    if dist.is_main:
+        config = {**settings, "lr": state.lr, "world_size": dist.world_size}
+        log = RunFolder(out, config, task.plot, task.metrics)
     for epoch in range(state.epoch, epochs):
         seed = run.seed * 100_003 + epoch
         torch.manual_seed(seed)
@@ -193,7 +212,7 @@ def _epochs(
                 metadata = task.metadata(epoch + 1, val)
                 save_weights(state.evaluated, out / "best.safetensors", metadata)
             log.epoch(row, state.history)
-            ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, _plain(task.config())))
+            ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, settings))
             if run.progress:
                 print(task.epoch_line(row, epochs), flush=True)
         dist.barrier()
@@ -201,14 +220,17 @@ def _epochs(
     checksums = dist.replica_checksums(state.model)
     seconds = time.perf_counter() - start
     if log is not None:
-        log.close(state, checksums, seconds, dist.world_size)
+        # One checksum per process: DistributedDataParallel keeps the replicas equal.
+        summary = {"seconds": seconds, "world_size": dist.world_size}
+        summary["replica_checksums"] = checksums
+        log.close(state.history, state.best_epoch, state.best_val, summary)
     final = state.history[-1] if state.history else {}
     return FitResult(state.best_epoch, state.best_val, final, seconds, out)
 
 
 def _train_one_epoch(
     task: Task,
-    state: _State,
+    state: State,
     loader: DataLoader,
     dist: Distributed,
     run: RunConfig,
@@ -240,122 +262,6 @@ def _train_one_epoch(
     n = totals[-1].item()
     means = {k: totals[i].item() / n for i, k in enumerate(task.stats)}
     return {**means, "lr": lr, "images_per_s": n / seconds, "seconds": seconds}
-
-
-# --------------------------------------------------------------------------- the state
-
-
-class _State:
-    """The model and everything that trains it: what ``last.pt`` saves and restores."""
-
-    def __init__(self, model: nn.Module, run: RunConfig, dist: Distributed, steps: int) -> None:
-        recipe = run.recipe
-        memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-        self.model = model.to(dist.device, memory_format=memory_format)
-        self.lr = run.lr if run.lr is not None else recipe.scaled_lr(recipe.batch_size)
-        self.optimizer = build_optimizer(model, recipe, self.lr)
-        self.scheduler = build_scheduler(self.optimizer, recipe, recipe.epochs, steps)
-        self.ema = build_ema(model, recipe.ema_decay)
-        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=run.amp)
-        cuda = dist.device.type == "cuda"
-        self.ddp: nn.Module = (
-            DistributedDataParallel(model, device_ids=[dist.device] if cuda else None)
-            if dist.enabled
-            else model
-        )
-        self.epoch = 0
-        self.history: list[dict[str, Any]] = []
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.best_val: dict[str, float] | None = None
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The network that is evaluated and saved: the EMA of the weights, if kept."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def step(self, loss: torch.Tensor) -> float:
-        """One optimizer step; returns the learning rate it used."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
-        return lr
-
-    def checkpoint(self, epoch: int, config: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": ckpt.rng_state(),
-            "history": self.history,
-            "best": {"score": self.best_score, "epoch": self.best_epoch, "val": self.best_val},
-            "config": config,
-        }
-
-    def restore(self, saved: dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            self.scaler.load_state_dict(saved["scaler"])
-            if self.ema is not None:
-                self.ema.load_state_dict(saved["ema"])
-            ckpt.set_rng_state(saved["rng"])
-            self.epoch, self.history, best = saved["epoch"], saved["history"], saved["best"]
-        except (KeyError, TypeError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MobileNetError(
-                f"last.pt does not fit this run (another model or settings?): {first}"
-            ) from None
-        self.best_score, self.best_epoch, self.best_val = best["score"], best["epoch"], best["val"]
-
-
-# --------------------------------------------------------------------------- the run folder
-
-
-class _RunFolder:
-    """What rank 0 writes: config.json, metrics.csv, TensorBoard, curves.png, summary.json."""
-
-    def __init__(self, out: Path, task: Task, run: RunConfig, lr: float, world: int) -> None:
-        self.out, self.task = out, task
-        out.mkdir(parents=True, exist_ok=True)
-        config = {"task": task.name, **_plain(task.config()), "run": run.to_dict()}
-        config.update(recipe=run.recipe.to_dict(), lr=lr, world_size=world)
-        ckpt.write_json(out / "config.json", config)
-        self.tensorboard = _tensorboard(out)
-
-    def epoch(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        ckpt.write_metrics(self.out / "metrics.csv", history)
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "epoch" and value is not None:
-                    self.tensorboard.add_scalar(key, value, row["epoch"])
-
-    def close(self, state: _State, checksums: list[float], seconds: float, world: int) -> None:
-        if state.history:
-            self.task.plot(state.history, self.out / "curves.png")
-            best_val = state.best_val or {}
-            summary = {
-                "task": self.task.name,
-                **{f"best_val_{k}": best_val.get(k) for k in self.task.metrics},
-                "best_epoch": state.best_epoch,
-                "final": state.history[-1],
-                "seconds": seconds,
-                "world_size": world,
-                # One checksum per process: DistributedDataParallel keeps replicas equal.
-                "replica_checksums": checksums,
-            }
-            ckpt.write_json(self.out / "summary.json", summary)
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -439,20 +345,7 @@ def _row(
     }
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    """Plain JSON values (a weights-only ``last.pt`` holds nothing else)."""
-    return json.loads(json.dumps(config, default=str))
-
-
 def _progress(loader: DataLoader, epoch: int, epochs: int):
     from tqdm.auto import tqdm
 
     return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tensorboard"))

@@ -1,0 +1,124 @@
+"""The run folder: one run at a time, resume only with the same settings, a failed start
+leaves nothing, a dying data loader is one line."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mobilenet.cli import main
+from mobilenet.errors import MobileNetError
+from mobilenet.tasks.classification import TrainConfig, train
+from mobilenet.train import get_recipe
+
+from .helpers import ENV, mobilenet_command
+
+QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
+QUICK += ["--workers", "0", "--quiet", "--data", "digits"]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mobilenet", "train", *QUICK, "--epochs", "3", "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() or not (out / ".lock").read_text():
+        assert first.poll() is None, first.stderr.read()  # type: ignore[union-attr]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    second = mobilenet_command("train", *QUICK, "--epochs", "1", "--lr", "0.01", "--out", str(out))
+    assert second.returncode == 2
+    assert f"in use by another run (process {first.pid})" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    # Resuming while it runs is refused too.
+    resumed = mobilenet_command("train", *QUICK, "--epochs", "3", "--resume", "--out", str(out))
+    assert resumed.returncode == 2 and "in use by another run" in resumed.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()  # type: ignore[union-attr]
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["epochs"] == 3 and config["run"]["lr"] is None  # the first run's
+    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+    assert not (out / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["train", *QUICK, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--lr", "0.01"], "lr 0.01"),
+        (["--batch-size", "32"], "batch_size 32"),
+        (["--resolution", "40"], "resolution 40"),
+        (["--recipe", "paper-v2"], "--resume with other settings"),
+        (["--width-mult", "0.5"], "width_mult 0.5"),
+        (["--model", "mobilenet_v2"], "model 'mobilenet_v2'"),
+        (["--seed", "3"], "seed 3"),
+        (["--ema-decay", "0.9"], "ema_decay 0.9"),
+        (["--epochs", "1"], "trained 2 epochs already"),
+    ],
+)
+def test_resume_refuses_other_settings(finished_run, flags, named, capsys):
+    before = (finished_run / "last.pt").read_bytes()
+    args = ["train", *QUICK, "--epochs", "2", *flags, "--resume", "--out", str(finished_run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err
+    assert (finished_run / "last.pt").read_bytes() == before
+
+
+def test_resume_with_more_epochs_stretches_the_schedule(finished_run, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "config.json", "metrics.csv", "best.safetensors"):
+        (out / name).write_bytes((finished_run / name).read_bytes())
+    args = ["train", *QUICK, "--epochs", "4", "--workers", "1", "--resume", "--out", str(out)]
+    assert main(args) == 0
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 4
+    # The rate of each epoch's last step. The 2-epoch cosine had decayed to about 1e-6;
+    # stretched over 4 epochs, epoch 3 ends at a quarter of the peak, epoch 4 near zero.
+    lrs = [row["lr"] for row in last["history"]]
+    peak = json.loads((out / "config.json").read_text())["lr"]
+    assert lrs[1] < 1e-5 and lrs[2] == pytest.approx(peak / 4, rel=0.15) and lrs[3] < 1e-5
+    assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 4
+
+
+def test_batch_of_one_image_per_process_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *QUICK[:-2], "--batch-size", "1", "--data", "digits", "--out", str(out)]
+    assert main(args) == 2
+    assert "BatchNorm needs at least 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_dying_data_loader_is_one_line(tmp_path, monkeypatch):
+    from mobilenet.data.datasets import TensorImages
+
+    real = TensorImages.__getitem__
+
+    def die_in_a_worker(self, i):
+        if torch.utils.data.get_worker_info() is not None:
+            os._exit(1)
+        return real(self, i)
+
+    monkeypatch.setattr(TensorImages, "__getitem__", die_in_a_worker)
+    out = tmp_path / "run"
+    recipe = get_recipe("demo", epochs=1, batch_size=64, resolution=32)
+    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=1, progress=False)
+    with pytest.raises(MobileNetError, match="a data loading process died"):
+        train(cfg)
+    assert not out.exists()
