@@ -34,7 +34,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import MobileNetError
-from .limits import MAX_RESOLUTION
+
+# 2**20 pixels a side keeps the largest tensor of the widest model (about 2**12 channels
+# x 2**38 pixels) well inside int64, which the meta device needs to propagate shapes.
+MAX_RESOLUTION = 1 << 20
 
 __all__ = [
     "LAYER_TYPES",

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cost import MAX_RESOLUTION, activation_memory
 from .errors import MobileNetError
+from .machine import available_memory, format_bytes
+from .models.registry import MAX_WIDTH_MULT
 
 if TYPE_CHECKING:
     import torch
@@ -43,12 +45,6 @@ __all__ = [
     "meta_model",
 ]
 
-# 100x the papers' widest network (1.4) is already 10,000x its weights; beyond, a model is
-# a typo, not an experiment.
-MAX_WIDTH_MULT = 100.0
-# 2**20 pixels a side keeps the largest tensor of the widest model (about 2**12 channels
-# x 2**38 pixels) well inside int64, which the meta device needs to propagate shapes.
-MAX_RESOLUTION = 1 << 20
 
 # Gradients plus two optimizer moments (AdamW, RMSprop; SGD's momentum is one): what a
 # training step adds to every trainable parameter.
@@ -67,15 +63,6 @@ class MemoryEstimate:
         return self.weights + self.activations
 
 
-def format_bytes(nbytes: float) -> str:
-    """``1.5 GiB``: binary units, up to EiB (absurd sizes are the point of this module)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(nbytes) < 1024:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:,.1f} EiB"
-
-
 def meta_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model on the ``meta`` device: shapes without data, instantly, at
     any width. The argument checks of :func:`mobilenet.create_model` all apply."""
@@ -85,27 +72,6 @@ def meta_model(name: str, **kwargs: Any) -> nn.Module:
 
     with torch.device("meta"):
         return create_model(name, **kwargs)
-
-
-def available_memory(device: str | torch.device | None = None) -> int | None:
-    """Bytes that can still be allocated on ``device``: the free memory CUDA reports for a
-    GPU, else ``MemAvailable`` from ``/proc/meminfo``. None where the system does not say
-    (not Linux): the check is then skipped rather than guessed."""
-    import torch
-
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
-    return None
 
 
 def estimate_memory(
@@ -122,7 +88,6 @@ def estimate_memory(
     machine's available memory already excludes them. ``copies`` counts processes that
     each hold the whole model (``bench`` runs one per engine).
     """
-    from .cost import activation_memory
     from .models.base import DeployedModel
 
     weights = 0

@@ -7,9 +7,8 @@ import math
 import os
 from typing import Any, NoReturn
 
-from ..cost import check_resolution
+from ..cost import MAX_RESOLUTION, check_resolution
 from ..errors import MobileNetError
-from ..limits import MAX_RESOLUTION
 from ..models import list_models
 from ..models.registry import check_width_mult
 

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
-from ..limits import MAX_WIDTH_MULT
 from ..weights import find_layout, load_weights, read_checkpoint, saved_config
 
 __all__ = [
@@ -36,6 +35,10 @@ __all__ = [
 TASKS = ("classification", "detection")
 # The package that registers each task's models beyond the classifiers, imported on demand.
 _TASK_PACKAGES = {"detection": "mobilenet.detection"}
+
+# 100x the papers' widest network (1.4) is already 10,000x its weights; beyond, a model is
+# a typo, not an experiment.
+MAX_WIDTH_MULT = 100.0
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 _TASKS: dict[str, str] = {}  # model name -> task
@@ -197,7 +200,7 @@ def _check_fits(
     than the checkpoint could not load it anyway, but a merely mis-shaped one is left to
     :func:`load_weights`, whose message says which tensors differ.
     """
-    from ..limits import available_memory, format_bytes
+    from ..machine import available_memory, format_bytes
 
     with torch.device("meta"):
         meta = _build(name, kwargs)
