@@ -200,7 +200,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", script, str(fifo)], capture_output=True, text=True, timeout=60
     )
-    assert result.stdout.strip() == f"{fifo}: not a readable image (a FIFO, not a regular file)"
+    expected = f"{fifo}: not a readable image (a FIFO, not a regular file)"
+    assert result.stdout.strip() == expected, result.stderr
     # A FIFO in a class folder is not listed at all (the listing never opens it).
     root = _folder(tmp_path / "data")
     os.mkfifo(root / "a" / "pipe.jpg")

@@ -161,7 +161,8 @@ def check_headers(paths: Sequence[str], processes: int | None = None) -> dict[in
     """The positions in ``paths`` whose image header is unreadable, with the reason.
 
     Large lists are split over forked processes (PIL's header parsing is Python code, so
-    threads would queue on the GIL): about 17 s per million files on two cores.
+    threads would queue on the GIL). With the listing, a million files took 43 s on two
+    cores that other work kept half busy (``benchmarks/data_startup.py``).
     """
     if processes is None:
         processes = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
