@@ -126,8 +126,10 @@ def test_quantize_bad_requests_write_nothing(digits_weights, tmp_path, capsys):
     base = ["quantize", "--weights", digits_weights, "--data", "digits"]
     assert main([*base, "--method", "qat", "--out", str(tmp_path / "q.onnx")]) == 2
     assert "use --format torch" in capsys.readouterr().err
-    assert main([*base, "--lr", "-1", "--method", "qat", "--out", str(tmp_path / "q.st")]) == 2
-    assert "--lr must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the argument parser
+        main([*base, "--lr", "-1", "--method", "qat", "--out", str(tmp_path / "q.st")])
+    assert exit_info.value.code == 2
+    assert "argument --lr: must be > 0" in capsys.readouterr().err
     out = tmp_path / "q.safetensors"
     assert main([*base[:-1], str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "data not found" in capsys.readouterr().err

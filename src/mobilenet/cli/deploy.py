@@ -160,7 +160,7 @@ def _load_for_export(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..export.int8 import QATConfig, quantize_torch, save_int8
-    from ..export.quantize import quantize_onnx
+    from ..export.quantize import calibration_images_of, quantize_onnx
     from ..inference import load_trained
     from ..models.base import DeployedModel
 
@@ -171,18 +171,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
     name = trained.model.config.name
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if fmt == "onnx":
-        out = quantize_onnx(trained, args.data, args.out, args.calibration_images)
-        how = f"ONNX QDQ, calibrated on {args.calibration_images} images of {args.data}"
+        out = quantize_onnx(trained, args.data, args.out, args.calibration_images, progress=log)
+        how = f"ONNX QDQ, calibrated on {calibration_images_of(out)} images of {args.data}"
     else:
         qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
         model = quantize_torch(
             trained, args.data, args.method, args.calibration_images, qat, progress=log
         )
         out = save_int8(model, args.out, trained.classes, trained.resolution)
         how = (
-            f"PyTorch x86, calibrated on {args.calibration_images} images of {args.data}"
+            f"PyTorch x86, calibrated on {model.calibration_images} images of {args.data}"
             if args.method == "ptq"
             else f"PyTorch x86, {args.epochs} epochs of QAT on {args.data}"
         )

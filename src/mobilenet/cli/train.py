@@ -12,14 +12,17 @@ import json
 from pathlib import Path
 
 from ..errors import MobileNetError
+from ..limits import check_memory
 from ..models import model_task
 from .args import (
+    finite_float,
     is_main_process,
     model_name,
     non_negative_int,
     positive_float,
     positive_int,
     resolution,
+    seed,
     width,
 )
 
@@ -78,22 +81,22 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     p.add_argument("--batch-size", type=positive_int, help="global batch size (all processes)")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: the recipe's)")
     p.add_argument("--optimizer", choices=["sgd", "adamw", "rmsprop_tf"], help="(needs --lr)")
-    p.add_argument("--weight-decay", type=float, help="default: the recipe's (detection: 4e-5)")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up before the decay")
+    p.add_argument("--weight-decay", type=finite_float, help="default: the recipe's")
+    p.add_argument("--warmup-epochs", type=finite_float, help="linear warm-up before the decay")
     p.add_argument("--ema-decay", type=positive_float, help="keep an EMA of the weights")
     p.add_argument("--resolution", "--image-size", dest="resolution", type=resolution,
                    help="input size (default: the recipe's; detection: 320)")  # fmt: skip
     p.add_argument("--eval-every", type=positive_int, default=1, help="epochs between evals")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--workers", type=non_negative_int, default=2, help="data loading processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     c = p.add_argument_group("classification")
     c.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: demo)")
-    c.add_argument("--val-fraction", type=float, help="share of --data held out (default 0.1)")
+    c.add_argument("--val-fraction", type=finite_float, help="share of --data held out (0.1)")
     c.add_argument("--pretrained", help="start from these weights (classifier reset)")
     c.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     d = p.add_argument_group("detection")
@@ -144,7 +147,7 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
                    help="auto (default: ONNX Runtime where installed), onnxruntime, "
                    "eager-fused, eager")  # fmt: skip
     d = p.add_argument_group("detection")
-    d.add_argument("--min-score", type=float, default=None, help="report above (0.5)")
+    d.add_argument("--min-score", type=finite_float, default=None, help="report above (0.5)")
     d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn")
 
 
@@ -300,6 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..inference import evaluate_on, load_trained
 
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    check_memory(trained.model, trained.resolution, args.batch_size or 64, "the evaluation",
+                 device=args.device or "cpu")  # fmt: skip
     metrics = evaluate_on(
         trained, args.data, args.batch_size or 64, args.workers or 0, args.device or "cpu"
     )
@@ -344,6 +349,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..inference import load_trained, predict
 
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
+    check_memory(trained.model, trained.resolution, 1, "the prediction")
     results = predict(trained, args.images, args.top or 5, args.engine or "auto")
     if args.json:
         print(json.dumps(results, indent=2))

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from ..data import builtin_splits, eval_transform, folder_splits, train_transform
 from ..data.datasets import BUILTIN, Split
 from ..errors import MobileNetError
+from ..limits import check_memory, meta_model
 from ..models import MobileNet, create_model
 from ..train.cpu import one_thread_worker
 from ..train.distributed import Distributed
@@ -93,6 +94,10 @@ class ClassificationTask:
 
     def setup(self, dist: Distributed) -> Setup:
         cfg = self.cfg
+        per_process = cfg.recipe.batch_size // dist.world_size
+        shape = meta_model(cfg.model, width_mult=cfg.width_mult, num_classes=10)
+        check_memory(shape, cfg.recipe.resolution, per_process, "the training", training=True,
+                     device=dist.device)  # fmt: skip
         # The model first: its evaluation config sets the transforms; then a classifier
         # for the data's classes.
         model = build_model(cfg) if self.model is None else self.model
@@ -100,7 +105,6 @@ class ClassificationTask:
         cfg.classes = split.classes
         model.reset_classifier(len(split.classes))
         if split.val is not None:
-            per_process = cfg.recipe.batch_size // dist.world_size
             self.val_loader = DataLoader(
                 split.val,
                 batch_size=per_process * 2,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
+from ..limits import check_memory, meta_model
 from ..models import create_model
 from ..train.distributed import Distributed
 from ..train.engine import RunConfig, Setup, fit
@@ -124,6 +125,9 @@ class DetectionTask:
         from ..detection.loss import LossConfig
 
         cfg = self.cfg
+        shape = meta_model(cfg.model, width_mult=cfg.width_mult, image_size=cfg.image_size)
+        check_memory(shape, cfg.image_size, cfg.batch_size // dist.world_size, "the training",
+                     training=True, device=dist.device)  # fmt: skip
         # The training set fixes the classes; the model is built for them.
         flip = cfg.flip if cfg.flip is not None else cfg.data != "mnist-det"
         train_set = CocoDetection(
