@@ -21,6 +21,7 @@ config (thresholds included), ``box_coder_weights`` and ``categories``.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -30,9 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
-from ..export.onnx import DEFAULT_OPSET, onnx_session, set_metadata
+from ..export.onnx import DEFAULT_OPSET, onnx_session, with_metadata
 from ..export.prepare import prepare_for_inference
-from ..fileio import atomic_write
+from ..fileio import write_bytes
 from .model import SSDLite
 
 __all__ = ["export_detector_onnx"]
@@ -66,50 +67,53 @@ def export_detector_onnx(
     raw = _RawDetector(prepare_for_inference(model.eval(), channels_last=False)).eval()
     reference = _RawDetector(model.eval()).eval()
     size = model.config.image_size
-    result: dict[str, float] = {}
+    # Exported and checked in memory, then written in one piece: a library writing
+    # straight to disk can fail silently or abort on a full disk.
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            raw,
+            (torch.rand(1, 3, size, size),),
+            buffer,
+            input_names=["images"],
+            output_names=["logits", "box_codes", "default_boxes"],
+            dynamic_axes={
+                "images": {0: "batch"},
+                "logits": {0: "batch"},
+                "box_codes": {0: "batch"},
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
+    meta = {
+        "task": "detection",
+        "config": json.dumps(model.config.to_dict()),
+        "resolution": str(size),
+        "box_coder_weights": json.dumps(list(model.box_coder.weights)),
+        **(metadata or {}),
+    }
+    data = with_metadata(buffer.getvalue(), meta)
+    worst, scale = _worst_difference(reference, onnx_session(data), size)
+    if not worst <= TOLERANCE * scale:
+        raise MobileNetError(
+            f"ONNX Runtime differs from PyTorch by {worst:.2e} "
+            f"(tolerance {TOLERANCE * scale:.1e}); nothing written"
+        )
+    write_bytes(path, data)
+    return worst
 
-    def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                raw,
-                (torch.rand(1, 3, size, size),),
-                str(tmp),
-                input_names=["images"],
-                output_names=["logits", "box_codes", "default_boxes"],
-                dynamic_axes={
-                    "images": {0: "batch"},
-                    "logits": {0: "batch"},
-                    "box_codes": {0: "batch"},
-                },
-                opset_version=opset,
-                dynamo=False,
-            )
-        meta = {
-            "task": "detection",
-            "config": json.dumps(model.config.to_dict()),
-            "resolution": str(size),
-            "box_coder_weights": json.dumps(list(model.box_coder.weights)),
-            **(metadata or {}),
-        }
-        set_metadata(tmp, meta)
-        session = onnx_session(tmp)
-        g = torch.Generator().manual_seed(0)
-        worst, scale = 0.0, 1.0
-        for batch in (1, 2):
-            x = torch.rand(batch, 3, size, size, generator=g)
-            with torch.no_grad():
-                expected = [t.numpy() for t in reference(x)]
-            got = session.run(None, {"images": x.numpy()})
-            for e, o in zip(expected, got, strict=True):
-                worst = max(worst, float(np.abs(e - o).max()))
-                scale = max(scale, float(np.abs(e).max()))
-        if not worst <= TOLERANCE * scale:
-            raise MobileNetError(
-                f"ONNX Runtime differs from PyTorch by {worst:.2e} "
-                f"(tolerance {TOLERANCE * scale:.1e}); nothing written"
-            )
-        result["diff"] = worst
 
-    atomic_write(path, write)
-    return result["diff"]
+def _worst_difference(reference: nn.Module, session, size: int) -> tuple[float, float]:
+    """(largest |ONNX Runtime - PyTorch| over batches of 1 and 2, largest |PyTorch| or 1)."""
+    g = torch.Generator().manual_seed(0)
+    worst, scale = 0.0, 1.0
+    for batch in (1, 2):
+        x = torch.rand(batch, 3, size, size, generator=g)
+        with torch.no_grad():
+            expected = [t.numpy() for t in reference(x)]
+        got = session.run(None, {"images": x.numpy()})
+        for e, o in zip(expected, got, strict=True):
+            worst = max(worst, float(np.abs(e - o).max()))
+            scale = max(scale, float(np.abs(e).max()))
+    return worst, scale

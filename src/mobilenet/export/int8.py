@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import CheckpointError, MobileNetError
-from ..fileio import atomic_write
+from ..fileio import write_bytes
 from ..models import MobileNet, ModelConfig, create_model
 from ..models.base import DeployedModel
 
@@ -294,7 +294,7 @@ FORMAT = "mobilenet-int8"
 
 def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution: int) -> Path:
     """Write an int8 model as safetensors (integer values, scales, zero points); atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
@@ -312,7 +312,8 @@ def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution
     if model.calibration_images is not None:  # provenance: what the ranges were measured on
         metadata["calibration_images"] = str(model.calibration_images)
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    # Serialised in memory first: safetensors' own writer reports no error on a full disk.
+    write_bytes(path, save(tensors, metadata=metadata))
     return path
 
 
