@@ -147,7 +147,7 @@ def main() -> None:
     import warnings
 
     from mobilenet.bench import machine
-    from mobilenet.data.shards import write_shards
+    from mobilenet.cli.data import write_shards
 
     before = cpu_times()
     time.sleep(1)

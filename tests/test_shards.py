@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mobilenet.cli import main
+from mobilenet.cli.data import write_shards
 from mobilenet.data.images import load_rgb
 from mobilenet.data.shards import (
     CLASSES_FILE,
@@ -24,7 +25,6 @@ from mobilenet.data.shards import (
     eval_set,
     is_shards,
     list_shards,
-    write_shards,
 )
 from mobilenet.errors import MobileNetError
 

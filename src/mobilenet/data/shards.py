@@ -1,8 +1,8 @@
 """WebDataset tar shards: an image folder written as a few large files, read as a stream.
 
-Millions of small files are slow to list, to check and to copy to many machines, and a
-network file system serves them badly; a few hundred tar files read front to back are
-fast everywhere. ``mobilenet shards SRC DST`` writes them as WebDataset does:
+Millions of small files are slow to list, check and copy to many machines; a few hundred
+tar files read front to back are fast everywhere. ``mobilenet shards SRC DST`` (see
+:mod:`mobilenet.cli.data`) writes them as WebDataset does:
 
 * ``DST/train-000000.tar``, ... each sample ``<key>.<jpg|png|...>`` (the image file's
   bytes, unchanged) and ``<key>.cls`` (its class index, ASCII);
@@ -25,7 +25,6 @@ import os
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,11 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import MobileNetError
 from ..extras import require
-from ..fileio import atomic_write, write_json
 from .datasets import ImageFolder, Split
-from .images import to_rgb, warn_skipped
+from .images import to_rgb
 
-__all__ = [
-    "CLASSES_FILE",
-    "ShardImages",
-    "ShardList",
-    "ShardStream",
-    "Written",
-    "eval_set",
-    "is_shards",
-    "list_shards",
-    "shard_splits",
-    "write_shards",
-]
+__all__ = ["CLASSES_FILE", "ShardImages", "ShardList", "ShardStream", "eval_set", "is_shards",
+           "list_shards", "shard_splits"]  # fmt: skip
 
 Transform = Callable[[object], torch.Tensor]
 CLASSES_FILE = "classes.json"
@@ -61,151 +49,8 @@ SHUFFLE_BUFFER = 1000  # samples (encoded bytes) a worker shuffles among
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
                "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}  # fmt: skip
 _IMAGE_EXTS = frozenset({*_EXTENSIONS.values(), "jpeg", "pgm", "tif"})
+_END = object()  # the end of an iterator whose items may be None
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
-
-# --------------------------------------------------------------------------- writing
-
-
-@dataclass
-class Written:
-    shards: list[Path]
-    samples: int
-    skipped: int
-    classes: list[str]
-    pattern: str  # what --data takes, e.g. DST/train-{000000..000002}.tar
-
-
-def _encoded(path: Path) -> tuple[bytes, str] | str:
-    """The file's bytes and the extension of its real format; or why it does not decode."""
-    try:
-        data = path.read_bytes()
-        if not data:
-            return "empty file"
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format == "JPEG":
-                # Decoding at 1/8 scale still reads every byte: finds truncation cheaply.
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-            ext = _EXTENSIONS.get(image.format or "", path.suffix.lower().lstrip("."))
-        return data, ext
-    except UnidentifiedImageError:
-        return "not an image"
-    except _DECODE_ERRORS as e:
-        return str(e) or type(e).__name__
-
-
-def _shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
-
-
-def write_shards(
-    src: str | Path,
-    dst: str | Path,
-    shard_size: int = 1000,
-    prefix: str = "train",
-    seed: int = 0,
-    overwrite: bool = False,
-    workers: int = 4,
-    progress: bool = False,
-) -> Written:
-    """Write the image folder ``src`` as tar shards of ``shard_size`` images in ``dst``.
-
-    The images go in a random order (fixed by ``seed``) so that every shard mixes the
-    classes: a streaming reader shuffles only within a buffer. Files that do not decode
-    are skipped, named in one warning. Each shard is written under a temporary name and
-    renamed, and ``classes.json`` last, so a reader never sees half a data set.
-    """
-    if shard_size < 1:
-        raise MobileNetError(f"shard size must be positive, got {shard_size}")
-    if not prefix or "/" in prefix or prefix.startswith("."):
-        raise MobileNetError(f"bad shard prefix {prefix!r} (a plain name, e.g. train)")
-    wds = require("webdataset", "data", "writing tar shards")
-    folder = ImageFolder(src, check=False)  # the folder datasets' classes and files
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise MobileNetError(f"{dst} exists and is not a folder")
-    old = sorted(dst.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) if dst.is_dir() else []
-    if old and not overwrite:
-        raise MobileNetError(
-            f"{dst} already holds {prefix}-*.tar shards: pass --overwrite, or another folder"
-        )
-    kept = _kept_entries(dst, prefix, folder.classes)
-
-    listed = folder.samples  # (path, class index), built afresh on every access
-    samples = [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
-    broken: dict[Path, str] = {}
-    pending: list[tuple[bytes, str, int]] = []
-    written: dict[str, dict[str, int]] = {}
-    count = 0
-
-    def flush() -> None:
-        path = dst / _shard_name(prefix, len(written))
-        first = count - len(pending)
-
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-                for i, (data, ext, label) in enumerate(pending, start=first):
-                    sink.write({"__key__": f"{i:09d}", ext: data, "cls": str(label).encode()})
-
-        atomic_write(path, write)
-        written[path.name] = {"samples": len(pending), "bytes": path.stat().st_size}
-        pending.clear()
-
-    bar = _bar(len(samples), "checking and writing") if progress else None
-    chunk = 64 * max(1, workers)  # bounded read-ahead: a shard's images, not the folder's
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(samples), chunk):
-            part = samples[start : start + chunk]
-            for (path, label), result in zip(
-                part, pool.map(_encoded, [p for p, _ in part]), strict=True
-            ):
-                if isinstance(result, str):
-                    broken[path] = result
-                    continue
-                pending.append((*result, label))
-                count += 1
-                if len(pending) == shard_size:
-                    flush()
-            if bar is not None:
-                bar.update(len(part))
-        if pending:
-            flush()
-    if bar is not None:
-        bar.close()
-    warn_skipped(broken, folder.root)
-    if not written:
-        raise MobileNetError(f"no readable images in {folder.root}")
-    for path in old:  # shards of an earlier, longer write under the same prefix
-        if path.name not in written:
-            path.unlink(missing_ok=True)
-    index = {"format": "webdataset", "classes": folder.classes, "shards": {**kept, **written}}
-    write_json(dst / CLASSES_FILE, index)
-    last = len(written) - 1
-    pattern = _shard_name(prefix, 0) if last == 0 else f"{prefix}-{{000000..{last:06d}}}.tar"
-    paths = [dst / name for name in written]
-    return Written(paths, count, len(broken), folder.classes, str(dst / pattern))
-
-
-def _kept_entries(dst: Path, prefix: str, classes: list[str]) -> dict[str, Any]:
-    """The entries of ``dst/classes.json`` for other prefixes' shards (e.g. val-*.tar),
-    kept when they index the same classes."""
-    if not (dst / CLASSES_FILE).is_file():
-        return {}
-    index = _read_index(dst)
-    others = {k: v for k, v in index["shards"].items() if not k.startswith(f"{prefix}-")}
-    if others and index["classes"] != classes:
-        raise MobileNetError(
-            f"{dst / CLASSES_FILE} lists other classes for its shards {next(iter(others))}, "
-            "...: write these shards to another folder"
-        )
-    return others
-
-
-def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
-
 
 # --------------------------------------------------------------------------- finding
 
@@ -461,8 +306,8 @@ class ShardStream(IterableDataset):
         size, initial = max(1, self.shuffle_buffer), min(100, max(1, self.shuffle_buffer))
         for item in items:
             buffer.append(item)
-            if len(buffer) < size:
-                buffer.extend(_take(items, 1))
+            if len(buffer) < size and (more := next(items, _END)) is not _END:
+                buffer.append(more)
             if len(buffer) >= initial:
                 j = rng.integers(len(buffer))
                 buffer[j], buffer[-1] = buffer[-1], buffer[j]
@@ -505,15 +350,6 @@ class ShardStream(IterableDataset):
     def _sample(self, decoded: tuple[Image.Image, int]) -> tuple[Any, int]:
         image, label = decoded
         return (self.transform(image) if self.transform else image), label
-
-
-def _take(items: Iterator[Any], n: int) -> list[Any]:
-    out = []
-    for item in items:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
 
 
 # --------------------------------------------------------------------------- evaluation
