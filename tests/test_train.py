@@ -176,6 +176,10 @@ def test_training_on_a_folder_with_broken_files(tmp_path):
         (["--data", "digits", "--val-data", "missing"], "validation data folder not found"),
         (["--data", "digits", "--pretrained", "missing.pth"], "pretrained checkpoint not found"),
         (["--data", "digits", "--weight-decay", "-1"], "weight decay must be >= 0"),
+        (["--data", ""], "--data is an empty path"),
+        (["--data", "README.md"], "is a file, not an image folder"),
+        (["--data", "digits", "--seed", "-1"], "--seed"),
+        (["--data", "digits", "--weight-decay", "nan"], "--weight-decay"),
         (["--data", "digits", "--ema-decay", "1.5"], "EMA decay must be in (0, 1)"),
         (["--data", "digits", "--warmup-epochs", "-2"], "warm-up epochs must be >= 0"),
     ],
@@ -292,3 +296,20 @@ def test_int8_quantization_through_onnx_runtime(tmp_path, capsys):
     assert first.classes == [str(i) for i in range(10)] and first.resolution == 32
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(first.model(x), second.model(x))
+
+
+def test_an_image_that_fails_to_decode_is_skipped_and_reported(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.jpg", quality=90)
+    broken = tmp_path / "data" / "a" / "0.jpg"
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) * 3 // 4])  # the header reads, the pixels do not
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "data"), "--epochs", "1", "--out", str(out)]
+    assert main([*args, *QUICK[:4], "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s) skipped: a/0.jpg" in err

@@ -185,13 +185,21 @@ def build_model(cfg: TrainConfig) -> MobileNet:
 
 
 def _check_config(cfg: TrainConfig) -> None:
+    from ..data.shards import is_shards
+
     if not 0 <= cfg.val_fraction < 1:
         raise MobileNetError(f"validation fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.data not in BUILTIN and not Path(cfg.data).is_dir():
+    if not cfg.data:
+        raise MobileNetError("--data is an empty path: name an image folder or a built-in set")
+    if is_shards(cfg.data) or cfg.data in BUILTIN:
+        pass  # tar shards are listed (and refused if missing) when the data is opened
+    elif Path(cfg.data).is_file():
+        raise MobileNetError(f"--data {cfg.data} is a file, not an image folder")
+    elif not Path(cfg.data).is_dir():
         raise MobileNetError(
             f"data not found: {cfg.data} (an image folder, or one of: {', '.join(BUILTIN)})"
         )
-    if cfg.val_data is not None and not Path(cfg.val_data).is_dir():
+    if cfg.val_data is not None and not (Path(cfg.val_data).is_dir() or is_shards(cfg.val_data)):
         raise MobileNetError(f"validation data folder not found: {cfg.val_data}")
     if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
         raise MobileNetError(f"pretrained checkpoint not found: {cfg.pretrained}")

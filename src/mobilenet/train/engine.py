@@ -19,6 +19,7 @@ interruption anywhere continues exactly as if the run had never stopped.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -192,6 +193,7 @@ def _epochs(
         (loader.dataset if streaming else loader.sampler).set_epoch(epoch)  # type: ignore[union-attr]
         loader.generator.manual_seed(seed)  # type: ignore[union-attr]
         stats = _train_one_epoch(task, state, loader, dist, run, epoch)
+        _report_skipped(loader.dataset, dist)
         # Each process updated its BatchNorm statistics on its own shard: average them,
         # so every replica (and its EMA) evaluates and saves the same network.
         dist.average_buffers(state.model)
@@ -343,6 +345,17 @@ def _row(
         "images_per_s": stats["images_per_s"],
         "epoch_seconds": stats["seconds"],
     }
+
+
+def _report_skipped(dataset: Any, dist: Distributed) -> None:
+    """One line per epoch when training files failed to decode (a dataset that skips such
+    files says which through ``skipped`` / ``skipped_line()``), counted over all ranks."""
+    if not hasattr(dataset, "skipped"):
+        return
+    count = dist.all_reduce(torch.tensor([len(dataset.skipped)], device=dist.device))
+    if dist.is_main and int(count.item()):
+        line = dataset.skipped_line() or f"{int(count.item())} unreadable image(s) skipped"
+        print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _progress(loader: DataLoader, epoch: int, epochs: int):
