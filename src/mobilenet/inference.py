@@ -156,8 +156,12 @@ def evaluate_on(
     from .train.evaluate import evaluate
 
     transform = eval_transform(trained.resolution, trained.model.eval_config)
+    from .data.shards import eval_set, is_shards
+
     if data in BUILTIN:
         dataset = builtin_splits(data, transform, transform).val
+    elif is_shards(data):
+        dataset = eval_set(data, transform, trained.classes)
     elif Path(data).is_dir():
         dataset = ImageFolder(data, transform, classes=trained.classes)
     else:

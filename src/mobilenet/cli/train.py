@@ -75,8 +75,13 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     p.set_defaults(func=cmd_train, task=task)
     p.add_argument("--model", type=model_name(task), default=default_model)
     p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
-    p.add_argument("--data", required=True, help="image folder, COCO folder or built-in set")
-    p.add_argument("--val-data", help="separate held-out folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="image folder, tar shards ('shards/train-{000000..000127}.tar'), COCO folder "
+        "or built-in set",
+    )
+    p.add_argument("--val-data", help="separate held-out folder or shards")
     p.add_argument("--epochs", type=positive_int, help="default: the recipe's (detection: 30)")
     p.add_argument("--batch-size", type=positive_int, help="global batch size (all processes)")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: the recipe's)")
@@ -198,6 +203,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_flags(args, task, args.model)
     if args.optimizer is not None and args.lr is None:
         raise MobileNetError("--optimizer changes the recipe's optimizer: give --lr too")
+    if task == "classification" and args.val_fraction is not None and args.val_data is None:
+        from ..data.shards import is_shards
+
+        if is_shards(args.data):
+            raise MobileNetError(
+                "--val-fraction cannot hold out part of tar shards: give the held-out shards "
+                "with --val-data"
+            )
     if task == "detection":
         from ..tasks.detection import train_detector
 

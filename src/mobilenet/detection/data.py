@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data.images import find_broken, load_rgb
+from ..data.images import check_headers, load_rgb
 from ..errors import MobileNetError
 
 __all__ = [
@@ -177,7 +177,10 @@ class CocoDetection(Dataset):
         unknown = sum(len(anns) for image_id, anns in by_image.items() if image_id not in listed)
         if unknown:
             self.skipped["boxes skipped (unknown image id)"] += unknown
-        broken = find_broken(list(files.values())) if check else {}
+        # Headers only (about 0.03 ms a file, not a decode): a file whose pixels are cut
+        # short is refused in one line, naming it, when it is loaded.
+        paths = list(files.values())
+        broken = {paths[i] for i in check_headers([str(p) for p in paths])} if check else set()
         kept_images, targets = [], []
         for info in images:
             file = files.pop(info["id"], None)  # pop: a repeated id finds nothing the 2nd time
