@@ -176,6 +176,7 @@ def test_training_on_a_folder_with_broken_files(tmp_path):
         (["--data", "digits", "--val-data", "missing"], "validation data folder not found"),
         (["--data", "digits", "--pretrained", "missing.pth"], "pretrained checkpoint not found"),
         (["--data", "digits", "--weight-decay", "-1"], "weight decay must be >= 0"),
+        (["--data", "digits", "--lr", "1e308"], "learning rate must be > 0 and <= 100"),
         (["--data", ""], "--data is an empty path"),
         (["--data", "README.md"], "is a file, not an image folder"),
         (["--data", "digits", "--seed", "-1"], "--seed"),

@@ -42,6 +42,10 @@ from .state import State
 __all__ = ["FitResult", "RunConfig", "Setup", "Task", "TrainingDiverged", "fit"]
 
 
+# Far above any recipe's rate (0.01-0.5); beyond it float32 arithmetic overflows at once.
+MAX_LR = 100.0
+
+
 class TrainingDiverged(MobileNetError):
     """The loss became NaN or infinite."""
 
@@ -278,8 +282,8 @@ def check_run(run: RunConfig) -> None:
         raise MobileNetError(f"batch size must be positive, got {r.batch_size}")
     if r.resolution < 32:
         raise MobileNetError(f"resolution must be >= 32, got {r.resolution}")
-    if run.lr is not None and not (run.lr > 0 and math.isfinite(run.lr)):
-        raise MobileNetError(f"learning rate must be positive, got {run.lr}")
+    if run.lr is not None and not 0 < run.lr <= MAX_LR:
+        raise MobileNetError(f"learning rate must be > 0 and <= {MAX_LR:g}, got {run.lr:g}")
     if not (r.weight_decay >= 0 and math.isfinite(r.weight_decay)):
         raise MobileNetError(f"weight decay must be >= 0, got {r.weight_decay}")
     if not (r.warmup_epochs >= 0 and math.isfinite(r.warmup_epochs)):
