@@ -135,6 +135,7 @@ def test_convert_refuses_a_mismatch_and_writes_nothing(tmp_path, capsys):
     assert main([*args, "--width-mult", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "does not fit mobilenet_v2 (width 0.5" in err and "mis-shaped" in err
+    assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == [tmp_path / "v2.pth"]
 
 

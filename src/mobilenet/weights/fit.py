@@ -57,17 +57,19 @@ def check_fits(model: nn.Module, state_dict: StateDict, name: str, source: str) 
     ]
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{name} ({source} layout) does not fit {_describe(model)}:"]
+    parts = []
     for label, keys in (
         ("missing", missing),
         ("unexpected", unexpected),
         ("mis-shaped", misshaped),
     ):
         if keys:
-            lines.append(f"  {len(keys)} {label}: {_shown(keys)}")
+            parts.append(f"{len(keys)} {label}: {_shown(keys)}")
     if misshaped and all(k.startswith("classifier.") for k in misshaped):
-        lines.append("  (only the classifier differs: pass the checkpoint's number of classes)")
-    raise CheckpointError("\n".join(lines))
+        parts.append("only the classifier differs: pass the checkpoint's number of classes")
+    # One line, however many tensors differ: the CLI prints errors as one line each.
+    details = "; ".join(parts)
+    raise CheckpointError(f"{name} ({source} layout) does not fit {_describe(model)}: {details}")
 
 
 def check_values(model: nn.Module, state_dict: StateDict, name: str) -> None:
