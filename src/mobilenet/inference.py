@@ -50,6 +50,8 @@ def load_trained(
     path = resolve_weights(weights)
     if path.suffix == ".onnx":
         return _load_onnx(path, resolution)
+    if path.suffix == ".pt2":
+        return _load_pt2(path, model, resolution)
     state_dict, metadata = read_checkpoint(path)
     if is_int8_checkpoint(metadata):
         return _load_int8(state_dict, metadata, path, resolution)
@@ -130,6 +132,46 @@ def _load_onnx(path: Path, resolution: int | None) -> Trained:
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
     return Trained(OnnxModel(session, config), classes, res, path)
+
+
+class Pt2Model(DeployedModel):
+    """A ``torch.export`` program behind the ``nn.Module`` call interface, run on the CPU
+    where it was exported. The program is kept outside the module tree: its module refuses
+    ``train()``/``eval()``, which ``evaluate`` calls on the wrapper."""
+
+    def __init__(self, program: nn.Module, config: ModelConfig, resolution: int) -> None:
+        super().__init__(config)
+        self.__dict__["program"] = program  # not a submodule (see above)
+        self.resolution = resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The program's own guards are not run (they are code from the file): check here.
+        expected = (3, self.resolution, self.resolution)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
+            raise MobileNetError(
+                f"the exported program takes (batch, 3, {self.resolution}, {self.resolution}) "
+                f"images, not {tuple(x.shape)}"
+            )
+        with torch.no_grad():
+            logits = self.program(x.detach().cpu().float().contiguous())
+        return logits.to(x.device)  # beside the targets evaluate() moved there
+
+
+def _load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
+    from .export.pt2 import read_pt2
+
+    program, metadata = read_pt2(path)
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+    except (KeyError, ValueError, TypeError) as e:  # missing, not JSON, unknown fields
+        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
+    if model is not None and model != config.name:
+        raise MobileNetError(f"{path} holds {config.name}, not {model}")
+    classes = _saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    res = _saved_resolution(metadata, path)
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    return Trained(Pt2Model(program, config, res), classes, res, path)
 
 
 def _load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:

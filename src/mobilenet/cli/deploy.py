@@ -23,11 +23,18 @@ __all__ = ["add_parsers"]
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch")
+    p = sub.add_parser(
+        "export", help="export to ONNX or a torch.export program (.pt2), checked against PyTorch"
+    )
     p.add_argument("--model", required=True, type=model_name(), help="model name")
     add_model_args(p)
     p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "pt2", "torchscript"],
+        default="onnx",
+        help="pt2: torch.export program; torchscript: deprecated, use pt2",
+    )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--resolution", type=resolution, default=None, help="input size")
     p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
@@ -110,6 +117,7 @@ def opset(text: str) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
+    from ..export.pt2 import export_pt2
 
     if args.opset is not None and args.format != "onnx":
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
@@ -128,6 +136,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET, metadata)
         checked = "ONNX Runtime"
+    elif args.format == "pt2":
+        diff = export_pt2(model, args.out, resolution, metadata)
+        checked = "torch.export"
     else:
         diff = export_torchscript(model, args.out, resolution)
         checked = "TorchScript"
@@ -135,6 +146,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
     )
+    if args.format == "torchscript":
+        # After the write, not before: a refused export stays one error line.
+        print(
+            "note: TorchScript is deprecated in PyTorch (torch.jit.load warns); "
+            "use --format pt2 (torch.export), which eval and predict load",
+            file=sys.stderr,
+        )
     return 0
 
 
