@@ -1,6 +1,11 @@
 """Record `mobilenet bench` tables for V2, V3-Large and V3-Small at batch 1 and 32, 1 and 2
 threads, into benchmarks/inference_bench.json (and print them).
 
+Each table is headed by the CPU, its ISA features and the cores other processes kept busy
+during that run; the JSON keeps them with every result, and the ratios to the best peer
+engine of the run (``ratio_to_best``) next to those to eager PyTorch. Record on a quiet
+machine: the script ends by naming the runs that other processes slowed.
+
     python benchmarks/inference_bench.py [--engines LIST] [--rounds 5]
 """
 
@@ -11,7 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from mobilenet.bench import ENGINES, BenchConfig, format_table, machine, run_bench
+from mobilenet.bench import (
+    BUSY_WARNING,
+    ENGINES,
+    BenchConfig,
+    cpu,
+    format_table,
+    machine,
+    run_bench,
+)
 
 
 def main() -> None:
@@ -36,11 +49,19 @@ def main() -> None:
                 results.append(result)
     record = {
         "machine": machine(),
+        "cpu": cpu(),
         "command": "python benchmarks/inference_bench.py " + " ".join(sys.argv[1:]),
         "note": args.note,
         "results": results,
     }
     args.json.write_text(json.dumps(record, indent=2) + "\n")
+    busy = [r for r in results if (r["busy_other_cores"] or 0) > BUSY_WARNING]
+    for r in busy:
+        print(
+            f"busy machine: {r['model']} batch {r['batch']}, {r['threads']} thread(s): "
+            f"{r['busy_other_cores']:.2f} cores taken by other processes; record it again",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -109,43 +109,6 @@ def test_fold_batchnorm_in_place_keeps_outputs():
         torch.testing.assert_close(model(x), before, atol=1e-4, rtol=0)
 
 
-def test_bench_json(capsys):
-    args = ["bench", "mobilenet_v3_small", "--resolution", "64", "--rounds", "2"]
-    args += [
-        "--iterations",
-        "2",
-        "--engines",
-        "eager,eager-fused,onnxruntime,torch-int8,torchvision-eager",
-    ]
-    assert main([*args, "--json"]) == 0
-    captured = capsys.readouterr()
-    result = json.loads(captured.out)
-    assert {k: result[k] for k in ("model", "batch", "resolution", "threads")} == {
-        "model": "mobilenet_v3_small",
-        "batch": 1,
-        "resolution": 64,
-        "threads": 1,
-    }
-    engines = {row["engine"]: row for row in result["engines"]}
-    assert list(engines) == [
-        "eager",
-        "eager-fused",
-        "onnxruntime",
-        "torch-int8",
-        "torchvision-eager",
-    ]
-    assert engines["eager"]["ratio_to_eager"] == 1.0
-    for row in engines.values():
-        assert row["median_ms"] > 0 and row["peak_rss_bytes"] > 0
-        assert row["images_per_s"] == pytest.approx(1000 / row["median_ms"], rel=0.01)
-    assert "round 2/2" in captured.err  # progress while it runs
-
-
-def test_bench_unknown_engine(capsys):
-    assert main(["bench", "mobilenet_v2", "--engines", "eager,tensorrt"]) == 2
-    assert "unknown engine 'tensorrt'" in capsys.readouterr().err
-
-
 def test_predict_engines_agree_and_the_onnx_file_is_cached(tmp_path, capsys):
     import os
 

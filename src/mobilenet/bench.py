@@ -3,8 +3,14 @@
 Each engine runs in a process of its own (so its peak memory is its own and allocator
 state does not leak between engines); the processes take turns, one timing round each,
 after a warm-up, so that the machine's load affects all of them alike. Reported: the
-median latency per batch, images per second, the ratio to plain eager PyTorch, and the
-peak resident memory of the engine's process.
+median latency per batch, images per second, the ratio to the best peer (the fastest
+other engine of the run) and to eager PyTorch, each process's peak resident memory, the
+CPU with its ISA features, and the cores other processes kept busy meanwhile.
+
+Fair to every engine: PyTorch keeps freed memory (:mod:`mobilenet.train.cpu`: glibc
+otherwise unmaps the activations after every call, 31.3 instead of 16.9 ms at batch 1);
+``openvino`` is float32 (OpenVINO's default is bf16 where the CPU has it: ``openvino-bf16``);
+ONNX Runtime's idle threads sleep instead of spinning when its threads fill the free cores.
 
 Engines:
   eager              the model as built, eval mode, NCHW
@@ -13,10 +19,10 @@ Engines:
   onnxruntime        the exported ONNX model in ONNX Runtime
   onnxruntime-int8   ONNX Runtime, static int8 quantization (QDQ, per-channel weights),
                      calibrated on random images: for speed, not accuracy
-  torch-int8         PyTorch int8 (FX graph mode, x86 backend, per-channel weights),
-                     calibrated on random images
+  torch-int8         PyTorch int8 (FX graph, x86 backend, per-channel), calibrated alike
   torchvision-eager  torchvision's own implementation of the same network, when it has one
-  openvino           a peer runtime: OpenVINO on the exported ONNX model, when installed
+  openvino           a peer runtime: OpenVINO on the exported ONNX model, float32
+  openvino-bf16      OpenVINO in bfloat16, on CPUs with bf16 instructions
 
 The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime);
 without it they are not started, and listed as failed with the ``pip install`` to run.
@@ -24,6 +30,7 @@ without it they are not started, and listed as failed with the ``pip install`` t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -33,27 +40,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MobileNetError
 from .extras import available, install_hint
 
-__all__ = ["ENGINES", "BenchConfig", "build_engine", "machine", "missing_extra", "run_bench"]
+__all__ = ["ENGINES", "BenchConfig", "build_engine", "cpu", "machine", "missing_extra", "run_bench"]
 
 ENGINES = (
-    "eager",
-    "eager-fused",
-    "compile",
-    "onnxruntime",
-    "onnxruntime-int8",
-    "torch-int8",
-    "torchvision-eager",
-    "openvino",
-)
+    "eager", "eager-fused", "compile", "onnxruntime", "onnxruntime-int8", "torch-int8",
+    "torchvision-eager", "openvino", "openvino-bf16",
+)  # fmt: skip
 TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
-ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", "openvino")  # run the checked ONNX export
+TORCH_ENGINES = ("eager", "eager-fused", "compile", "torch-int8", "torchvision-eager")
+OPENVINO_ENGINES = ("openvino", "openvino-bf16")
+ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", *OPENVINO_ENGINES)  # run the ONNX export
+ISA = {  # the features that decide which kernels an engine can use, by /proc/cpuinfo names
+    "AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+    "BF16": ("avx512_bf16",), "AMX": ("amx_tile",),
+}  # fmt: skip
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BUSY_WARNING = 0.25  # cores kept busy by other processes that make the timings suspect
 
 
 @dataclass(frozen=True)
@@ -65,28 +74,104 @@ class BenchConfig:
     threads: int = 1
     rounds: int = 7
     iterations: int = 10  # timed calls per round
+    ort_spinning: bool | None = None  # None: spin only when threads leave a core free
+
+
+# --------------------------------------------------------------------------- the machine
+
+
+def _read(path: str) -> str:
+    """A /proc file's text; empty where there is none (not Linux)."""
+    return Path(path).read_text() if Path(path).is_file() else ""
+
+
+def _field(cpuinfo: str, name: str) -> str:
+    """The first processor's ``name`` field in a /proc/cpuinfo text (empty when absent)."""
+    lines = cpuinfo.splitlines()
+    return next((ln.partition(":")[2].strip() for ln in lines if ln.startswith(name)), "")
+
+
+def has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (what ``openvino-bf16`` needs)."""
+    return bool(set(_field(_read("/proc/cpuinfo"), "flags").split()) & set(BF16_FLAGS))
+
+
+def cpu(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name, core count and ISA features, for recorded results: int8 and
+    bf16 speed depend on VNNI, BF16 and AMX more than on anything else."""
+    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    flags = set(_field(text, "flags").split())
+    isa = [name for name, names in ISA.items() if flags & set(names)]
+    model = _field(text, "model name") or platform.machine()
+    return {"model": model, "cores": os.cpu_count(), "isa": isa}
 
 
 def machine() -> str:
     """The CPU model and core count, for recorded results."""
-    model = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
+    return "{model}, {cores} cores".format(**cpu())
 
 
-def check_engines(names: list[str], model: str, width_mult: float) -> list[str]:
+def busy_jiffies(stat: str) -> int:
+    """All cores' busy time since boot, in clock ticks, from a /proc/stat text. Steal time
+    counts: the hypervisor gave the cores to someone else. Guest time is in user already."""
+    fields = [int(v) for v in stat.splitlines()[0].split()[1:9]]  # user .. steal
+    return sum(fields) - fields[3] - fields[4]  # less idle and iowait
+
+
+def other_busy_cores(before: str, after: str, own_s: float, wall_s: float, hz: int = 100) -> float:
+    """Cores that other processes kept busy between two /proc/stat texts: the machine's
+    busy time less this benchmark's own (its process and its children), over wall time."""
+    busy_s = (busy_jiffies(after) - busy_jiffies(before)) / hz
+    return max(0.0, busy_s - own_s) / max(wall_s, 1e-9)
+
+
+def _usage() -> tuple[str, float, float]:
+    """/proc/stat, the CPU seconds of this process and its reaped children, the clock."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    return _read("/proc/stat"), own, time.perf_counter()
+
+
+def _others_since(start: tuple[str, float, float]) -> float | None:
+    """Cores other processes kept busy since ``start`` (None without /proc/stat)."""
+    (stat0, own0, t0), (stat1, own1, t1) = start, _usage()
+    if not (stat0 and stat1):
+        return None
+    return other_busy_cores(stat0, stat1, own1 - own0, t1 - t0, os.sysconf("SC_CLK_TCK"))
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def free_cores(sample_s: float = 0.2) -> float:
+    """The cores this process may use that other processes left idle over ``sample_s``."""
+    start = _usage()
+    time.sleep(sample_s)
+    return _cores() - (_others_since(start) or 0.0)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def check_engines(names: list[str], model: str, width: float, explicit: bool = False) -> list[str]:
+    """The engines of ``names`` that apply here; unknown ones refused. Those that do not
+    apply (torchvision lacks the network, OpenVINO missing, no bf16) are left out, or,
+    for an ``explicit`` request of ``openvino-bf16`` on a CPU without bf16, refused:
+    OpenVINO would quietly compute in float32 and time the same engine twice."""
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
-    if "torchvision-eager" in names and (model not in TORCHVISION or width_mult != 1.0):
+    if "torchvision-eager" in names and (model not in TORCHVISION or width != 1.0):
         names = [n for n in names if n != "torchvision-eager"]
-    if "openvino" in names and not available("openvino"):
-        names = [n for n in names if n != "openvino"]
+    if "openvino-bf16" in names and not has_bf16():
+        if explicit:
+            why = "this CPU has no avx512_bf16 or amx_bf16 (see /proc/cpuinfo)"
+            raise MobileNetError(f"openvino-bf16 needs bf16 instructions: {why}; use openvino")
+        names = [n for n in names if n != "openvino-bf16"]
+    if not available("openvino"):
+        names = [n for n in names if n not in OPENVINO_ENGINES]
     return names
 
 
@@ -102,11 +187,11 @@ def missing_extra(engine: str) -> str | None:
 # --------------------------------------------------------------------------- worker side
 
 
-def build_engine(engine: str, cfg: BenchConfig, tmp: Path):
+def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], object]:
     """A zero-argument callable that runs one batch with ``engine``."""
     import torch
 
-    from .export import export_onnx, onnx_session, prepare_for_inference
+    from .export import export_onnx, prepare_for_inference
     from .models import create_model
 
     torch.set_num_threads(cfg.threads)
@@ -139,13 +224,11 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path):
         return run
     path = tmp / "model.onnx"
     export_onnx(model, path, cfg.resolution)
-    if engine == "openvino":
+    if engine in OPENVINO_ENGINES:
         import openvino
 
-        compiled = openvino.Core().compile_model(
-            str(path), "CPU", {"INFERENCE_NUM_THREADS": cfg.threads, "PERFORMANCE_HINT": "LATENCY"}
-        )
-        request = compiled.create_infer_request()
+        config = openvino_config(engine, cfg.threads)
+        request = openvino.Core().compile_model(str(path), "CPU", config).create_infer_request()
         images = x.numpy()
         return lambda: request.infer({0: images})
     if engine == "onnxruntime-int8":
@@ -153,9 +236,33 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path):
 
         quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution))
         path = tmp / "model.int8.onnx"
-    session = onnx_session(path, cfg.threads)
+    spin = cfg.threads < _cores() if cfg.ort_spinning is None else cfg.ort_spinning
+    session = ort_session(path, cfg.threads, spin)
     feed = {"images": x.numpy()}
     return lambda: session.run(None, feed)
+
+
+def openvino_config(engine: str, threads: int) -> dict[str, object]:
+    """OpenVINO's CPU plugin settings: the precision pinned, since the plugin's default
+    is bf16 wherever the CPU has it, which would time bf16 under a float32 name."""
+    precision = "bf16" if engine == "openvino-bf16" else "f32"
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    return {**config, "INFERENCE_PRECISION_HINT": precision}
+
+
+def ort_session(path: Path, threads: int, spin: bool):
+    """An ONNX Runtime CPU session on ``threads`` threads. ``spin=False`` makes idle pool
+    threads sleep at once instead of spinning for more work: when the threads fill the
+    free cores, spinning takes them from the other engines and from the machine."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _random_batches(resolution: int) -> Iterator[dict]:
@@ -174,6 +281,11 @@ def _no_grad(model, x):
 
 
 def _worker(engine: str, cfg: BenchConfig) -> None:
+    kept = False
+    if engine in TORCH_ENGINES:  # as training does: see mobilenet.train.cpu
+        from .train.cpu import keep_freed_memory
+
+        kept = keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         run = build_engine(engine, cfg, Path(tmp))
         for _ in range(3):
@@ -187,7 +299,8 @@ def _worker(engine: str, cfg: BenchConfig) -> None:
                 run()
                 times.append(time.perf_counter() - start)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            print(json.dumps({"times": times, "peak_rss_bytes": peak}), flush=True)
+            reply = {"times": times, "peak_rss_bytes": peak, "keep_freed_memory": kept}
+            print(json.dumps(reply), flush=True)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -204,46 +317,59 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
 
     engines = check_engines(engines, cfg.model, cfg.width_mult)
     starting = [e for e in engines if missing_extra(e) is None]
-    check_memory(
-        meta_model(cfg.model, width_mult=cfg.width_mult),
-        cfg.resolution,
-        cfg.batch,
-        "the benchmark",
-        copies=max(1, len(starting)),
-    )
+    model = meta_model(cfg.model, width_mult=cfg.width_mult)
+    check_memory(model, cfg.resolution, cfg.batch, "the benchmark", copies=max(1, len(starting)))
+    start = _usage()
+    if cfg.ort_spinning is None:
+        cfg = dataclasses.replace(cfg, ort_spinning=cfg.threads < free_cores())
     failed: dict[str, str] = {}
     procs = _start_engines(cfg, engines, failed, progress)
     try:
-        times, peaks = _rounds(cfg, procs, progress)
+        replies = _rounds(cfg, procs, progress)
     finally:
         for proc in procs.values():
             if proc.stdin:
                 proc.stdin.close()
             proc.wait()
-    if "eager" not in times:
-        raise MobileNetError(f"the eager engine failed: {failed.get('eager', 'not run')}")
-    eager = statistics.median(times["eager"])
-    rows = []
-    for engine, samples in times.items():
-        median = statistics.median(samples)
+    others = _others_since(start)  # after the waits: the children's time is counted as ours
+    if not replies:
+        reasons = "; ".join(f"{e}: {r}" for e, r in failed.items()) or "none started"
+        raise MobileNetError(f"no engine ran ({reasons})")
+    medians = {e: statistics.median(r["times"]) for e, r in replies.items()}
+    rows = engine_rows(cfg.batch, medians)
+    for row in rows:
+        reply = replies[row["engine"]]
+        row.update({k: reply[k] for k in ("peak_rss_bytes", "keep_freed_memory")})
+    setting = ("model", "width_mult", "batch", "resolution", "threads")
+    return {
+        **{key: getattr(cfg, key) for key in setting},
+        "cpu": cpu(),
+        "busy_other_cores": None if others is None else round(others, 2),
+        "onnxruntime_spinning": cfg.ort_spinning,
+        "engines": rows,
+        "failed": failed,
+    }
+
+
+def engine_rows(batch: int, medians: dict[str, float]) -> list[dict]:
+    """One row per engine from its median seconds per batch. The headline ratio is to the
+    best peer, the fastest other engine of the run (below 1: the fastest, by that much):
+    beating a slow baseline such as eager (``ratio_to_eager``) does not make one fast."""
+    rows, eager = [], medians.get("eager")
+    for engine, median in medians.items():
+        peers = {e: m for e, m in medians.items() if e != engine}
+        best = min(peers, key=peers.__getitem__) if peers else None
         rows.append(
             {
                 "engine": engine,
                 "median_ms": round(median * 1000, 3),
-                "images_per_s": round(cfg.batch / median, 2),
-                "ratio_to_eager": round(median / eager, 3),
-                "peak_rss_bytes": peaks[engine],
+                "images_per_s": round(batch / median, 2),
+                "ratio_to_best": round(median / peers[best], 3) if best else None,
+                "best_peer": best,
+                "ratio_to_eager": round(median / eager, 3) if eager else None,
             }
         )
-    return {
-        "model": cfg.model,
-        "width_mult": cfg.width_mult,
-        "batch": cfg.batch,
-        "resolution": cfg.resolution,
-        "threads": cfg.threads,
-        "engines": rows,
-        "failed": failed,
-    }
+    return rows
 
 
 def _start_engines(
@@ -261,15 +387,9 @@ def _start_engines(
                 continue
             if progress:
                 progress(f"preparing {engine}")
-            command = [sys.executable, "-m", "mobilenet.bench", engine, json.dumps(cfg.__dict__)]
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
+            cmd = [sys.executable, "-m", "mobilenet.bench", engine, json.dumps(cfg.__dict__)]
+            pipe = subprocess.PIPE
+            proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=env)
             if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 err = proc.stderr.read().strip().splitlines()  # type: ignore[union-attr]
                 failed[engine] = err[-1] if err else "failed to start"
@@ -284,37 +404,44 @@ def _start_engines(
     return procs
 
 
-def _rounds(
-    cfg: BenchConfig, procs: dict[str, subprocess.Popen], progress
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Interleaved rounds: each engine in turn runs ``cfg.iterations`` timed calls."""
-    times: dict[str, list[float]] = {e: [] for e in procs}
-    peaks: dict[str, int] = {}
+def _rounds(cfg: BenchConfig, procs: dict[str, subprocess.Popen], progress) -> dict[str, dict]:
+    """Interleaved rounds: each engine in turn runs ``cfg.iterations`` timed calls. Per
+    engine: all its times, and its last reply's peak memory and allocator setting."""
+    replies: dict[str, dict] = {e: {"times": []} for e in procs}
     for round_ in range(cfg.rounds):
         for engine, proc in procs.items():
             proc.stdin.write(f"{cfg.iterations}\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
             reply = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
-            times[engine] += reply["times"]
-            peaks[engine] = reply["peak_rss_bytes"]
+            replies[engine] = {**reply, "times": replies[engine]["times"] + reply["times"]}
         if progress:
             progress(f"round {round_ + 1}/{cfg.rounds}")
-    return times, peaks
+    return replies
 
 
 def format_table(result: dict) -> str:
+    """The result as a table headed by the run's conditions: the CPU, its ISA features
+    and the other processes' load, without which the milliseconds mean little."""
+    info, busy = result["cpu"], result["busy_other_cores"]
+    load = "not measured" if busy is None else f"{busy:.2f} cores busy with other processes"
     lines = [
         f"{result['model']} (width {result['width_mult']:g}), batch {result['batch']}, "
         f"{result['resolution']}x{result['resolution']}, {result['threads']} thread(s)",
-        f"{'engine':<18} {'median ms':>10} {'images/s':>10} {'vs eager':>9} {'peak RSS':>10}",
+        f"{info['model']}, {info['cores']} cores ({', '.join(info['isa']) or 'no AVX2'}); {load}",
+        f"{'engine':<18} {'median ms':>10} {'images/s':>10} {'vs best peer':>30} {'peak RSS':>10}",
     ]
     for row in result["engines"]:
+        peer = row["best_peer"]
+        ratio = f"{row['ratio_to_best']:.2f}x {peer}" if peer else ""
         lines.append(
             f"{row['engine']:<18} {row['median_ms']:>10.2f} {row['images_per_s']:>10.1f} "
-            f"{row['ratio_to_eager']:>8.2f}x {row['peak_rss_bytes'] / 2**20:>7.0f} MiB"
+            f"{ratio:>30} {row['peak_rss_bytes'] / 2**20:>7.0f} MiB"
         )
     for engine, reason in result["failed"].items():
         lines.append(f"{engine:<18} failed: {reason}")
+    if busy is not None and busy > BUSY_WARNING:
+        warning = f"warning: other processes kept {busy:.2f} cores busy during the run"
+        lines.append(warning + "; the timings are slower and noisier than on a quiet machine")
     return "\n".join(lines)
 
 
