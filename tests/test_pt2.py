@@ -32,10 +32,15 @@ def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
     program, metadata = read_pt2(path)
     assert metadata["resolution"] == str(RES)
     assert json.loads(metadata["config"])["name"] == name
+    g = torch.Generator().manual_seed(1)
     for batch in (1, 5):  # 5: a batch size the export never saw
-        x = torch.randn(batch, 3, RES, RES)
+        x = torch.randn(batch, 3, RES, RES, generator=g)
         with torch.no_grad():
-            torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=0)
+            expected = model(x)
+            # The export's own rule: 1e-4 for unit-scale logits, growing with larger ones
+            # (BatchNorm folding alone moves logits of 16 by ~1e-4 in float32).
+            atol = 1e-4 * max(1.0, expected.abs().max().item())
+            torch.testing.assert_close(program(x), expected, atol=atol, rtol=0)
     assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)  # folded
 
 
