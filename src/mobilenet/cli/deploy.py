@@ -215,7 +215,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import ENGINES, BenchConfig, check_engines, format_table, run_bench
 
     engines = args.engines.split(",") if args.engines else list(ENGINES)
-    engines = check_engines([e.strip() for e in engines if e.strip()], args.model, args.width_mult)
+    engines = [e.strip() for e in engines if e.strip()]
+    engines = check_engines(engines, args.model, args.width_mult, explicit=bool(args.engines))
     cfg = BenchConfig(
         args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
         args.iterations,

@@ -185,7 +185,7 @@ def _checkpoint_task(weights: str, model: str | None) -> str:
     from ..weights.io import read_metadata
 
     path = resolve_weights(weights)
-    if path.suffix == ".onnx":
+    if path.suffix in (".onnx", ".pt2"):
         return "classification"  # exported classifiers (detectors export raw heads)
     metadata = read_metadata(path)
     if metadata.get("task"):
