@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .errors import CheckpointError, MobileNetError
-from .export.int8 import is_int8_checkpoint
+from .export.int8 import Int8Model, is_int8_checkpoint
 from .extras import available, require
 from .models import MobileNet, ModelConfig
 from .models.base import DeployedModel
@@ -24,7 +24,15 @@ from .models.pretrained import resolve_weights
 from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, saved_config
 
-__all__ = ["Trained", "check_image_files", "evaluate_on", "load_trained", "predict"]
+__all__ = [
+    "Trained",
+    "check_image_files",
+    "choose_engine",
+    "evaluate_on",
+    "inference_engine",
+    "load_trained",
+    "predict",
+]
 
 
 @dataclass
@@ -236,20 +244,57 @@ def check_image_files(paths: list[str]) -> None:
 PREDICT_ENGINES = ("auto", "onnxruntime", "eager-fused", "eager")
 
 
+def engine_candidates(trained: Trained) -> list[str]:
+    """The engines ``predict`` can run float weights on here. The int8 engines are not
+    among them: quantizing is a change of the model, made only by the user's own file."""
+    onnx_ready = available("onnx") and available("onnxruntime") and trained.path is not None
+    return ["eager", "eager-fused", *(["onnxruntime"] if onnx_ready else [])]
+
+
+def deployed_engine(model: DeployedModel) -> str:
+    """The engine a deployed file (ONNX, int8, torch.export) runs on: itself, as it is."""
+    if isinstance(model, OnnxModel):
+        from .export.onnx import read_metadata
+
+        int8 = read_metadata(model.session).get("precision") == "int8"
+        return "onnxruntime-int8" if int8 else "onnxruntime"
+    if isinstance(model, Pt2Model):
+        return "pt2"
+    return "torch-int8" if isinstance(model, Int8Model) else type(model).__name__
+
+
+def choose_engine(trained: Trained, engine: str = "auto", batch: int = 1) -> str:
+    """The engine ``predict`` runs: a deployed file's own; the one asked for; or, for
+    ``auto``, the fastest that ``mobilenet bench --save`` measured on this machine for
+    this model, width and thread count (the record nearest in resolution and in
+    ``batch``, the images classified at once). Without a record: ONNX Runtime where the
+    ``deploy`` extra is installed, else eager-fused."""
+    if isinstance(trained.model, DeployedModel):
+        return deployed_engine(trained.model)
+    if engine != "auto":
+        return engine
+    from .engines import fastest, recorded_medians
+
+    candidates = engine_candidates(trained)
+    config = trained.model.config
+    medians = recorded_medians(
+        config.name, config.width_mult, batch, trained.resolution, torch.get_num_threads()
+    )
+    default = "onnxruntime" if "onnxruntime" in candidates else "eager-fused"
+    return fastest(medians, candidates) or default
+
+
 def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
     """The model behind ``predict``, run by ``engine``.
 
-    ``onnxruntime``, the fastest on CPUs in ``mobilenet bench`` (about 0.35x the latency of
-    eager PyTorch for mobilenet_v2 at batch 1), exports the weights once and keeps the
-    checked ONNX file in the cache (``$MOBILENET_HOME/onnx``, keyed by the weights' hash
-    and the resolution); it needs the ``deploy`` extra. ``eager-fused`` folds BatchNorm;
-    ``eager`` runs the model as is. ``auto`` is ``onnxruntime`` when the ``deploy`` extra
-    is installed and the weights came from a file, else ``eager-fused``.
+    ``onnxruntime``, the fastest on most CPUs in ``mobilenet bench`` (about 0.35x the
+    latency of eager PyTorch for mobilenet_v2 at batch 1), exports the weights once and
+    keeps the checked ONNX file in the cache (``$MOBILENET_HOME/onnx``, keyed by the
+    weights' hash and the resolution); it needs the ``deploy`` extra. ``eager-fused`` folds
+    BatchNorm; ``eager`` runs the model as is. ``auto``: see :func:`choose_engine` (batch 1).
     """
+    engine = choose_engine(trained, engine)
     model = trained.model
-    if engine == "auto":
-        onnx_ready = available("onnx") and available("onnxruntime")
-        engine = "onnxruntime" if onnx_ready and trained.path is not None else "eager-fused"
     if isinstance(model, DeployedModel) or engine == "eager":
         return model
     if engine == "eager-fused":
@@ -277,7 +322,8 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
 
 @torch.no_grad()
 def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "auto") -> list[dict]:
-    """The ``top`` classes of each image, with probabilities. Unreadable images raise."""
+    """The ``top`` classes of each image, with probabilities, and the engine that ran them
+    (``auto`` chooses by measurement: the name says which). Unreadable images raise."""
     check_image_files(images)
     transform = eval_transform(trained.resolution, trained.model.eval_config)
     batch = []
@@ -290,6 +336,7 @@ def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "au
             raise MobileNetError(f"image not found: {image}") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise MobileNetError(f"{image}: not a readable image ({e})") from None
+    engine = choose_engine(trained, engine, len(images))
     model = inference_engine(trained, engine)
     probs = model(torch.stack(batch)).softmax(1)
     k = min(top, probs.shape[1])
@@ -297,6 +344,7 @@ def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "au
     return [
         {
             "image": image,
+            "engine": engine,
             "top": [
                 {"class": trained.classes[i], "probability": p}
                 for p, i in zip(v.tolist(), ix.tolist(), strict=True)

@@ -69,6 +69,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
     p.add_argument("--iterations", type=positive_int, default=10, help="calls per round")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--save", action="store_true",
+                   help="record the medians for predict --engine auto "
+                   "($MOBILENET_HOME/engines.json)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 
@@ -221,7 +224,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
         args.iterations,
     )  # fmt: skip
+    if args.save:
+        from ..engines import load_records
+
+        load_records()  # a damaged record is refused before minutes of timing, not after
     result = run_bench(cfg, engines, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.save:
+        from ..engines import save_measurements
+
+        path = save_measurements(result)
+        print(f"medians recorded in {path}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
