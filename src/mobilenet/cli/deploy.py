@@ -31,9 +31,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
     p.add_argument(
         "--format",
-        choices=["onnx", "pt2", "torchscript"],
+        choices=["onnx", "pt2", "pte", "torchscript"],
         default="onnx",
-        help="pt2: torch.export program; torchscript: deprecated, use pt2",
+        help="pt2: torch.export program; pte: ExecuTorch program (XNNPACK, batch 1 to 8, "
+        'pip install "mobilenet[mobile]"); torchscript: deprecated, use pt2',
     )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--resolution", type=resolution, default=None, help="input size")
@@ -122,6 +123,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
     from ..export.pt2 import export_pt2
 
+    batch = "dynamic batch"
     if args.opset is not None and args.format != "onnx":
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
     if args.weights and args.num_classes is not None:
@@ -142,11 +144,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif args.format == "pt2":
         diff = export_pt2(model, args.out, resolution, metadata)
         checked = "torch.export"
+    elif args.format == "pte":
+        from ..export.executorch import MAX_BATCH, export_pte
+
+        diff = export_pte(model, args.out, resolution, metadata)
+        checked, batch = "ExecuTorch", f"batch 1 to {MAX_BATCH}"
     else:
         diff = export_torchscript(model, args.out, resolution)
         checked = "TorchScript"
     print(
-        f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, dynamic batch; "
+        f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, {batch}; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
     )
     if args.format == "torchscript":

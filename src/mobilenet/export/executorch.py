@@ -1,0 +1,297 @@
+"""Export to an ExecuTorch program (``.pte``) with XNNPACK kernels, for phones and small CPUs.
+
+The inference-prepared model (BatchNorm folded) goes through ``torch.export`` with a batch
+dimension from 1 to :data:`MAX_BATCH`, is lowered with the XNNPACK partitioner and
+serialised into memory. Before a byte is written, ExecuTorch's own Python runtime loads the
+bytes and runs them on batches of 1 and 3, compared with PyTorch (1e-4 on unit-scale
+logits): what is written is what a device would run.
+
+ExecuTorch plans activation memory for the largest batch at export time, so the batch is
+bounded; :data:`MAX_BATCH` keeps that plan small for a phone (about 40 MB for
+mobilenet_v2 at 224) and is stored in the file.
+
+The ``.pte`` flatbuffer has no free-form metadata slot, but a program may hold *constant
+methods* (methods that return a value; ExecuTorch's LLM exports keep their settings this
+way). The model's config, classes and resolution are a JSON string returned by the method
+``mobilenet_metadata``, so no sidecar file is needed.
+
+int8 (:func:`export_pte_int8`) is PT2E quantization with the XNNPACK quantizer (int8
+weights per output channel, int8 activations), calibrated on the caller's images, then
+lowered the same way and checked against the quantized PyTorch reference it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MobileNetError
+from ..extras import require
+from ..fileio import write_bytes
+from .onnx import _check, _model_metadata
+from .prepare import prepare_for_inference
+from .pt2 import _first_line, _quiet_torch_logs
+
+__all__ = [
+    "MAX_BATCH",
+    "META_METHOD",
+    "export_pte",
+    "export_pte_int8",
+    "read_pte",
+    "set_pte_threads",
+]
+
+FORMAT = "mobilenet-pte"
+META_METHOD = "mobilenet_metadata"
+MAX_BATCH = 8
+# How much further from the float model the int8 program may be than PyTorch's int8
+# reference of the same quantization (see _check_int8).
+INT8_SLACK = 2.0
+
+_PURPOSE = "ExecuTorch export (.pte)"
+
+
+def export_pte(
+    model: nn.Module,
+    path: str | Path,
+    resolution: int = 224,
+    metadata: dict[str, str] | None = None,
+) -> float:
+    """Write ``model`` as an ExecuTorch program (XNNPACK, float32, batch 1 to
+    :data:`MAX_BATCH`); returns the max abs difference between the ExecuTorch runtime and
+    PyTorch, checked before the file appears."""
+    _require()
+    model = model.eval()
+    prepared = prepare_for_inference(model, channels_last=False)
+    program = _torch_export(prepared, resolution, _name(model))
+    meta = _metadata(model, resolution, metadata, "float32")
+    data = _lower(program, meta, _name(model))
+    method, _ = read_pte(data, "the exported program")
+    diff = _check(lambda t: _run(method, t), model, resolution, "ExecuTorch")
+    write_bytes(path, data)
+    return diff
+
+
+def export_pte_int8(
+    model: nn.Module,
+    calibration_batches: Iterable[torch.Tensor],
+    path: str | Path,
+    resolution: int = 224,
+    metadata: dict[str, str] | None = None,
+) -> float:
+    """Write ``model`` as an int8 ExecuTorch program: PT2E with the XNNPACK quantizer,
+    activation ranges observed on ``calibration_batches`` (image tensors of
+    ``resolution``); returns the max abs difference between the ExecuTorch runtime and the
+    float model, checked (:func:`_check_int8`) before the file appears."""
+    _require()
+    quantizer_module = "executorch.backends.xnnpack.quantizer.xnnpack_quantizer"
+    xq = require(quantizer_module, "mobile", _PURPOSE)
+    pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "mobile", _PURPOSE)
+    model = model.eval()
+    name = _name(model)
+    prepared = prepare_for_inference(model, channels_last=False)
+    captured = _torch_export(prepared, resolution, name).module()
+    quantizer = xq.XNNPACKQuantizer()
+    quantizer.set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
+    with warnings.catch_warnings(), _quiet_torch_logs():
+        warnings.simplefilter("ignore")
+        observed = pt2e.prepare_pt2e(captured, quantizer)
+        seen, first = 0, None
+        with torch.no_grad():
+            for batch in calibration_batches:
+                observed(batch)
+                seen += batch.shape[0]
+                first = batch[:3] if first is None else first
+        if first is None:
+            raise MobileNetError("int8 calibration needs at least one image")
+        reference = pt2e.convert_pt2e(observed)
+    program = _torch_export(reference, resolution, name)
+    meta = _metadata(model, resolution, metadata, "int8")
+    meta["calibration_images"] = str(seen)
+    data = _lower(program, meta, name)
+    method, _ = read_pte(data, "the exported int8 program")
+    diff = _check_int8(method, model, reference, first)
+    write_bytes(path, data)
+    return diff
+
+
+def read_pte(
+    source: str | Path | bytes, name: str = ""
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
+    """The ``forward`` of a ``.pte`` written by :func:`export_pte` (a callable on an image
+    batch, checked against the stored batch bound) and its metadata; anything else, or a
+    damaged file, is one error."""
+    _require()
+    from executorch.runtime import Runtime
+
+    what = name or str(source)
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise MobileNetError(f"{what}: cannot be read ({e.strerror or e})") from None
+    try:
+        with _quiet_native_stderr():
+            program = Runtime.get().load_program(data)
+            names = set(program.method_names)
+            if "forward" not in names or META_METHOD not in names:
+                raise MobileNetError(f"{what}: not a .pte file written by mobilenet export")
+            (text,) = program.load_method(META_METHOD).execute([])
+            forward = program.load_method("forward")
+    except MobileNetError:
+        raise
+    except Exception as e:  # the runtime raises RuntimeError, ValueError ... on a bad file
+        message = f"{what}: not a program ExecuTorch can load ({_first_line(e)})"
+        raise MobileNetError(message) from None
+    metadata = _parse_metadata(text, what)
+    max_batch = int(metadata["max_batch"])
+
+    def run(images: torch.Tensor, _keep: tuple = (program, data)) -> torch.Tensor:
+        # _keep: the method points into its program and the program into the bytes;
+        # neither holds a reference, and freeing them under the method crashes the process.
+        if not 1 <= images.shape[0] <= max_batch:
+            raise MobileNetError(f"{what} takes batches of 1 to {max_batch} images")
+        return forward.execute([images.contiguous()])[0]
+
+    return run, metadata
+
+
+def set_pte_threads(threads: int) -> None:
+    """Set the threads of ExecuTorch's XNNPACK pool, process-wide. It starts with one per
+    core, so a timing "on one thread" of a ``.pte`` is not one unless this is called; the
+    only setter the Python runtime offers is marked unsafe because methods running at that
+    moment would lose their pool: call it between runs, never during one."""
+    _require()
+    from executorch.extension.pybindings import portable_lib
+
+    with _quiet_native_stderr():
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
+def _require() -> None:
+    """Import the runtime, or name the extra; its first import logs a deprecation warning
+    of torchao's (a dependency) that says nothing to a user, so it is silenced."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        require("executorch.runtime", "mobile", _PURPOSE)
+    finally:
+        pytree.setLevel(level)
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "name", type(model).__name__)
+
+
+def _metadata(
+    model: nn.Module, resolution: int, extra: dict[str, str] | None, dtype: str
+) -> dict[str, str]:
+    meta = {**_model_metadata(model, resolution), **(extra or {})}
+    return {**meta, "dtype": dtype, "max_batch": str(MAX_BATCH), "format": FORMAT}
+
+
+def _parse_metadata(text: Any, what: str) -> dict[str, str]:
+    try:
+        metadata = json.loads(text)
+    except (TypeError, ValueError):
+        metadata = None
+    valid = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    if not valid or metadata.get("format") != FORMAT:
+        raise MobileNetError(f"{what}: not a .pte file written by mobilenet export")
+    if not metadata.get("max_batch", "").isdigit() or not metadata.get("resolution", "").isdigit():
+        raise MobileNetError(f"{what}: its mobilenet metadata is damaged")
+    return metadata
+
+
+def _torch_export(module: nn.Module, resolution: int, name: str) -> torch.export.ExportedProgram:
+    example = torch.randn(2, 3, resolution, resolution)  # batch 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # torch raises many types for a model it cannot trace
+        raise MobileNetError(f"torch.export cannot export {name}: {_first_line(e)}") from None
+
+
+def _lower(program: torch.export.ExportedProgram, meta: dict[str, str], name: str) -> bytes:
+    """The program lowered to XNNPACK and serialised, with ``meta`` as a constant method."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        with warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore")
+            edge = to_edge_transform_and_lower(
+                program,
+                partitioner=[XnnpackPartitioner()],
+                constant_methods={META_METHOD: json.dumps(meta)},
+            )
+            return bytes(edge.to_executorch().buffer)
+    except Exception as e:  # ExecuTorch raises many types for a graph it cannot lower
+        raise MobileNetError(f"ExecuTorch cannot lower {name}: {_first_line(e)}") from None
+
+
+def _run(method: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> np.ndarray:
+    return method(images).detach().numpy()
+
+
+def _check_int8(method, model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
+    """The int8 program's max abs difference from the float model, on calibration images
+    (batches of 1 and up to 3), refused when it exceeds :data:`INT8_SLACK` times the
+    quantized PyTorch reference's own.
+
+    Rounding in XNNPACK's int8 kernels differs from the reference's by a quantization step
+    here and there, and those steps compound over fifty layers, so the two int8 outputs
+    are not close to each other; what a wrong lowering changes is how far the result is
+    from the float model."""
+    ours, theirs, scale = 0.0, 0.0, 1.0
+    for x in (images[:1], images[:3]):
+        with torch.no_grad():
+            expected = model(x).numpy()
+            quantized = reference(x).numpy()
+        ours = max(ours, float(np.abs(_run(method, x) - expected).max()))
+        theirs = max(theirs, float(np.abs(quantized - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    if not ours <= INT8_SLACK * theirs + 1e-4 * scale:
+        raise MobileNetError(
+            f"ExecuTorch int8 differs from the float model by {ours:.2e}, more than "
+            f"{INT8_SLACK:g}x PyTorch int8 ({theirs:.2e}); nothing written"
+        )
+    return ours
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Keep the runtime's C++ log lines (CPU probing, load failures) off stderr: a refusal
+    is one line, and its reason is in the exception."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2 (embedded interpreters)
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
