@@ -139,6 +139,23 @@ def test_convert_refuses_a_mismatch_and_writes_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [tmp_path / "v2.pth"]
 
 
+def test_warnings_are_one_line_each(tmp_path, capsys):
+    from PIL import Image
+
+    for cls in ("a", "b", "empty"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+    for cls in ("a", "b"):
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "data" / cls / f"{i}.png")
+    dst = tmp_path / "shards"
+    assert main(["shards", str(tmp_path / "data"), str(dst), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"mobilenet shards: warning: {tmp_path / 'data'}: left out 1 class folder(s) without a "
+        "readable image: empty"
+    ]
+
+
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

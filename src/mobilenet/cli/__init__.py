@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from functools import partial
 
 from .. import __version__
 from ..errors import MobileNetError
@@ -46,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            # A warning is one line too, not Python's file:line and source line.
+            warnings.showwarning = partial(_show_warning, args.command)
+            return args.func(args) or 0
     except MobileNetError as e:
         print(f"mobilenet {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -56,3 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `mobilenet cost --all --json | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None):
+    print(f"mobilenet {command}: warning: {message}", file=file or sys.stderr, flush=True)
