@@ -100,3 +100,26 @@ def kill_mid_epoch(args: list[str], out: Path) -> int:
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     return torch.load(out / "last.pt", weights_only=True)["epoch"]
+
+
+def digits_config(out: Path, epochs: int, workers: int = 0):
+    """A quick classification run on the built-in digits at 32x32, batch 64."""
+    from mobilenet.tasks.classification import TrainConfig
+    from mobilenet.train import get_recipe
+
+    recipe = get_recipe("demo", epochs=epochs, batch_size=64, resolution=32)
+    return TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=workers, progress=False)
+
+
+def poison_losses(monkeypatch, after: int = 0) -> None:
+    """Make classification losses NaN after ``after`` batches."""
+    import mobilenet.tasks.classification as task
+
+    real, calls = task.F.cross_entropy, {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > after else loss
+
+    monkeypatch.setattr(task.F, "cross_entropy", cross_entropy)

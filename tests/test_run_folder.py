@@ -12,10 +12,9 @@ import torch
 
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
-from mobilenet.tasks.classification import TrainConfig, train
-from mobilenet.train import get_recipe
+from mobilenet.tasks.classification import train
 
-from .helpers import ENV, mobilenet_command
+from .helpers import ENV, digits_config, mobilenet_command
 
 QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
 QUICK += ["--workers", "0", "--quiet", "--data", "digits"]
@@ -117,8 +116,7 @@ def test_a_dying_data_loader_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TensorImages, "__getitem__", die_in_a_worker)
     out = tmp_path / "run"
-    recipe = get_recipe("demo", epochs=1, batch_size=64, resolution=32)
-    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=1, progress=False)
+    cfg = digits_config(out, epochs=1, workers=1)
     with pytest.raises(MobileNetError, match="a data loading process died"):
         train(cfg)
     assert not out.exists()

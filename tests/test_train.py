@@ -17,7 +17,7 @@ from mobilenet.tasks.classification import TrainConfig, train
 from mobilenet.train import TrainingDiverged, get_recipe
 from mobilenet.weights import read_checkpoint
 
-from .helpers import ENV, kill_mid_epoch
+from .helpers import ENV, digits_config, kill_mid_epoch, poison_losses
 from .helpers import mobilenet_command as cli
 
 QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
@@ -206,20 +206,9 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import mobilenet.tasks.classification as loop
-
-    calls = {"n": 0}
-    real = loop.F.cross_entropy
-
-    def cross_entropy(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 25 else loss  # epoch 2 of 23 steps
-
-    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
+    poison_losses(monkeypatch, after=25)  # in epoch 2 of 23 steps
     out = tmp_path / "run"
-    recipe = get_recipe("demo", epochs=3, batch_size=64, resolution=32)
-    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=0, progress=False)
+    cfg = digits_config(out, epochs=3)
     with pytest.raises(TrainingDiverged, match="the loss became nan at epoch 2"):
         train(cfg)
     last = torch.load(out / "last.pt", weights_only=True)
@@ -228,14 +217,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_a_run_that_fails_in_its_first_epoch_leaves_no_folder(tmp_path, monkeypatch):
-    import mobilenet.tasks.classification as task
-
-    real = task.F.cross_entropy
-    nan = lambda *args, **kwargs: real(*args, **kwargs) * float("nan")  # noqa: E731
-    monkeypatch.setattr(task.F, "cross_entropy", nan)
+    poison_losses(monkeypatch)
     out = tmp_path / "run"
-    recipe = get_recipe("demo", epochs=2, batch_size=64, resolution=32)
-    cfg = TrainConfig("mobilenet_v3_small", "digits", out, recipe, workers=0, progress=False)
+    cfg = digits_config(out, epochs=2)
     with pytest.raises(TrainingDiverged, match="at epoch 1, step 1"):
         train(cfg)
     assert not out.exists()

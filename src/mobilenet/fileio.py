@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import MobileNetError
 
-__all__ = ["atomic_write", "write_bytes", "write_csv", "write_json"]
+__all__ = ["atomic_write", "read_bytes", "write_bytes", "write_csv", "write_json"]
 
 # Room left in a file name for ".{pid}.{random}.tmp" around the target's name.
 _NAME_MAX = 255
@@ -63,6 +63,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         if isinstance(e, OSError):
             raise _error(path, e, tmp) from None
         raise
+
+
+def read_bytes(source: str | Path | bytes, what: str) -> bytes:
+    """The bytes of a file (or ``source`` itself, already in memory); an unreadable file
+    is one :class:`MobileNetError` naming ``what``."""
+    if isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as e:
+        raise MobileNetError(f"{what}: cannot be read ({e.strerror or e})") from None
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
+from .data.images import require_regular_file
 from .errors import CheckpointError, MobileNetError
 from .export.int8 import Int8Model, is_int8_checkpoint
 from .extras import available, require
@@ -227,18 +227,9 @@ def evaluate_on(
 
 
 def check_image_files(paths: list[str]) -> None:
-    """Refuse, before anything is read, an input that is missing or not a regular file: a
-    folder cannot be decoded, and opening a FIFO would wait for a writer for ever."""
+    """Refuse every input that is missing or not a regular file before any is read."""
     for path in paths:
-        try:
-            mode = Path(path).stat().st_mode
-        except FileNotFoundError:
-            raise MobileNetError(f"image not found: {path}") from None
-        except (OSError, ValueError) as e:  # permission, a NUL in the name, a loop
-            raise MobileNetError(f"{path}: cannot be read ({e})") from None
-        if not stat.S_ISREG(mode):
-            what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else ""
-            raise MobileNetError(f"{path}: not an image file ({what or 'not a regular file'})")
+        require_regular_file(path)
 
 
 PREDICT_ENGINES = ("auto", "onnxruntime", "eager-fused", "eager")

@@ -67,36 +67,29 @@ def width(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _integer(text: str, lowest: int, limit: int | None = None, bounds: str = "") -> int:
+    """``text`` as an integer >= ``lowest`` (and < ``limit``); ``bounds`` words the range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < lowest or (limit is not None and value >= limit):
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+    return value
+
+
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**32), the range every generator a run seeds
     (Python, NumPy, PyTorch) accepts."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be >= 0 and < 2**32, got {text}")
-    return value
+    return _integer(text, 0, SEED_LIMIT, ">= 0 and < 2**32")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    return _integer(text, 1, bounds="> 0")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _integer(text, 0, bounds=">= 0")
 
 
 def resolution(text: str) -> int:

@@ -167,13 +167,13 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
     for dest, (owner, flag) in TASK_FLAGS.items():
         if owner != task and getattr(args, dest, None) is not None:
             raise MobileNetError(f"{flag} applies to {owner} models; {what} is a {task} model")
-    if task != "classification":
-        for dest, flag in (("width_mult", "--width-mult"), ("resolution", "--resolution")):
-            if args.func is not cmd_train and getattr(args, dest, None) is not None:
-                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
-        for dest, flag in (("workers", "--workers"), ("device", "--device")):
-            if args.func is not cmd_train and getattr(args, dest, None) is not None:
-                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
+    if task == "classification" or args.func is cmd_train:
+        return
+    # eval and predict of a detector read these from the checkpoint, or do without them.
+    for dest in ("width_mult", "resolution", "workers", "device"):
+        if getattr(args, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
 
 
 def _checkpoint_task(weights: str, model: str | None) -> str:
@@ -309,16 +309,28 @@ def _detection_config(args: argparse.Namespace):
     )
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _weights_task(args: argparse.Namespace) -> str:
+    """The task of ``--weights`` (or ``--model``), with the other task's flags refused."""
     task = _checkpoint_task(args.weights, args.model)
     _check_flags(args, task, args.model or args.weights)
-    if task == "detection":
-        return _eval_detector(args)
-    from ..inference import evaluate_on, load_trained
+    return task
+
+
+def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "cpu"):
+    """The trained classifier of ``--weights``, once it is known to fit in memory."""
+    from ..inference import load_trained
 
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
-    check_memory(trained.model, trained.resolution, args.batch_size or 64, "the evaluation",
-                 device=args.device or "cpu")  # fmt: skip
+    check_memory(trained.model, trained.resolution, batch, what, device=device)
+    return trained
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if _weights_task(args) == "detection":
+        return _eval_detector(args)
+    from ..inference import evaluate_on
+
+    trained = _classifier(args, args.batch_size or 64, "the evaluation", args.device or "cpu")
     metrics = evaluate_on(
         trained, args.data, args.batch_size or 64, args.workers or 0, args.device or "cpu"
     )
@@ -356,14 +368,11 @@ def _eval_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    task = _checkpoint_task(args.weights, args.model)
-    _check_flags(args, task, args.model or args.weights)
-    if task == "detection":
+    if _weights_task(args) == "detection":
         return _detect(args)
-    from ..inference import load_trained, predict
+    from ..inference import predict
 
-    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
-    check_memory(trained.model, trained.resolution, 1, "the prediction")
+    trained = _classifier(args, 1, "the prediction")
     results = predict(trained, args.images, args.top or 5, args.engine or "auto")
     if args.json:
         print(json.dumps(results, indent=2))

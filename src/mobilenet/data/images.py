@@ -80,7 +80,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     truncated or corrupt image, and a decompression bomb (more pixels than
     ``PIL.Image.MAX_IMAGE_PIXELS``: refused from the header, before anything is decoded).
     """
-    _require_regular_file(path)
+    require_regular_file(path)
     try:
         with _bombs_refused(), Image.open(path) as image:
             image.load()
@@ -94,12 +94,14 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise MobileNetError(f"{path}: not a readable image ({reason})") from None
 
 
-def _require_regular_file(path: str | Path) -> None:
+def require_regular_file(path: str | Path) -> None:
+    """Refuse, before anything is read, a path that is missing or not a regular file: a
+    folder cannot be decoded, and opening a FIFO would wait for a writer for ever."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise MobileNetError(f"image not found: {path}") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # permission, a NUL in the name, a loop
         raise MobileNetError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else _SPECIAL.get(stat.S_IFMT(mode), "special")

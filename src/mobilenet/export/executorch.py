@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import MobileNetError
 from ..extras import require
-from ..fileio import write_bytes
+from ..fileio import read_bytes, write_bytes
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -137,13 +137,7 @@ def read_pte(
     from executorch.runtime import Runtime
 
     what = name or str(source)
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as e:
-            raise MobileNetError(f"{what}: cannot be read ({e.strerror or e})") from None
+    data = read_bytes(source, what)
     try:
         with _quiet_native_stderr():
             program = Runtime.get().load_program(data)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
-from ..fileio import write_bytes
+from ..fileio import read_bytes, write_bytes
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 
@@ -106,13 +106,7 @@ def read_pt2(source: str | Path | bytes, name: str = "") -> tuple[nn.Module, dic
     """The program of a ``.pt2`` written by :func:`export_pt2` (a callable module, guards
     not run) and its metadata; anything else, or a damaged file, is one error."""
     what = name or str(source)
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as e:
-            raise MobileNetError(f"{what}: cannot be read ({e.strerror or e})") from None
+    data = read_bytes(source, what)
     metadata = _inspect(data, what)
     try:
         with warnings.catch_warnings(), _quiet_torch_logs():

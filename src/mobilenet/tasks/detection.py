@@ -218,8 +218,6 @@ def _check_config(cfg: DetectTrainConfig) -> None:
     from ..detection.model import check_box_scales
     from ..extras import require
 
-    if cfg.image_size < 32:
-        raise MobileNetError(f"image size must be >= 32, got {cfg.image_size}")
     check_box_scales(cfg.min_scale, cfg.max_scale)
     if cfg.optimizer not in DEFAULT_LR:
         raise MobileNetError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")

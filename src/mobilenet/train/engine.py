@@ -140,8 +140,10 @@ def fit(task: Task, run: RunConfig) -> FitResult:
             resumed = ckpt.load_last(out / "last.pt") if run.resume else None
             torch.manual_seed(run.seed)
             built = task.setup(dist)
-            settings = {"task": task.name, **plain(task.config())}
-            settings.update(recipe=run.recipe.to_dict(), run=plain(run.to_dict()))
+            settings = plain(
+                {"task": task.name, **task.config(), "recipe": run.recipe.to_dict(),
+                 "run": run.to_dict()}
+            )  # fmt: skip
             if resumed is not None:
                 check_resume(resumed.get("config"), settings, resumed.get("epoch", 0))
             loader = _train_loader(built, run, dist)

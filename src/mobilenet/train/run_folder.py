@@ -33,9 +33,9 @@ from . import checkpoint as ckpt
 __all__ = ["MAY_CHANGE", "RunFolder", "check_resume", "claim", "plain"]
 
 # Settings a resumed run may change (the last part of their key).
-MAY_CHANGE = frozenset(
-    {"epochs", "workers", "device", "eval_every", "progress", "resume", "out", "val_every"}
-)
+MAY_CHANGE = frozenset({"epochs", "workers", "device", "eval_every", "progress", "resume", "out"})
+# Of those, the ones a user names as flags (--quiet stands for progress).
+_FLAGS_THAT_MAY_CHANGE = "device, epochs, eval_every, workers and --quiet"
 LOCK = ".lock"
 
 
@@ -106,9 +106,8 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], done: in
             for key in changed[:4]
         )
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        allowed = ", ".join(sorted(MAY_CHANGE - {"resume", "out", "progress", "val_every"}))
         raise MobileNetError(
-            f"--resume with other settings: {shown}{more}; only {allowed} and --quiet may change"
+            f"--resume with other settings: {shown}{more}; only {_FLAGS_THAT_MAY_CHANGE} may change"
         )
     epochs = current["recipe"]["epochs"]
     if epochs < done:
