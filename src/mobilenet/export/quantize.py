@@ -22,6 +22,7 @@ from ..extras import require
 from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
+from .qdq import fold_marked_scales, integer_friendly
 
 __all__ = ["calibration_images_of", "quantize_file", "quantize_onnx"]
 
@@ -53,12 +54,14 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
         def get_next(self):
             return next(batches, None)
 
+    onnx = require("onnx", "deploy", "ONNX quantization")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        pre, integer = Path(tmp) / "pre.onnx", Path(tmp) / "integer.onnx"
         # shape inference and graph clean-up
         shape_inference.quant_pre_process(str(src), str(pre))
+        onnx.save(integer_friendly(onnx.load(str(pre))), str(integer))
         quantization.quantize_static(
-            str(pre),
+            str(integer),
             str(dst),
             Reader(),
             quant_format=QuantFormat.QDQ,
@@ -66,6 +69,9 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
         )
+        quantized = onnx.load(str(dst))
+        fold_marked_scales(quantized)
+        onnx.save(quantized, str(dst))
 
 
 def quantize_onnx(
