@@ -7,7 +7,9 @@
 
 Every block records ``stride``; a block with stride 2 starts a new stage (a new output
 stride), which is how detection backbones and the memory-efficient executor find their
-feature levels without special cases.
+feature levels without special cases. In an atrous backbone (:mod:`mobilenet.models.atrous`)
+a block that gives up its stride records stride 1 and a ``dilation`` instead, so the
+feature levels it reports are the strides it really has.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class InvertedResidual(nn.Module):
     (stride s, BN, act) -> ``se`` squeeze-excite (V3 only) -> ``project`` 1x1 (exp -> k',
     BN, no activation: the linear bottleneck). The input is added back only when the
     stride is 1 and ``in == out``: no projection shortcut, no activation after the add.
+    ``dilation`` > 1 makes the depthwise conv atrous (DeepLab; V2 Section 6.3, V3 Section
+    6.4); the 1x1 convs are unaffected.
     """
 
     def __init__(
@@ -56,9 +60,11 @@ class InvertedResidual(nn.Module):
         stride: int = 1,
         use_se: bool = False,
         act: ActLayer = nn.ReLU6,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         self.stride = stride
+        self.dilation = dilation
         self.out_channels = out_channels
         self.use_residual = stride == 1 and in_channels == out_channels
         # pw: the expansion, skipped when the block does not expand (V2 t=1, V3 exp == in).
@@ -68,7 +74,7 @@ class InvertedResidual(nn.Module):
             self.expand = nn.Identity()
         # dw
         self.dw = ConvBNAct(
-            exp_channels, exp_channels, kernel_size, stride, groups=exp_channels, act=act
+            exp_channels, exp_channels, kernel_size, stride, exp_channels, act, dilation
         )
         # V3 Section 5.3: SE squeezes to 1/4 of the expansion, rounded to a multiple of 8.
         if use_se:

@@ -18,6 +18,11 @@ last operation that reads it (views and identities share their input's storage).
 peak is the largest total of tensors alive at once; the largest single tensor is the
 bound the V2 paper's memory-efficient inference (Section 5.1) improves on.
 
+The input is square (``resolution=224``) or any ``(height, width)`` pair
+(``resolution=(1024, 2048)``, Cityscapes). Dilated (atrous) convolutions need nothing
+special: a conv's MAdds are counted at its output's size, so a stage kept at stride 1
+costs 4x what it cost after a stride 2.
+
 Golden figures at 224 (1000 classes): V1 4,231,976 params / 568.7M MAdds;
 V2 3,504,872 / 300.8M; V3-Large 5,483,032 / 216.6M; V3-Small 2,542,856 / 56.5M.
 """
@@ -27,7 +32,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 from torch import fx, nn
@@ -52,6 +57,7 @@ __all__ = [
 
 LAYER_TYPES = ("conv1x1", "depthwise", "conv", "linear", "norm")
 MIN_RESOLUTION = 32
+Resolution: TypeAlias = int | tuple[int, int]  # square side, or (height, width)
 
 # Operations whose output shares its input's storage in eager PyTorch.
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.Tensor.view, torch.Tensor.reshape}
@@ -72,7 +78,7 @@ class LayerCost:
 class Cost:
     model: str
     width_mult: float
-    resolution: int
+    resolution: Resolution  # as given: a square's side or (height, width)
     num_classes: int
     params: int
     madds: int
@@ -112,6 +118,23 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
+def _input_size(resolution: Resolution, strict: bool) -> tuple[int, int]:
+    """``(height, width)`` of a square side or a pair; ``strict``: each side checked by
+    :func:`check_resolution` (a MobileNet's), else only a positive integer within bounds."""
+    pair = (resolution, resolution) if not isinstance(resolution, tuple | list) else resolution
+    if len(pair) != 2:
+        raise MobileNetError(f"resolution must be a side or (height, width), got {resolution!r}")
+    for side in pair:
+        if strict:
+            check_resolution(side)
+        elif not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_RESOLUTION:
+            raise MobileNetError(
+                f"resolution sides must be integers >= 1 and <= {MAX_RESOLUTION}, "
+                f"got {resolution!r}"
+            )
+    return int(pair[0]), int(pair[1])
+
+
 def layer_type(module: nn.Module) -> str | None:
     """The cost category of a module: conv1x1, depthwise, conv (full kxk), linear, norm."""
     if isinstance(module, nn.Conv2d):
@@ -134,22 +157,22 @@ def _madds(module: nn.Module, output: torch.Size) -> int:
     return 0
 
 
-def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
-    """Measure a model at ``resolution x resolution`` input, batch 1.
+def cost(model: nn.Module | str, resolution: Resolution = 224) -> Cost:
+    """Measure a model at ``resolution x resolution`` input, or at ``(height, width)``
+    when ``resolution`` is a pair, batch 1.
 
     ``model`` is a module (e.g. from :func:`mobilenet.create_model`, on any device, the
-    ``meta`` device included) or a registered name. A MobileNet needs ``resolution >= 32``,
-    its output stride; any other module taking a 3-channel image is measured as it is.
+    ``meta`` device included) or a registered name. A MobileNet needs sides >= 32, its
+    output stride; any other module taking a 3-channel image is measured as it is.
     Nothing is computed on real tensors: shapes are propagated on the meta device.
     """
     from .models import MobileNet
 
     if isinstance(model, str):
         model = _meta_model(model)
-    if isinstance(model, MobileNet):
-        check_resolution(resolution)
+    size = _input_size(resolution, strict=isinstance(model, MobileNet))
     config = getattr(model, "config", None)
-    graph_module, wrapped = _propagate(model, resolution)
+    graph_module, wrapped = _propagate(model, size)
     modules = dict(graph_module.named_modules())
     layers: list[LayerCost] = []
     for node in graph_module.graph.nodes:
@@ -188,12 +211,12 @@ def cost(model: nn.Module | str, resolution: int = 224) -> Cost:
     )
 
 
-def activation_memory(model: nn.Module | str, resolution: int = 224) -> ActivationMemory:
+def activation_memory(model: nn.Module | str, resolution: Resolution = 224) -> ActivationMemory:
     """The activation bytes of one image through ``model`` (see :func:`cost`), including
     the total that a training step keeps for its backward pass."""
     if isinstance(model, str):
         model = _meta_model(model)
-    return _activation_memory(_propagate(model, resolution)[0])
+    return _activation_memory(_propagate(model, _input_size(resolution, strict=False))[0])
 
 
 def _meta_model(name: str) -> nn.Module:
@@ -219,9 +242,9 @@ def _on_meta(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _propagate(model: nn.Module, resolution: int) -> tuple[fx.GraphModule, bool]:
+def _propagate(model: nn.Module, size: tuple[int, int]) -> tuple[fx.GraphModule, bool]:
     """The traced graph of a meta copy of ``model`` in eval mode, its shapes propagated
-    from a ``1 x 3 x resolution x resolution`` input; and whether it is a detector's
+    from a ``1 x 3 x height x width`` input; and whether it is a detector's
     network wrapped in :class:`_RawOutputs` (its layer names then start with ``model.``)."""
     meta = _on_meta(model).eval()
     # A detector's forward takes a list of images and post-processes its outputs;
@@ -230,7 +253,7 @@ def _propagate(model: nn.Module, resolution: int) -> tuple[fx.GraphModule, bool]
     graph_module = fx.symbolic_trace(_RawOutputs(meta) if wrapped else meta)
     first = next(itertools.chain(meta.parameters(), meta.buffers()), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    x = torch.empty(1, 3, resolution, resolution, device="meta", dtype=dtype)
+    x = torch.empty(1, 3, *size, device="meta", dtype=dtype)
     with torch.no_grad():
         ShapeProp(graph_module).propagate(x)
     return graph_module, wrapped

@@ -57,7 +57,8 @@ class ConvBNAct(nn.Module):
     """Conv2d (no bias) -> BatchNorm -> activation; ``act=None`` leaves it linear.
 
     ``groups == in_channels == out_channels`` makes it a depthwise convolution. Padding is
-    ``kernel_size // 2`` on every side, as in torchvision and timm.
+    ``dilation * (kernel_size // 2)`` on every side, as in torchvision and timm: a stride-1
+    conv keeps the map's size, dilated (atrous) or not.
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class ConvBNAct(nn.Module):
         stride: int = 1,
         groups: int = 1,
         act: ActLayer | None = nn.ReLU6,
+        dilation: int = 1,
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -77,7 +79,8 @@ class ConvBNAct(nn.Module):
             out_channels,
             kernel_size,
             stride=stride,
-            padding=kernel_size // 2,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
             groups=groups,
             bias=False,
         )

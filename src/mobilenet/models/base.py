@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +11,14 @@ from torch import nn
 
 from ..layers import BN_EPS, ActLayer, set_bn_eps
 
-__all__ = ["DeployedModel", "EvalConfig", "FeatureInfo", "MobileNet", "ModelConfig"]
+__all__ = [
+    "DeployedModel",
+    "EvalConfig",
+    "FeatureInfo",
+    "MobileNet",
+    "ModelConfig",
+    "feature_levels",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +33,7 @@ class ModelConfig:
     num_classes: int = 1000
     dropout: float = 0.2
     bn_eps: float = BN_EPS
+    output_stride: int = 32  # 16 or 8: an atrous backbone (mobilenet.models.atrous)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,11 +52,14 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """The last layer of ``features`` at one output stride."""
+    """One output stride of ``features``: its last layer (``index``, with ``channels``
+    outputs) and its first (``first``: the layer that starts the stage, torchvision's
+    ``_is_cn`` marker)."""
 
     index: int
     stride: int
     channels: int
+    first: int
 
 
 class DeployedModel(nn.Module):
@@ -82,8 +94,9 @@ class MobileNet(nn.Module):
     The uniform API follows timm: :meth:`forward_features` returns the last feature map,
     :meth:`forward_head` pools and classifies it, :meth:`reset_classifier` swaps the
     classifier, and :meth:`feature_maps` returns the feature map at every output stride
-    (2, 4, 8, 16, 32) for detection backbones. ``feature_info`` lists, for each output
-    stride, the index in ``features`` of the last layer at that stride and its channels.
+    (2, 4, 8, 16, 32; up to 16 or 8 in an atrous backbone) for detection and segmentation
+    heads. ``feature_info`` lists, for each output stride, the index in ``features`` of the
+    last layer at that stride, its channels and the first layer at that stride.
     """
 
     task = "classification"
@@ -100,7 +113,7 @@ class MobileNet(nn.Module):
         self.config = config
         self.eval_config = eval_config or EvalConfig()
         self.features = nn.Sequential(*features)
-        self.feature_info = _feature_info(self.features)
+        self.feature_info = feature_levels(self.features)
         num_features = self.feature_info[-1].channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         if head_channels is not None:
@@ -132,7 +145,8 @@ class MobileNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def feature_maps(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Feature map at each output stride: ``{2: ..., 4: ..., 8: ..., 16: ..., 32: ...}``."""
+        """Feature map at each output stride: ``{2: ..., 4: ..., 8: ..., 16: ..., 32: ...}``
+        (``{2: ..., 16: ...}`` at output stride 16)."""
         wanted = {info.index: info.stride for info in self.feature_info}
         maps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.features):
@@ -157,16 +171,17 @@ def _classifier(in_features: int, num_classes: int) -> nn.Module:
     return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _feature_info(features: nn.Sequential) -> list[FeatureInfo]:
+def feature_levels(features: Sequence[nn.Module]) -> list[FeatureInfo]:
+    """The output strides of a stack of layers that each record ``stride`` and
+    ``out_channels`` (stride 1 and a dilation in an atrous stage: no new level)."""
     infos: list[FeatureInfo] = []
     stride = 1
     for index, layer in enumerate(features):
         stride *= layer.stride
-        info = FeatureInfo(index, stride, layer.out_channels)
         if infos and infos[-1].stride == stride:
-            infos[-1] = info
+            infos[-1] = FeatureInfo(index, stride, layer.out_channels, infos[-1].first)
         else:
-            infos.append(info)
+            infos.append(FeatureInfo(index, stride, layer.out_channels, index))
     return infos
 
 

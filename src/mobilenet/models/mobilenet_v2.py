@@ -6,6 +6,11 @@ MobileNetV2 1.4-224: 74.7% top-1, 6.9M params, 585M MAdds (the released 1.4 mode
 
 Width multiplier: every channel count ``c`` becomes ``make_divisible(c * alpha)``, except
 the last 1280-channel conv, which is never thinned (it is widened for alpha > 1).
+
+Output stride 16 or 8 (V2 Section 6.3, DeepLab's convention, as timm's ``output_stride``):
+the 160-channel stage (and at 8 the 64-channel stage too) keeps stride 1 and the
+depthwise convs after its first block are dilated by 2 (then 4); see
+:mod:`mobilenet.models.atrous`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 
 from ..blocks import InvertedResidual
 from ..layers import ConvBNAct, make_divisible
+from .atrous import atrous_layout
 from .base import MobileNet, ModelConfig
 from .registry import register_model
 
@@ -49,17 +55,22 @@ V2_TABLE_2 = (
 
 @register_model
 def mobilenet_v2(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
 ) -> MobileNet:
     """MobileNetV2 (V2 Table 2): 3,504,872 params and 300.8M MAdds at 1.0-224."""
+    rows = [(row, row.s if i == 0 else 1) for row in V2_TABLE_2 for i in range(row.n)]
+    # (stride, dilation) of the stem and of each block
+    layout = atrous_layout([2] + [stride for _, stride in rows], output_stride)
     in_channels = make_divisible(STEM_CHANNELS * width_mult)
     layers: list[nn.Module] = [ConvBNAct(3, in_channels, 3, stride=2)]
-    for row in V2_TABLE_2:
+    for (row, _), (stride, dilation) in zip(rows, layout[1:], strict=True):
         out = make_divisible(row.c * width_mult)
-        for i in range(row.n):
-            stride = row.s if i == 0 else 1
-            layers.append(InvertedResidual(in_channels, in_channels * row.t, out, 3, stride))
-            in_channels = out
+        exp = in_channels * row.t
+        layers.append(InvertedResidual(in_channels, exp, out, 3, stride, dilation=dilation))
+        in_channels = out
     last = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
     layers.append(ConvBNAct(in_channels, last, 1))
-    return MobileNet(layers, ModelConfig("mobilenet_v2", width_mult, num_classes, dropout))
+    config = ModelConfig(
+        "mobilenet_v2", width_mult, num_classes, dropout, output_stride=output_stride
+    )
+    return MobileNet(layers, config)

@@ -21,6 +21,13 @@ multiplier alpha, as in the authors' TF reference (and timm): ``out`` becomes
 table (and torchvision's model). "Minimalistic" variants (V3 Section 6.1.1 and the TF
 reference) drop squeeze-excite and h-swish and use 3x3 kernels only: one switch applied
 to the same table.
+
+Output stride 16 or 8 (V3 Section 6.4: "atrous convolution in the last block"): the last
+stage (at 8 the 80/48-channel stage too) keeps stride 1 and its depthwise convs are
+dilated, in DeepLab's convention (timm's ``output_stride``) for the classifiers, in
+torchvision's (``dilated=True``, the block giving up its stride dilated too) for the
+segmentation models that load torchvision's checkpoints; see
+:mod:`mobilenet.models.atrous`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from torch import nn
 
 from ..blocks import InvertedResidual
 from ..layers import ActLayer, ConvBNAct, make_divisible
+from .atrous import atrous_layout
 from .base import MobileNet, ModelConfig
 from .registry import register_model
 
@@ -130,55 +138,71 @@ def reduced_tail(spec: Spec) -> Spec:
 
 
 def build_v3(
-    name: str, spec: Spec, width_mult: float, num_classes: int, dropout: float, minimal: bool
+    name: str,
+    spec: Spec,
+    width_mult: float,
+    num_classes: int,
+    dropout: float,
+    minimal: bool,
+    output_stride: int = 32,
+    whole_stage: bool = False,
 ) -> MobileNet:
-    """A MobileNetV3 from a table (``minimal``: no SE, ReLU only, 3x3 kernels only)."""
+    """A MobileNetV3 from a table (``minimal``: no SE, ReLU only, 3x3 kernels only), at
+    ``output_stride`` (``whole_stage``: torchvision's dilation convention)."""
 
     def act(nl: str) -> ActLayer:
         return nn.ReLU if minimal else ACTIVATIONS[nl]
 
+    # (stride, dilation) of the stem and of each bneck
+    layout = atrous_layout([2] + [row.s for row in spec.bnecks], output_stride, whole_stage)
     stem = max(spec.stem, make_divisible(spec.stem * width_mult))
     layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act(HS))]
     paper_in, in_channels = spec.stem, stem
-    for row in spec.bnecks:
+    for row, (stride, dilation) in zip(spec.bnecks, layout[1:], strict=True):
         exp = make_divisible(in_channels * row.exp / paper_in)
         out = make_divisible(row.out * width_mult)
         kernel = 3 if minimal else row.k
         use_se = row.se and not minimal
-        layers.append(InvertedResidual(in_channels, exp, out, kernel, row.s, use_se, act(row.nl)))
+        layers.append(
+            InvertedResidual(in_channels, exp, out, kernel, stride, use_se, act(row.nl), dilation)
+        )
         paper_in, in_channels = row.out, out
     layers.append(ConvBNAct(in_channels, make_divisible(spec.last * width_mult), 1, act=act(HS)))
-    config = ModelConfig(name, width_mult, num_classes, dropout)
+    config = ModelConfig(name, width_mult, num_classes, dropout, output_stride=output_stride)
     return MobileNet(layers, config, head_channels=spec.head, head_act=act(HS))
 
 
 @register_model
 def mobilenet_v3_large(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
 ) -> MobileNet:
     """MobileNetV3-Large (V3 Table 1): 5,483,032 params and 216.6M MAdds at 1.0-224."""
-    return build_v3("mobilenet_v3_large", V3_LARGE, width_mult, num_classes, dropout, False)
+    name = "mobilenet_v3_large"
+    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, False, output_stride)
 
 
 @register_model
 def mobilenet_v3_small(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
 ) -> MobileNet:
     """MobileNetV3-Small (V3 Table 2): 2,542,856 params and 56.5M MAdds at 1.0-224."""
-    return build_v3("mobilenet_v3_small", V3_SMALL, width_mult, num_classes, dropout, False)
+    name = "mobilenet_v3_small"
+    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, False, output_stride)
 
 
 @register_model
 def mobilenet_v3_large_minimal(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
 ) -> MobileNet:
     """MobileNetV3-Large minimalistic: no SE, ReLU only, 3x3 kernels only."""
-    return build_v3("mobilenet_v3_large_minimal", V3_LARGE, width_mult, num_classes, dropout, True)
+    name = "mobilenet_v3_large_minimal"
+    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, True, output_stride)
 
 
 @register_model
 def mobilenet_v3_small_minimal(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
 ) -> MobileNet:
     """MobileNetV3-Small minimalistic: no SE, ReLU only, 3x3 kernels only."""
-    return build_v3("mobilenet_v3_small_minimal", V3_SMALL, width_mult, num_classes, dropout, True)
+    name = "mobilenet_v3_small_minimal"
+    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, True, output_stride)
