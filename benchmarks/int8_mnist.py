@@ -49,8 +49,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("int8_mnist.json"))
     args = parser.parse_args()
+    recorded = json.loads(args.json.read_text())["rows"] if args.json.is_file() else []
     rows = []
     for model in args.models.split(","):
         run = args.runs / f"q_{model}"
@@ -58,12 +60,10 @@ def main() -> None:
         if not weights.is_file():
             mobilenet("train", "--model", model, "--data", "mnist", "--recipe", "demo",
                       "--workers", "0", "--quiet", "--out", str(run))  # fmt: skip
-        row = {
-            "model": model,
-            "command": " ".join(["python", *sys.argv]),
-            "float_top1": top1(weights),
-        }
-        for method, flags in METHODS.items():
+        command = " ".join(["python", *sys.argv])
+        row = {"model": model, "command": command, "float_top1": top1(weights)}
+        for method in args.methods.split(","):
+            flags = METHODS[method]
             suffix = ".onnx" if "onnx" in method else ".safetensors"
             out = run / f"int8-{method}{suffix}"
             start = time.perf_counter()
@@ -72,18 +72,27 @@ def main() -> None:
             seconds = time.perf_counter() - start
             row[method] = {"top1": top1(out), "seconds": round(seconds, 1)}
             row[method]["drop"] = round(row["float_top1"] - row[method]["top1"], 2)
+            row[method]["command"] = command
+        # Methods not run this time are kept from the record, with their own float top-1.
+        before = next((r for r in recorded if r["model"] == model), None)
+        for method in METHODS:
+            if method not in row and before and method in before:
+                row[method] = {**before[method], "float_top1": before["float_top1"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     # Rows of models not run this time are kept from the recorded file.
-    if args.json.is_file():
+    if recorded:
         done = {row["model"] for row in rows}
-        kept = [r for r in json.loads(args.json.read_text())["rows"] if r["model"] not in done]
+        kept = [r for r in recorded if r["model"] not in done]
         rows = sorted(kept + rows, key=lambda r: MODELS.index(r["model"]))
     header = f"{'model':<20} {'float':>7}" + "".join(f" {m:>16}" for m in METHODS)
     print(header)
     for row in rows:
-        cells = "".join(f" {row[m]['top1']:>8.2f} ({-row[m]['drop']:+.1f})" for m in METHODS)
+        cells = "".join(
+            f" {row[m]['top1']:>8.2f} ({-row[m]['drop']:+.1f})" if m in row else f" {'-':>16}"
+            for m in METHODS
+        )
         print(f"{row['model']:<20} {row['float_top1']:>7.2f}{cells}")
     record = {
         "command": "python benchmarks/int8_mnist.py [--models ...] (each row: its own run)",

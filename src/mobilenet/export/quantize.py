@@ -22,7 +22,7 @@ from ..extras import require
 from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
-from .qdq import fold_marked_scales, integer_friendly
+from .qdq import fold_marked_scales, integer_friendly, pad_depthwise
 
 __all__ = ["calibration_images_of", "quantize_file", "quantize_onnx"]
 
@@ -59,7 +59,9 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
         pre, integer = Path(tmp) / "pre.onnx", Path(tmp) / "integer.onnx"
         # shape inference and graph clean-up
         shape_inference.quant_pre_process(str(src), str(pre))
-        onnx.save(integer_friendly(onnx.load(str(pre))), str(integer))
+        model = integer_friendly(onnx.load(str(pre)))
+        pad_depthwise(model)
+        onnx.save(model, str(integer))
         quantization.quantize_static(
             str(integer),
             str(dst),

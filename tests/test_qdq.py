@@ -1,0 +1,148 @@
+"""Integer-only int8 ONNX: the graph rewrites keep the float function, and ONNX Runtime
+runs MobileNetV3's h-swish, h-sigmoid and squeeze-excite in integer kernels."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from mobilenet import create_model
+from mobilenet.export import export_onnx
+from mobilenet.export.qdq import MARK, fold_marked_scales, integer_friendly, pad_depthwise
+from mobilenet.export.quantize import quantize_file
+
+from .helpers import randomize_bn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+shape_inference = pytest.importorskip("onnxruntime.quantization.shape_inference")
+
+RES = 64
+# What ONNX Runtime may run an integer-only model with: integer kernels, the input's
+# quantization and the logits' dequantization, and layout ops.
+INTEGER_OPS = {
+    "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QGemm",
+    "QuantizeLinear", "DequantizeLinear", "Flatten", "Transpose",
+}  # fmt: skip
+
+
+def _float_model(tmp_path, name: str, width: float):
+    model = randomize_bn(create_model(name, num_classes=10, width_mult=width)).eval()
+    path = tmp_path / "fp32.onnx"
+    export_onnx(model, path, RES)
+    pre = tmp_path / "pre.onnx"
+    shape_inference.quant_pre_process(str(path), str(pre))
+    return path, pre
+
+
+def _run(model_or_path, x: np.ndarray) -> np.ndarray:
+    source = model_or_path
+    if not isinstance(source, str):
+        source = source.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x})[0]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_rewrites_compute_the_same_float_function(name, tmp_path):
+    _, pre = _float_model(tmp_path, name, 0.5)  # width 0.5: depthwise channels of 8s
+    model = onnx.load(str(pre))
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    assert before["HardSigmoid"] > 0 and before["ReduceMean"] > 0
+
+    integer_friendly(model)
+    padded = pad_depthwise(model)
+    onnx.checker.check_model(model)
+
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["HardSigmoid"] == ops["ReduceMean"] == 0
+    assert padded > 0
+    for node in model.graph.node:
+        group = [a.i for a in node.attribute if a.name == "group"]
+        if node.op_type == "Conv" and group and group[0] > 1:
+            assert group[0] % 16 == 0
+    x = np.random.default_rng(0).standard_normal((3, 3, RES, RES)).astype(np.float32)
+    expected = _run(str(pre), x)
+    np.testing.assert_allclose(_run(model, x), expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_shared_initializers_are_copied_not_changed_for_everyone(tmp_path):
+    """Exporters share equal constants (zero biases); folding one conv's gate must not
+    change another conv that uses the same initializer."""
+    _, pre = _float_model(tmp_path, "mobilenet_v3_small", 1.0)
+    model = onnx.load(str(pre))
+    inits = {t.name: t for t in model.graph.initializer}
+    groups = collections.defaultdict(list)
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] in inits:
+            size = onnx.numpy_helper.to_array(inits[node.input[2]]).size
+            groups[size].append(node)
+    gated = {size: convs for size, convs in groups.items() if any("fc2" in n.name for n in convs)}
+    size, convs = max(gated.items(), key=lambda kv: len(kv[1]))  # an SE gate among others
+    assert len(convs) > 1
+    zero = onnx.numpy_helper.from_array(np.zeros(size, np.float32), "shared_zero_bias")
+    model.graph.initializer.append(zero)
+    for node in convs:
+        node.input[2] = "shared_zero_bias"
+    x = np.random.default_rng(0).standard_normal((2, 3, RES, RES)).astype(np.float32)
+    expected = _run(model, x)
+    integer_friendly(model)
+    pad_depthwise(model)
+    np.testing.assert_allclose(_run(model, x), expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])
+def test_int8_graph_is_integer_only_and_close_to_float(name, tmp_path):
+    path, _ = _float_model(tmp_path, name, 0.75)
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((4, 3, RES, RES)).astype(np.float32) for _ in range(4)]
+    int8 = tmp_path / "int8.onnx"
+    quantize_file(path, int8, iter({"images": x} for x in calibration))
+
+    assert not any(n.name.startswith(MARK) for n in onnx.load(str(int8)).graph.node)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(
+        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
+    )
+    assert set(ops) <= INTEGER_OPS, set(ops) - INTEGER_OPS
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1  # the input, the logits
+
+    x = calibration[0]
+    expected, got = _run(str(path), x), _run(str(int8), x)
+    cosine = (
+        (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+    )
+    assert cosine.min() > 0.98, cosine
+
+
+def test_folding_a_marked_scale_reads_the_same_integers(tmp_path):
+    """Without the fold, the marked Mul runs as a requantization; with it, the integers
+    before it are read with the scale multiplied: the outputs agree to int8 rounding."""
+    path, _ = _float_model(tmp_path, "mobilenet_v3_small", 1.0)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((2, 3, RES, RES)).astype(np.float32) for _ in range(2)]
+    int8 = tmp_path / "int8.onnx"
+    unfolded = tmp_path / "unfolded.onnx"
+    import mobilenet.export.quantize as quantize
+
+    original = quantize.fold_marked_scales
+    quantize.fold_marked_scales = lambda model: 0
+    try:
+        quantize_file(path, unfolded, iter({"images": x} for x in batches))
+    finally:
+        quantize.fold_marked_scales = original
+    model = onnx.load(str(unfolded))
+    marked = sum(n.name.startswith(MARK) for n in model.graph.node)
+    assert marked > 0 and fold_marked_scales(model) == marked
+    onnx.save(model, str(int8))
+    x = batches[0]
+    reference, folded, plain = _run(str(path), x), _run(str(int8), x), _run(str(unfolded), x)
+    scale = np.abs(reference).max()
+    assert np.abs(folded - reference).max() <= max(
+        2 * np.abs(plain - reference).max(), 0.05 * scale
+    )
