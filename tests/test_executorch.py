@@ -2,20 +2,22 @@
 in the program, refusals in one line and without a partial file. Skipped where the
 ``mobile`` extra (executorch) is not installed."""
 
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("executorch")
 
-from mobilenet import MobileNetError, create_model
+from mobilenet import MobileNetError, create_model, save_weights
 from mobilenet.cli import main
 from mobilenet.export import executorch as et
 from mobilenet.export.executorch import (
     MAX_BATCH,
     export_pte,
-    export_pte_int8,
     read_pte,
     set_pte_threads,
 )
@@ -25,8 +27,8 @@ from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 RES = 64
 
 
-def _model(name: str):
-    model = create_model(name, width_mult=0.5, num_classes=10)
+def _model(name: str, width_mult: float = 0.5):
+    model = create_model(name, width_mult=width_mult, num_classes=10)
     model = recalibrate_bn(randomize_bn(model), resolution=RES)
     return unit_scale_logits(model, model.classifier, resolution=RES)
 
@@ -125,13 +127,58 @@ def test_missing_package_is_one_line(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_export_runs_and_keeps_metadata(tmp_path):
-    model = _model("mobilenet_v3_small")
-    g = torch.Generator().manual_seed(2)
-    batches = [torch.randn(4, 3, RES, RES, generator=g) for _ in range(2)]
-    path = tmp_path / "int8.pte"
-    export_pte_int8(model, batches, path, RES)
-    run, metadata = read_pte(path)
-    assert metadata["dtype"] == "int8" and metadata["calibration_images"] == "8"
-    x = torch.randn(2, 3, RES, RES, generator=g)
-    assert run(x).shape == (2, 10)
+CLASSES = list("abcdefghij")
+
+
+def _weights(folder: Path, name: str = "mobilenet_v3_small", **kwargs) -> str:
+    """Float weights of ``name`` (10 classes) that run at ``RES``."""
+    metadata = {"classes": json.dumps(CLASSES), "resolution": str(RES)}
+    return str(save_weights(_model(name, **kwargs), folder / "w.safetensors", metadata))
+
+
+@pytest.fixture(scope="module")
+def int8_pte(tmp_path_factory) -> tuple[Path, str]:
+    """``mobilenet quantize --format pte`` of mobilenet_v3_small: the file and what it said."""
+    folder = tmp_path_factory.mktemp("int8_pte")
+    out = folder / "int8.pte"
+    args = ["quantize", "--weights", _weights(folder), "--data", "digits", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        assert main([*args, "--calibration-images", "40"]) == 0
+    return out, said.getvalue()
+
+
+def test_quantize_to_pte_calibrates_on_the_data_and_checks_before_the_write(int8_pte):
+    out, said = int8_pte
+    assert "ExecuTorch program for XNNPACK, calibrated on 40 images of digits" in said
+    run, metadata = read_pte(out)
+    assert metadata["dtype"] == "int8" and metadata["calibration_images"] == "40"
+    assert json.loads(metadata["classes"]) == CLASSES and metadata["resolution"] == str(RES)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["int8.pte", "w.safetensors"]
+    assert run(torch.randn(2, 3, RES, RES)).shape == (2, 10)
+
+
+def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypatch):
+    # The smallest network: the refusal after the lowering below is still a full export.
+    weights = _weights(tmp_path, "mobilenet_v1_conv", width_mult=0.25)
+    base = ["quantize", "--weights", weights, "--data", "digits"]
+    refused = {
+        ("--out", "m.pte", "--method", "qat"): "--method qat writes PyTorch int8 models",
+        ("--out", "m.pte", "--epochs", "2"): "--epochs applies to --method qat, not ptq",
+        ("--out", "m.pte", "--lr", "0.1"): "--lr applies to --method qat, not ptq",
+        ("--format", "pte", "--out", "m.onnx"): "--format pte writes a .pte file, not m.onnx",
+        ("--format", "pte", "--out", "m.bin"): "--format pte writes a .pte file, not m.bin",
+        ("--format", "torch", "--out", "m.pte"): "--format torch writes a .safetensors file",
+        ("--method", "qat", "--calibration-images", "8", "--out", "m.safetensors"): (
+            "--calibration-images applies to --method ptq, not qat"
+        ),
+    }
+    for flags, message in refused.items():
+        flags = [str(tmp_path / f) if f.startswith("m.") else f for f in flags]
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    # An int8 program further from the float model than PyTorch's own int8: not written.
+    monkeypatch.setattr(et, "INT8_SLACK", -1.0)
+    assert main([*base, "--calibration-images", "8", "--out", str(tmp_path / "m.pte")]) == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import MobileNetError
 from ..limits import check_memory, meta_model
@@ -19,7 +20,17 @@ from .args import (
     width,
 )
 
-__all__ = ["add_parsers"]
+__all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
+
+# quantize --format -> the file it writes; eval and predict tell the formats by the suffix
+QUANTIZE_SUFFIXES = {"torch": ".safetensors", "onnx": ".onnx", "pte": ".pte"}
+# Flags of one quantization method: dest -> (method, flag).
+_METHOD_FLAGS = {
+    "calibration_images": ("ptq", "--calibration-images"),
+    "epochs": ("qat", "--epochs"),
+    "lr": ("qat", "--lr"),
+    "batch_size": ("qat", "--batch-size"),
+}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -43,21 +54,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "quantize",
-        help="int8 quantization: post-training or quantization-aware, PyTorch or ONNX",
+        help="int8 quantization: post-training or quantization-aware; PyTorch, ONNX or ExecuTorch",
         description="PTQ calibrates activation ranges on --calibration-images images; QAT "
         "fine-tunes with fake quantization for --epochs epochs (PyTorch format only). The "
-        "format follows --out (.onnx: ONNX Runtime QDQ; otherwise PyTorch int8 safetensors).",
+        "format follows --out (.onnx: ONNX Runtime QDQ; .pte: ExecuTorch program for "
+        "XNNPACK; otherwise PyTorch int8 safetensors). A flag the chosen method or format "
+        "does not use is refused.",
     )
     p.add_argument("--model", type=model_name("classification"), help="for torchvision/timm")
     p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
     p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
     p.add_argument("--method", choices=["ptq", "qat"], default="ptq")
-    p.add_argument("--format", choices=["torch", "onnx"], default=None)
-    p.add_argument("--calibration-images", type=positive_int, default=512, help="PTQ")
-    p.add_argument("--epochs", type=positive_int, default=3, help="QAT fine-tuning epochs")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="QAT learning rate (SGD)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="QAT batch size")
-    p.add_argument("--out", required=True, help="output file (.safetensors or .onnx)")
+    p.add_argument("--format", choices=list(QUANTIZE_SUFFIXES), default=None,
+                   help="default: from --out")  # fmt: skip
+    p.add_argument("--calibration-images", type=positive_int, default=None, help="PTQ (512)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="QAT fine-tuning epochs (3)")
+    p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
+    p.add_argument("--out", required=True, help="output file (.safetensors, .onnx or .pte)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="time every inference engine on this machine")
@@ -187,38 +201,70 @@ def _load_for_export(args: argparse.Namespace):
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..export.int8 import QATConfig, quantize_torch, save_int8
-    from ..export.quantize import calibration_images_of, quantize_onnx
     from ..inference import load_trained
     from ..models.base import DeployedModel
 
-    fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
-    if fmt == "onnx" and args.method == "qat":
-        raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
+    fmt = _quantize_format(args)
     trained = load_trained(args.weights, args.model)
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
-    name = trained.model.config.name
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    images = args.calibration_images or 512
     if fmt == "onnx":
-        out = quantize_onnx(trained, args.data, args.out, args.calibration_images, progress=log)
+        from ..export.quantize import calibration_images_of, quantize_onnx
+
+        out = quantize_onnx(trained, args.data, args.out, images, progress=log)
         how = f"ONNX QDQ, calibrated on {calibration_images_of(out)} images of {args.data}"
-    else:
-        qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
-        model = quantize_torch(
-            trained, args.data, args.method, args.calibration_images, qat, progress=log
-        )
-        out = save_int8(model, args.out, trained.classes, trained.resolution)
+    elif fmt == "pte":
+        from ..export.executorch import quantize_pte
+
+        used, diff = quantize_pte(trained, args.data, args.out, images, progress=log)
+        out = args.out
         how = (
-            f"PyTorch x86, calibrated on {model.calibration_images} images of {args.data}"
-            if args.method == "ptq"
-            else f"PyTorch x86, {args.epochs} epochs of QAT on {args.data}"
+            f"ExecuTorch program for XNNPACK, calibrated on {used} images of {args.data}; "
+            f"max abs difference from the float model {diff:.2e}"
         )
+    else:
+        out, how = _quantize_torch(args, trained, images, log)
     print(
-        f"wrote {out}: {name} int8 ({how}; per-channel weights); evaluate it with "
-        f"`mobilenet eval --weights {out} --data ...`"
+        f"wrote {out}: {trained.model.config.name} int8 ({how}; per-channel weights); "
+        f"evaluate it with `mobilenet eval --weights {out} --data ...`"
     )
     return 0
+
+
+def _quantize_format(args: argparse.Namespace) -> str:
+    """The format ``quantize`` writes (``--format``, else the suffix of ``--out``), with
+    every flag that format or ``--method`` would ignore refused."""
+    suffix = Path(args.out).suffix
+    implied = next((f for f, s in QUANTIZE_SUFFIXES.items() if s == suffix), None)
+    fmt = args.format or implied or "torch"
+    # A PyTorch int8 file may have any name; the others are read back by their suffix.
+    if implied not in (None, fmt) or (fmt != "torch" and suffix != QUANTIZE_SUFFIXES[fmt]):
+        raise MobileNetError(
+            f"--format {fmt} writes a {QUANTIZE_SUFFIXES[fmt]} file, not {Path(args.out).name}"
+        )
+    if fmt != "torch" and args.method == "qat":
+        raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
+    for dest, (method, flag) in _METHOD_FLAGS.items():
+        if method != args.method and getattr(args, dest) is not None:
+            raise MobileNetError(f"{flag} applies to --method {method}, not {args.method}")
+    return fmt
+
+
+def _quantize_torch(args: argparse.Namespace, trained, images: int, log) -> tuple[str, str]:
+    """PyTorch int8 (x86), PTQ or QAT: the file written and how it was made."""
+    from ..export.int8 import QATConfig, quantize_torch, save_int8
+
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    qat = QATConfig(**{k: v for k, v in given.items() if v is not None})
+    model = quantize_torch(trained, args.data, args.method, images, qat, progress=log)
+    out = save_int8(model, args.out, trained.classes, trained.resolution)
+    if args.method == "ptq":
+        how = f"PyTorch x86, calibrated on {model.calibration_images} images of {args.data}"
+    else:
+        how = f"PyTorch x86, {qat.epochs} epochs of QAT on {args.data}"
+    return str(out), how
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ way). The model's config, classes and resolution are a JSON string returned by t
 int8 (:func:`export_pte_int8`) is PT2E quantization with the XNNPACK quantizer (int8
 weights per output channel, int8 activations), calibrated on the caller's images, then
 lowered the same way and checked against the quantized PyTorch reference it came from.
+:func:`quantize_pte` (``mobilenet quantize --format pte``) calibrates it on the user's data
+as the ONNX quantization does: random images of the training split, evaluation transform.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
+from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -49,6 +52,7 @@ __all__ = [
     "META_METHOD",
     "export_pte",
     "export_pte_int8",
+    "quantize_pte",
     "read_pte",
     "set_pte_threads",
 ]
@@ -125,6 +129,30 @@ def export_pte_int8(
     diff = _check_int8(method, model, reference, first)
     write_bytes(path, data)
     return diff
+
+
+def quantize_pte(
+    trained,
+    data: str,
+    out: str | Path,
+    calibration_images: int = 512,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[int, float]:
+    """Write an int8 program of ``trained`` (a :class:`mobilenet.inference.Trained`) to
+    ``out``, calibrated on ``calibration_images`` images of ``data`` drawn at random (all it
+    holds when that is fewer: ``progress`` is told); returns how many images were used and
+    the program's max abs difference from the float model (see :func:`export_pte_int8`).
+    """
+    _require()  # before the calibration data is read
+    dataset = calibration_dataset(trained, data)
+    used = calibration_count(dataset, calibration_images, data)
+    if used < calibration_images and progress:
+        progress(f"{data} holds {used} images: calibrating on all {used}")
+    batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
+    metadata = {"classes": json.dumps(trained.classes)}
+    diff = export_pte_int8(trained.model, batches, out, trained.resolution, metadata)
+    return used, diff
 
 
 def read_pte(
