@@ -24,7 +24,8 @@ def test_detectors_are_registered_apart_from_classifiers():
         "ssdlite_mobilenet_v3_small",
     ]
     assert not set(DETECTORS) & set(list_models())
-    assert list_models(task=None) == list_models() + DETECTORS
+    segmentation = list_models(task="segmentation")
+    assert list_models(task=None) == list_models() + DETECTORS + segmentation
 
 
 def test_default_boxes_follow_ssd_scales():

@@ -32,9 +32,9 @@ __all__ = [
     "register_model",
 ]
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
 # The package that registers each task's models beyond the classifiers, imported on demand.
-_TASK_PACKAGES = {"detection": "mobilenet.detection"}
+_TASK_PACKAGES = {"detection": "mobilenet.detection", "segmentation": "mobilenet.segmentation"}
 
 # 100x the papers' widest network (1.4) is already 10,000x its weights; beyond, a model is
 # a typo, not an experiment.
@@ -71,14 +71,16 @@ def _load(task: str | None = None) -> None:
 
 def list_models(task: str | None = "classification") -> list[str]:
     """Names of the registered models of ``task`` (None: every task), in registration
-    order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small."""
+    order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small;
+    segmentation models LR-ASPP and DeepLabv3."""
     if task != "classification":
         _load(task)
     return [name for name in _REGISTRY if task is None or _TASKS[name] == task]
 
 
 def model_task(name: str) -> str:
-    """The task of a registered model: ``"classification"``, ``"detection"``, ..."""
+    """The task of a registered model: ``"classification"``, ``"detection"``,
+    ``"segmentation"``."""
     if name not in _REGISTRY:
         _load()
     if name not in _REGISTRY:
