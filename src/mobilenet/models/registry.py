@@ -125,7 +125,8 @@ def create_model(
             checkpoint (see :func:`mobilenet.models.pretrained.list_pretrained`). When given
             and ``num_classes`` is not, the number of classes is taken from the checkpoint.
         sha256: the expected SHA-256 (or a prefix of it) of a URL's file.
-        **kwargs: the builder's options: ``width_mult``, ``num_classes``, ``dropout``, ...
+        **kwargs: the builder's options: ``width_mult``, ``num_classes``, ``dropout``,
+            ``output_stride`` (8, 16 or 32: an atrous backbone), ``aux_loss``, ...
     """
     model_task(name)  # registers the model's family, or refuses an unknown name
     if "width_mult" in kwargs:
