@@ -9,6 +9,9 @@ loading, training, evaluation and prediction on image folders. The rest is in ex
              webdataset                tar shards (``mobilenet shards``)
   mobile     executorch                ExecuTorch programs (``.pte``, XNNPACK) for phones;
                                        not in ``all``: it pins torch to its own release
+  litert     litert-torch,             LiteRT models (``.tflite``): conversion and the
+             ai-edge-litert            interpreter; not in ``all``: it caps torch and brings
+                                       jax and transformers
 """
 
 from __future__ import annotations
@@ -27,9 +30,15 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "detection": ("pycocotools", "skimage"),
     "data": ("sklearn", "mlxtend", "webdataset"),
     "mobile": ("executorch",),
+    "litert": ("litert_torch", "ai_edge_litert"),
 }
 # top-level module -> the distribution that installs it, where the names differ
-_DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+_DISTRIBUTIONS = {
+    "skimage": "scikit-image",
+    "sklearn": "scikit-learn",
+    "litert_torch": "litert-torch",
+    "ai_edge_litert": "ai-edge-litert",
+}
 
 
 def install_hint(extra: str) -> str:
