@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mobilenet import MobileNetError, bench
+from mobilenet import MobileNetError, bench, machine
 from mobilenet.cli import main
 
 CPUINFO = """processor\t: 0
@@ -31,9 +31,9 @@ def test_busy_cores_of_other_processes_from_two_stat_snapshots():
     before = STAT.format(user=1000, system=500, idle=9000, iowait=100, steal=0)
     # 3.0 s user, 1.0 s system and 0.5 s steal in 4 s; idle and iowait do not count
     after = STAT.format(user=1300, system=600, idle=9500, iowait=400, steal=50)
-    assert bench.busy_jiffies(after) - bench.busy_jiffies(before) == 450
-    assert bench.other_busy_cores(before, after, own_s=2.5, wall_s=4.0) == pytest.approx(0.5)
-    assert bench.other_busy_cores(before, after, own_s=9.0, wall_s=4.0) == 0.0  # never below
+    assert machine.busy_jiffies(after) - machine.busy_jiffies(before) == 450
+    assert machine.other_busy_cores(before, after, own_s=2.5, wall_s=4.0) == pytest.approx(0.5)
+    assert machine.other_busy_cores(before, after, own_s=9.0, wall_s=4.0) == 0.0  # never below
 
 
 def _result(busy: float) -> dict:
@@ -96,6 +96,33 @@ def test_openvino_bf16_only_where_the_cpu_has_bf16(monkeypatch):
     assert bench.check_engines(names, "mobilenet_v2", 1.0, explicit=True) == names
     assert bench.openvino_config("openvino", 2)["INFERENCE_PRECISION_HINT"] == "f32"
     assert bench.openvino_config("openvino-bf16", 2)["INFERENCE_PRECISION_HINT"] == "bf16"
+
+
+def test_executorch_engines_only_within_the_programs_batch_bound(monkeypatch):
+    from mobilenet.export.executorch import MAX_BATCH
+
+    monkeypatch.setattr(bench, "available", lambda module: module != "openvino")
+    names = ["eager", "executorch", "executorch-int8"]
+    assert bench.check_engines(names, "mobilenet_v2", 1.0, batch=MAX_BATCH) == names
+    assert bench.check_engines(names, "mobilenet_v2", 1.0, batch=MAX_BATCH + 1) == ["eager"]
+    with pytest.raises(MobileNetError, match=f"executorch runs batches of 1 to {MAX_BATCH}"):
+        bench.check_engines(names, "mobilenet_v2", 1.0, explicit=True, batch=MAX_BATCH + 1)
+    assert set(bench.EXECUTORCH_ENGINES) <= set(bench.ENGINES)
+
+
+@pytest.mark.slow  # two .pte exports, one of them int8: about 25 s
+@pytest.mark.parametrize("engine", ["executorch", "executorch-int8"])
+def test_executorch_engines_run_on_the_threads_asked_for(engine, tmp_path):
+    pytest.importorskip("executorch")
+    from executorch.extension.pybindings import portable_lib
+
+    from mobilenet.export.executorch import set_pte_threads
+
+    set_pte_threads(2)  # as on a machine of two cores, where the pool starts with two
+    cfg = bench.BenchConfig("mobilenet_v1_conv", 0.25, 2, 32, threads=1)
+    run = bench.build_engine(engine, cfg, tmp_path)
+    assert portable_lib._threadpool_get_thread_count() == 1
+    assert run().shape == (2, 1000)
 
 
 def test_onnx_runtime_spins_only_with_a_core_to_spare(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 from mobilenet import MobileNetError, create_model, engines, save_weights
 from mobilenet.cli import main
 from mobilenet.extras import available
-from mobilenet.inference import Trained, choose_engine
+from mobilenet.inference import PteModel, Trained, choose_engine
 
 XEON = {"model": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "cores": 8, "isa": ["AVX2", "VNNI"]}
 EPYC = {"model": "AMD EPYC 7763 64-Core Processor", "cores": 8, "isa": ["AVX2"]}
@@ -76,6 +76,26 @@ def test_auto_ignores_int8_engines_for_float_weights(here, trained):
     medians = {"onnxruntime-int8": 1.0, "torch-int8": 2.0, "eager-fused": 6.0, "eager": 9.0}
     engines.save_measurements(_result(medians))
     assert choose_engine(trained) == "eager-fused"
+
+
+def test_auto_may_pick_executorch_for_float_weights_and_int8_only_for_int8_files(
+    here, trained, monkeypatch
+):
+    monkeypatch.setattr("mobilenet.inference.available", lambda module: True)  # installed
+    medians = {"executorch-int8": 1.0, "executorch": 3.0, "onnxruntime": 4.0, "eager": 9.0}
+    engines.save_measurements(_result(medians))
+    assert choose_engine(trained) == "executorch"  # the fastest float engine
+    monkeypatch.setattr("mobilenet.inference.available", lambda module: module != "executorch")
+    assert choose_engine(trained) == "onnxruntime"  # not installed: not a candidate
+    # A .pte runs on its own engine, float or int8, whatever was recorded; another engine
+    # asked for is refused, not ignored.
+    config = trained.model.config
+    for precision, own in (("int8", "executorch-int8"), ("float32", "executorch")):
+        pte = PteModel(None, config, 224, 8, precision)
+        file = Trained(pte, trained.classes, 224, Path(f"m.{precision}.pte"))
+        assert choose_engine(file) == choose_engine(file, own) == own
+        with pytest.raises(MobileNetError, match=f"runs on its own engine, {own}: not eager"):
+            choose_engine(file, "eager")
 
 
 def test_auto_falls_back_without_a_record_of_this_machine_or_thread_count(here, trained):

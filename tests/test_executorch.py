@@ -1,10 +1,11 @@
-"""ExecuTorch (.pte) export: checked by ExecuTorch's runtime against PyTorch, metadata kept
-in the program, refusals in one line and without a partial file. Skipped where the
-``mobile`` extra (executorch) is not installed."""
+"""ExecuTorch (.pte) export, float and int8: checked by ExecuTorch's runtime against PyTorch,
+metadata kept in the program, run by eval, predict and bench, refusals in one line and
+without a partial file. Skipped where the ``mobile`` extra (executorch) is not installed."""
 
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from mobilenet import MobileNetError, create_model, save_weights
+from mobilenet import MobileNetError, create_model, list_models, save_weights
 from mobilenet.cli import main
 from mobilenet.export import executorch as et
 from mobilenet.export.executorch import (
@@ -21,6 +22,7 @@ from mobilenet.export.executorch import (
     read_pte,
     set_pte_threads,
 )
+from mobilenet.inference import PteModel, load_trained
 
 from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 
@@ -33,8 +35,8 @@ def _model(name: str, width_mult: float = 0.5):
     return unit_scale_logits(model, model.classifier, resolution=RES)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
-def test_export_matches_pytorch_and_keeps_metadata(name, tmp_path):
+@pytest.mark.parametrize("name", list_models())
+def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
     model = _model(name)
     path = tmp_path / f"{name}.pte"
     classes = json.dumps(list("abcdefghij"))
@@ -45,7 +47,7 @@ def test_export_matches_pytorch_and_keeps_metadata(name, tmp_path):
     assert json.loads(metadata["config"])["name"] == name
     assert metadata["max_batch"] == str(MAX_BATCH)
     g = torch.Generator().manual_seed(1)
-    for batch in (1, 5):  # 5: a batch size the export's check never ran
+    for batch in (1, 3, 5):  # 5: a batch size the export's check never ran
         x = torch.randn(batch, 3, RES, RES, generator=g)
         with torch.no_grad():
             expected = model(x)
@@ -74,29 +76,57 @@ def test_command_line_export(tmp_path, capsys):
     assert read_pte(out)[1]["resolution"] == str(RES)
 
 
-@pytest.mark.parametrize(
-    "damage", [lambda d: b"", lambda d: b"not a program" * 8, lambda d: d[: len(d) // 2]]
-)
-def test_damaged_or_foreign_file_is_one_line(damage, tmp_path):
-    good = tmp_path / "good.pte"
-    export_pte(_model("mobilenet_v3_small"), good, RES)
-    bad = tmp_path / "bad.pte"
-    bad.write_bytes(damage(good.read_bytes()))
-    with pytest.raises(MobileNetError) as info:
-        read_pte(bad)
-    assert "\n" not in str(info.value) and str(bad) in str(info.value)
+def _one_line_refusals(path: Path, image: Path, capsys) -> str:
+    """What eval and predict say of ``path``: one line each, the same, with exit status 2."""
+    said, _ = [], capsys.readouterr()  # not what came before
+    for command in (["eval", "--data", "digits"], ["predict", str(image)]):
+        assert main([*command, "--weights", str(path)]) == 2
+        err = capsys.readouterr().err
+        prefix = f"mobilenet {command[0]}: error: "
+        assert err.count("\n") == 1 and err.startswith(prefix), err
+        said.append(err.removeprefix(prefix))
+    assert said[0] == said[1] and str(path) in said[0]
+    return said[0]
 
 
-def test_program_without_our_metadata_is_refused(tmp_path):
+def test_damaged_foreign_or_misnamed_files_are_one_line(tmp_path, capsys):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from PIL import Image
 
+    good = tmp_path / "good.pte"
+    export_pte(_model("mobilenet_v1_conv", width_mult=0.25), good, RES)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(image)
+    damaged = {
+        "empty": b"",
+        "text": b"not a program" * 8,
+        "truncated": good.read_bytes()[: good.stat().st_size // 2],
+        "safetensors": Path(_weights(tmp_path, "mobilenet_v1_conv", width_mult=0.25)).read_bytes(),
+    }
+    for name, data in damaged.items():
+        bad = tmp_path / f"{name}.pte"
+        bad.write_bytes(data)
+        with pytest.raises(MobileNetError) as info:
+            read_pte(bad)
+        assert "\n" not in str(info.value) and str(bad) in str(info.value)
+        assert "not a program ExecuTorch can load" in _one_line_refusals(bad, image, capsys)
+    # An ExecuTorch program of another kind: without our metadata.
     program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    path = tmp_path / "foreign.pte"
-    path.write_bytes(lowered.to_executorch().buffer)
+    foreign = tmp_path / "foreign.pte"
+    foreign.write_bytes(lowered.to_executorch().buffer)
     with pytest.raises(MobileNetError, match=r"not a \.pte file written by mobilenet export"):
-        read_pte(path)
+        read_pte(foreign)
+    assert "not a .pte file written by mobilenet export" in _one_line_refusals(
+        foreign, image, capsys
+    )
+    # An engine predict does not know: refused by the parser, in one line.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--weights", str(good), str(image), "--engine", "tensorrt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'tensorrt'" in err
 
 
 def test_refused_export_writes_nothing(tmp_path, monkeypatch):
@@ -104,7 +134,7 @@ def test_refused_export_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(et, "_run", lambda method, x: method(x).numpy() + 1.0)
     out = tmp_path / "refused.pte"
     with pytest.raises(MobileNetError, match="nothing written"):
-        export_pte(_model("mobilenet_v3_small"), out, RES)
+        export_pte(_model("mobilenet_v1_conv", width_mult=0.25), out, RES)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,3 +212,81 @@ def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypa
     assert main([*base, "--calibration-images", "8", "--out", str(tmp_path / "m.pte")]) == 2
     assert "nothing written" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def _image(folder: Path) -> Path:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 255, (30, 40, 3), dtype=torch.uint8, generator=rng).numpy()
+    Image.fromarray(pixels).save(folder / "x.png")
+    return folder / "x.png"
+
+
+def _cli_json(capsys, *args: str):
+    assert main([*args, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_engine_executorch_then_eval_of_its_pte(tmp_path, capsys, monkeypatch):
+    weights, image = _weights(tmp_path), _image(tmp_path)
+    common = ["predict", "--weights", weights, str(image)]
+    (eager,) = _cli_json(capsys, *common, "--engine", "eager")
+    (first,) = _cli_json(capsys, *common, "--engine", "executorch")
+    (cached,) = (Path(os.environ["MOBILENET_HOME"]) / "pte").iterdir()
+    monkeypatch.setattr(et, "export_pte", None)  # the second run must not export again
+    (second,) = _cli_json(capsys, *common, "--engine", "executorch")
+    assert first["engine"] == second["engine"] == "executorch"
+    for result in (first, second):
+        assert [t["class"] for t in result["top"]] == [t["class"] for t in eager["top"]]
+        for ours, theirs in zip(result["top"], eager["top"], strict=True):
+            assert ours["probability"] == pytest.approx(theirs["probability"], abs=1e-5)
+    # The cached program is a .pte like any other: eval gives the float model's figures
+    # (batches of 64 run in slices of MAX_BATCH).
+    results = [
+        _cli_json(capsys, "eval", "--weights", w, "--data", "digits")
+        for w in (weights, str(cached))
+    ]
+    assert results[0]["images"] == results[1]["images"] == 297
+    assert results[0]["top1"] == results[1]["top1"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-4)
+    trained = load_trained(str(cached))
+    assert isinstance(trained.model, PteModel) and trained.model.precision == "float32"
+    assert trained.classes == CLASSES and trained.resolution == RES
+    with pytest.raises(MobileNetError, match=f"takes \\(batch, 3, {RES}, {RES}\\)"):
+        trained.model(torch.randn(1, 3, RES + 8, RES + 8))
+    with pytest.raises(MobileNetError, match=f"takes {RES}x{RES} images, not 32"):
+        load_trained(str(cached), resolution=32)
+    with pytest.raises(MobileNetError, match="holds mobilenet_v3_small, not mobilenet_v2"):
+        load_trained(str(cached), "mobilenet_v2")
+
+
+def test_eval_and_predict_of_an_int8_pte_on_its_own_engine(int8_pte, capsys):
+    from executorch.extension.pybindings import portable_lib
+
+    out, _ = int8_pte
+    image = _image(out.parent)
+    metrics = _cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
+    assert metrics["images"] == 297 and 0 <= metrics["top1"] <= 100
+    (result,) = _cli_json(capsys, "predict", "--weights", str(out), str(image))
+    assert result["engine"] == "executorch-int8" and result["top"][0]["class"] in CLASSES
+    assert main(["predict", "--weights", str(out), str(image), "--engine", "executorch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs on its own engine, executorch-int8: not executorch" in err
+    # Loaded on PyTorch's thread count (one in the tests), whatever the pool had before.
+    set_pte_threads(3)
+    int8 = load_trained(str(out)).model
+    assert portable_lib._threadpool_get_thread_count() == torch.get_num_threads() == 1
+    # Quantized, it still follows the float network's function on images like those it
+    # was calibrated on (held-out digits); a random network of fifty layers at int8 is
+    # no closer than this (accuracy is measured on trained models: benchmarks/).
+    from mobilenet.data import builtin_splits, eval_transform
+
+    float_model = load_trained(str(out.parent / "w.safetensors")).model
+    transform = eval_transform(RES, float_model.eval_config)
+    digits = builtin_splits("digits", transform, transform).val
+    x = torch.stack([digits[i][0] for i in range(10)])
+    with torch.no_grad():
+        reference = float_model(x)
+    correlation = torch.corrcoef(torch.stack([int8(x).flatten(), reference.flatten()]))[0, 1]
+    assert correlation > 0.8

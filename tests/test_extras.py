@@ -116,6 +116,9 @@ def test_bench_reports_onnx_engines_it_cannot_run(monkeypatch):
         assert missing_extra(engine) == f"needs onnxruntime: {DEPLOY}"
     for engine in ("eager", "eager-fused", "torch-int8"):
         assert missing_extra(engine) is None
+    _missing(monkeypatch, "executorch")
+    for engine in ("executorch", "executorch-int8"):
+        assert missing_extra(engine) == 'needs executorch: pip install "mobilenet[mobile]"'
 
 
 def test_predict_auto_engine_falls_back_to_eager_fused(monkeypatch, tmp_path):

@@ -20,12 +20,16 @@ Engines:
   onnxruntime-int8   ONNX Runtime, static int8 quantization (QDQ, per-channel weights),
                      calibrated on random images: for speed, not accuracy
   torch-int8         PyTorch int8 (FX graph, x86 backend, per-channel), calibrated alike
+  executorch         the ExecuTorch program (.pte, XNNPACK, batch 1 to 8) in ExecuTorch's
+                     runtime, its thread pool set to --threads (it ignores OMP_NUM_THREADS)
+  executorch-int8    ExecuTorch int8 (PT2E, XNNPACK quantizer), calibrated on random images
   torchvision-eager  torchvision's own implementation of the same network, when it has one
   openvino           a peer runtime: OpenVINO on the exported ONNX model, float32
   openvino-bf16      OpenVINO in bfloat16, on CPUs with bf16 instructions
 
-The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime);
-without it they are not started, and listed as failed with the ``pip install`` to run.
+The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime), the
+ExecuTorch ones the ``mobile`` extra (executorch); without it they are not started, and
+listed as failed with the ``pip install`` to run.
 """
 
 from __future__ import annotations
@@ -46,17 +50,19 @@ from pathlib import Path
 
 from .errors import MobileNetError
 from .extras import available, install_hint
+from .machine import cores, free_cores, load_snapshot, others_since
 
 __all__ = ["ENGINES", "BenchConfig", "build_engine", "cpu", "machine", "missing_extra", "run_bench"]
 
 ENGINES = (
     "eager", "eager-fused", "compile", "onnxruntime", "onnxruntime-int8", "torch-int8",
-    "torchvision-eager", "openvino", "openvino-bf16",
+    "executorch", "executorch-int8", "torchvision-eager", "openvino", "openvino-bf16",
 )  # fmt: skip
 TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
 TORCH_ENGINES = ("eager", "eager-fused", "compile", "torch-int8", "torchvision-eager")
 OPENVINO_ENGINES = ("openvino", "openvino-bf16")
 ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", *OPENVINO_ENGINES)  # run the ONNX export
+EXECUTORCH_ENGINES = ("executorch", "executorch-int8")
 ISA = {  # the features that decide which kernels an engine can use, by /proc/cpuinfo names
     "AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
     "BF16": ("avx512_bf16",), "AMX": ("amx_tile",),
@@ -111,55 +117,19 @@ def machine() -> str:
     return "{model}, {cores} cores".format(**cpu())
 
 
-def busy_jiffies(stat: str) -> int:
-    """All cores' busy time since boot, in clock ticks, from a /proc/stat text. Steal time
-    counts: the hypervisor gave the cores to someone else. Guest time is in user already."""
-    fields = [int(v) for v in stat.splitlines()[0].split()[1:9]]  # user .. steal
-    return sum(fields) - fields[3] - fields[4]  # less idle and iowait
-
-
-def other_busy_cores(before: str, after: str, own_s: float, wall_s: float, hz: int = 100) -> float:
-    """Cores that other processes kept busy between two /proc/stat texts: the machine's
-    busy time less this benchmark's own (its process and its children), over wall time."""
-    busy_s = (busy_jiffies(after) - busy_jiffies(before)) / hz
-    return max(0.0, busy_s - own_s) / max(wall_s, 1e-9)
-
-
-def _usage() -> tuple[str, float, float]:
-    """/proc/stat, the CPU seconds of this process and its reaped children, the clock."""
-    t = os.times()
-    own = t.user + t.system + t.children_user + t.children_system
-    return _read("/proc/stat"), own, time.perf_counter()
-
-
-def _others_since(start: tuple[str, float, float]) -> float | None:
-    """Cores other processes kept busy since ``start`` (None without /proc/stat)."""
-    (stat0, own0, t0), (stat1, own1, t1) = start, _usage()
-    if not (stat0 and stat1):
-        return None
-    return other_busy_cores(stat0, stat1, own1 - own0, t1 - t0, os.sysconf("SC_CLK_TCK"))
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def free_cores(sample_s: float = 0.2) -> float:
-    """The cores this process may use that other processes left idle over ``sample_s``."""
-    start = _usage()
-    time.sleep(sample_s)
-    return _cores() - (_others_since(start) or 0.0)
-
-
 # --------------------------------------------------------------------------- engines
 
 
-def check_engines(names: list[str], model: str, width: float, explicit: bool = False) -> list[str]:
+def check_engines(
+    names: list[str], model: str, width: float, explicit: bool = False, batch: int = 1
+) -> list[str]:
     """The engines of ``names`` that apply here; unknown ones refused. Those that do not
-    apply (torchvision lacks the network, OpenVINO missing, no bf16) are left out, or,
-    for an ``explicit`` request of ``openvino-bf16`` on a CPU without bf16, refused:
-    OpenVINO would quietly compute in float32 and time the same engine twice."""
+    apply (torchvision lacks the network, OpenVINO missing, no bf16, a batch above what an
+    ExecuTorch program holds) are left out, or, for an ``explicit`` request, refused where
+    running them would time something else: ``openvino-bf16`` on a CPU without bf16
+    (OpenVINO would quietly compute in float32), ExecuTorch above its batch bound."""
+    from .export.executorch import MAX_BATCH  # (torch, not executorch, is imported)
+
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
@@ -172,6 +142,11 @@ def check_engines(names: list[str], model: str, width: float, explicit: bool = F
         names = [n for n in names if n != "openvino-bf16"]
     if not available("openvino"):
         names = [n for n in names if n not in OPENVINO_ENGINES]
+    pte = [n for n in names if n in EXECUTORCH_ENGINES]
+    if pte and batch > MAX_BATCH:
+        if explicit:
+            raise MobileNetError(f"{pte[0]} runs batches of 1 to {MAX_BATCH}, not {batch}")
+        names = [n for n in names if n not in EXECUTORCH_ENGINES]
     return names
 
 
@@ -181,6 +156,8 @@ def missing_extra(engine: str) -> str | None:
         for module in ("onnx", "onnxruntime"):
             if not available(module):
                 return f"needs {module}: {install_hint('deploy')}"
+    if engine in EXECUTORCH_ENGINES and not available("executorch"):
+        return f"needs executorch: {install_hint('mobile')}"
     return None
 
 
@@ -222,6 +199,8 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
                 return fused(xl)
 
         return run
+    if engine in EXECUTORCH_ENGINES:
+        return _pte_engine(engine, model, cfg, x, tmp)
     path = tmp / "model.onnx"
     export_onnx(model, path, cfg.resolution)
     if engine in OPENVINO_ENGINES:
@@ -236,10 +215,28 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
 
         quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution))
         path = tmp / "model.int8.onnx"
-    spin = cfg.threads < _cores() if cfg.ort_spinning is None else cfg.ort_spinning
+    spin = cfg.threads < cores() if cfg.ort_spinning is None else cfg.ort_spinning
     session = ort_session(path, cfg.threads, spin)
     feed = {"images": x.numpy()}
     return lambda: session.run(None, feed)
+
+
+def _pte_engine(engine: str, model, cfg: BenchConfig, x, tmp: Path) -> Callable[[], object]:
+    """The model as an ExecuTorch program (int8: calibrated like the other int8 engines),
+    on ``cfg.threads`` threads: the runtime starts a pool of one thread per core."""
+    import torch
+
+    from .export.executorch import export_pte, export_pte_int8, read_pte, set_pte_threads
+
+    path = tmp / "model.pte"
+    if engine == "executorch-int8":
+        calibration = (torch.randn(1, 3, cfg.resolution, cfg.resolution) for _ in range(8))
+        export_pte_int8(model, calibration, path, cfg.resolution)
+    else:
+        export_pte(model, path, cfg.resolution)
+    set_pte_threads(cfg.threads)  # before the load (see set_pte_threads)
+    run, _ = read_pte(path)
+    return lambda: run(x)
 
 
 def openvino_config(engine: str, threads: int) -> dict[str, object]:
@@ -315,11 +312,11 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
     """
     from .limits import check_memory, meta_model
 
-    engines = check_engines(engines, cfg.model, cfg.width_mult)
+    engines = check_engines(engines, cfg.model, cfg.width_mult, batch=cfg.batch)
     starting = [e for e in engines if missing_extra(e) is None]
     model = meta_model(cfg.model, width_mult=cfg.width_mult)
     check_memory(model, cfg.resolution, cfg.batch, "the benchmark", copies=max(1, len(starting)))
-    start = _usage()
+    start = load_snapshot()
     if cfg.ort_spinning is None:
         cfg = dataclasses.replace(cfg, ort_spinning=cfg.threads < free_cores())
     failed: dict[str, str] = {}
@@ -331,7 +328,7 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
             if proc.stdin:
                 proc.stdin.close()
             proc.wait()
-    others = _others_since(start)  # after the waits: the children's time is counted as ours
+    others = others_since(start)  # after the waits: the children's time is counted as ours
     if not replies:
         reasons = "; ".join(f"{e}: {r}" for e, r in failed.items()) or "none started"
         raise MobileNetError(f"no engine ran ({reasons})")

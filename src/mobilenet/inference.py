@@ -25,6 +25,10 @@ from .models.registry import model_from_checkpoint
 from .weights import read_checkpoint, saved_config
 
 __all__ = [
+    "PREDICT_ENGINES",
+    "OnnxModel",
+    "Pt2Model",
+    "PteModel",
     "Trained",
     "check_image_files",
     "choose_engine",
@@ -60,6 +64,8 @@ def load_trained(
         return _load_onnx(path, resolution)
     if path.suffix == ".pt2":
         return _load_pt2(path, model, resolution)
+    if path.suffix == ".pte":
+        return _load_pte(path, model, resolution)
     state_dict, metadata = read_checkpoint(path)
     if is_int8_checkpoint(metadata):
         return _load_int8(state_dict, metadata, path, resolution)
@@ -154,21 +160,47 @@ class Pt2Model(DeployedModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The program's own guards are not run (they are code from the file): check here.
-        expected = (3, self.resolution, self.resolution)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
-            raise MobileNetError(
-                f"the exported program takes (batch, 3, {self.resolution}, {self.resolution}) "
-                f"images, not {tuple(x.shape)}"
-            )
+        _check_images(x, self.resolution)
         with torch.no_grad():
             logits = self.program(x.detach().cpu().float().contiguous())
         return logits.to(x.device)  # beside the targets evaluate() moved there
 
 
-def _load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
-    from .export.pt2 import read_pt2
+class PteModel(DeployedModel):
+    """An ExecuTorch program (``.pte``, float32 or int8) behind the ``nn.Module`` call
+    interface. Its memory is planned at export time for at most ``max_batch`` images, so
+    a larger batch runs in slices of that size."""
 
-    program, metadata = read_pt2(path)
+    def __init__(
+        self, run, config: ModelConfig, resolution: int, max_batch: int, precision: str
+    ) -> None:
+        super().__init__(config)
+        self.run = run  # read_pte's callable: one slice of up to max_batch images
+        self.resolution = resolution
+        self.max_batch = max_batch
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.resolution)
+        images = x.detach().cpu().float().contiguous()
+        logits = [self.run(part.contiguous()) for part in images.split(self.max_batch)]
+        return torch.cat(logits).to(x.device)
+
+
+def _check_images(x: torch.Tensor, resolution: int) -> None:
+    """Refuse a batch an exported program was not made for, before it runs."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, resolution, resolution) or x.shape[0] < 1:
+        raise MobileNetError(
+            f"the exported program takes (batch, 3, {resolution}, {resolution}) images, "
+            f"not {tuple(x.shape)}"
+        )
+
+
+def _exported_settings(
+    metadata: Mapping[str, str], path: Path, model: str | None, resolution: int | None
+) -> tuple[ModelConfig, list[str], int]:
+    """The config, class names and input size an exported program (.pt2, .pte) keeps,
+    refused when the command line asks for another model or size."""
     try:
         config = ModelConfig(**json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError) as e:  # missing, not JSON, unknown fields
@@ -179,7 +211,27 @@ def _load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
     res = _saved_resolution(metadata, path)
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    return config, classes, res
+
+
+def _load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
+    from .export.pt2 import read_pt2
+
+    program, metadata = read_pt2(path)
+    config, classes, res = _exported_settings(metadata, path, model, resolution)
     return Trained(Pt2Model(program, config, res), classes, res, path)
+
+
+def _load_pte(path: Path, model: str | None, resolution: int | None) -> Trained:
+    """An ExecuTorch program, run on as many threads as PyTorch here (the runtime ignores
+    ``OMP_NUM_THREADS`` and would take every core)."""
+    from .export.executorch import read_pte, set_pte_threads
+
+    set_pte_threads(torch.get_num_threads())  # before the load: methods keep their pool
+    run, metadata = read_pte(path)
+    config, classes, res = _exported_settings(metadata, path, model, resolution)
+    pte = PteModel(run, config, res, int(metadata["max_batch"]), metadata.get("dtype", ""))
+    return Trained(pte, classes, res, path)
 
 
 def _load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
@@ -232,14 +284,20 @@ def check_image_files(paths: list[str]) -> None:
         require_regular_file(path)
 
 
-PREDICT_ENGINES = ("auto", "onnxruntime", "eager-fused", "eager")
+PREDICT_ENGINES = ("auto", "onnxruntime", "executorch", "eager-fused", "eager")
 
 
 def engine_candidates(trained: Trained) -> list[str]:
     """The engines ``predict`` can run float weights on here. The int8 engines are not
     among them: quantizing is a change of the model, made only by the user's own file."""
-    onnx_ready = available("onnx") and available("onnxruntime") and trained.path is not None
-    return ["eager", "eager-fused", *(["onnxruntime"] if onnx_ready else [])]
+    candidates = ["eager", "eager-fused"]
+    if trained.path is None:  # the exporting engines cache their file under its hash
+        return candidates
+    if available("onnx") and available("onnxruntime"):
+        candidates.append("onnxruntime")
+    if available("executorch"):
+        candidates.append("executorch")
+    return candidates
 
 
 def deployed_engine(model: DeployedModel) -> str:
@@ -251,17 +309,23 @@ def deployed_engine(model: DeployedModel) -> str:
         return "onnxruntime-int8" if int8 else "onnxruntime"
     if isinstance(model, Pt2Model):
         return "pt2"
+    if isinstance(model, PteModel):
+        return "executorch-int8" if model.precision == "int8" else "executorch"
     return "torch-int8" if isinstance(model, Int8Model) else type(model).__name__
 
 
 def choose_engine(trained: Trained, engine: str = "auto", batch: int = 1) -> str:
-    """The engine ``predict`` runs: a deployed file's own; the one asked for; or, for
-    ``auto``, the fastest that ``mobilenet bench --save`` measured on this machine for
-    this model, width and thread count (the record nearest in resolution and in
-    ``batch``, the images classified at once). Without a record: ONNX Runtime where the
-    ``deploy`` extra is installed, else eager-fused."""
+    """The engine ``predict`` runs: a deployed file's own (another asked for is refused);
+    the one asked for; or, for ``auto``, the fastest float engine that ``mobilenet bench
+    --save`` measured on this machine for this model, width and thread count (the record
+    nearest in resolution and in ``batch``, the images classified at once). Without a
+    record: ONNX Runtime where the ``deploy`` extra is installed, else eager-fused."""
     if isinstance(trained.model, DeployedModel):
-        return deployed_engine(trained.model)
+        own = deployed_engine(trained.model)
+        if engine not in ("auto", own):  # asked for another: refused rather than ignored
+            where = trained.path or "an exported model"
+            raise MobileNetError(f"{where} runs on its own engine, {own}: not {engine}")
+        return own
     if engine != "auto":
         return engine
     from .engines import fastest, recorded_medians
@@ -279,10 +343,11 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
     """The model behind ``predict``, run by ``engine``.
 
     ``onnxruntime``, the fastest on most CPUs in ``mobilenet bench`` (about 0.35x the
-    latency of eager PyTorch for mobilenet_v2 at batch 1), exports the weights once and
-    keeps the checked ONNX file in the cache (``$MOBILENET_HOME/onnx``, keyed by the
-    weights' hash and the resolution); it needs the ``deploy`` extra. ``eager-fused`` folds
-    BatchNorm; ``eager`` runs the model as is. ``auto``: see :func:`choose_engine` (batch 1).
+    latency of eager PyTorch for mobilenet_v2 at batch 1), and ``executorch`` (XNNPACK)
+    export the weights once and keep the checked file in the cache
+    (``$MOBILENET_HOME/onnx`` or ``pte``, keyed by the weights' hash and the resolution);
+    they need the ``deploy`` and ``mobile`` extras. ``eager-fused`` folds BatchNorm;
+    ``eager`` runs the model as is. ``auto``: see :func:`choose_engine` (batch 1).
     """
     engine = choose_engine(trained, engine)
     model = trained.model
@@ -292,23 +357,34 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
         from .export import prepare_for_inference
 
         return prepare_for_inference(model, channels_last=False)
-    if engine != "onnxruntime":
-        raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
-    from .export.onnx import export_onnx
+    if engine == "onnxruntime":
+        from .export.onnx import export_onnx
+
+        for module in ("onnx", "onnxruntime"):
+            require(module, "deploy", "the onnxruntime engine")
+        return _cached_export(trained, engine, ".onnx", export_onnx)
+    if engine == "executorch":
+        from .export.executorch import export_pte
+
+        require("executorch", "mobile", "the executorch engine")
+        return _cached_export(trained, engine, ".pte", export_pte)
+    raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
+
+
+def _cached_export(trained: Trained, engine: str, suffix: str, export) -> nn.Module:
+    """The float weights exported by ``export`` into the cache (once per weights file and
+    resolution, checked by the export against PyTorch), loaded back."""
     from .paths import cache_dir
     from .weights import sha256_file
 
-    for module in ("onnx", "onnxruntime"):
-        require(module, "deploy", "the onnxruntime engine")
     if trained.path is None:
-        raise MobileNetError("the onnxruntime engine needs weights loaded from a file")
-    name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}.onnx"
-    onnx_path = cache_dir() / "onnx" / name
-    if not onnx_path.is_file():
-        export_onnx(model, onnx_path, trained.resolution, metadata={
-            "classes": json.dumps(trained.classes),
-        })  # fmt: skip
-    return _load_onnx(onnx_path, trained.resolution).model
+        raise MobileNetError(f"the {engine} engine needs weights loaded from a file")
+    name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}{suffix}"
+    path = cache_dir() / suffix[1:] / name
+    if not path.is_file():
+        metadata = {"classes": json.dumps(trained.classes)}
+        export(trained.model, path, trained.resolution, metadata=metadata)
+    return load_trained(str(path), resolution=trained.resolution).model
 
 
 @torch.no_grad()

@@ -1,14 +1,27 @@
-"""What the machine can hold: the memory still free on a device, in readable units."""
+"""What the machine can hold and who else uses it: the memory still free on a device, in
+readable units; the cores this process may use and the load other processes put on them
+(``mobilenet bench`` records it beside its timings)."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["available_memory", "format_bytes"]
+__all__ = [
+    "available_memory",
+    "busy_jiffies",
+    "cores",
+    "format_bytes",
+    "free_cores",
+    "load_snapshot",
+    "other_busy_cores",
+    "others_since",
+]
 
 
 def format_bytes(nbytes: float) -> str:
@@ -39,3 +52,49 @@ def available_memory(device: str | torch.device | None = None) -> int | None:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024  # the kernel writes kB (KiB)
     return None
+
+
+def busy_jiffies(stat: str) -> int:
+    """All cores' busy time since boot, in clock ticks, from a /proc/stat text. Steal time
+    counts: the hypervisor gave the cores to someone else. Guest time is in user already."""
+    fields = [int(v) for v in stat.splitlines()[0].split()[1:9]]  # user .. steal
+    return sum(fields) - fields[3] - fields[4]  # less idle and iowait
+
+
+def other_busy_cores(before: str, after: str, own_s: float, wall_s: float, hz: int = 100) -> float:
+    """Cores that other processes kept busy between two /proc/stat texts: the machine's
+    busy time less this benchmark's own (its process and its children), over wall time."""
+    busy_s = (busy_jiffies(after) - busy_jiffies(before)) / hz
+    return max(0.0, busy_s - own_s) / max(wall_s, 1e-9)
+
+
+def load_snapshot() -> tuple[str, float, float]:
+    """/proc/stat, the CPU seconds of this process and its reaped children, the clock."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    return _read("/proc/stat"), own, time.perf_counter()
+
+
+def others_since(start: tuple[str, float, float]) -> float | None:
+    """Cores other processes kept busy since ``start`` (None without /proc/stat)."""
+    (stat0, own0, t0), (stat1, own1, t1) = start, load_snapshot()
+    if not (stat0 and stat1):
+        return None
+    return other_busy_cores(stat0, stat1, own1 - own0, t1 - t0, os.sysconf("SC_CLK_TCK"))
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def free_cores(sample_s: float = 0.2) -> float:
+    """The cores this process may use that other processes left idle over ``sample_s``."""
+    start = load_snapshot()
+    time.sleep(sample_s)
+    return cores() - (others_since(start) or 0.0)
+
+
+def _read(path: str) -> str:
+    """A /proc file's text; empty where there is none (not Linux)."""
+    return Path(path).read_text() if Path(path).is_file() else ""

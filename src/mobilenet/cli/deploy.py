@@ -272,7 +272,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     engines = args.engines.split(",") if args.engines else list(ENGINES)
     engines = [e.strip() for e in engines if e.strip()]
-    engines = check_engines(engines, args.model, args.width_mult, explicit=bool(args.engines))
+    engines = check_engines(
+        engines, args.model, args.width_mult, explicit=bool(args.engines), batch=args.batch
+    )
     cfg = BenchConfig(
         args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
         args.iterations,

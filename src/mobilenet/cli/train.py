@@ -149,9 +149,9 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
     c.add_argument("--resolution", type=resolution, default=None, help="input size")
     c.add_argument("--top", type=positive_int, default=None, help="classes per image (5)")
     c.add_argument("--engine", choices=PREDICT_ENGINES, default=None,
-                   help="auto (default: the fastest that bench --save measured on this "
-                   "machine, else ONNX Runtime where installed), onnxruntime, eager-fused, "
-                   "eager")  # fmt: skip
+                   help="auto (default: the fastest float engine that bench --save "
+                   "measured on this machine, else ONNX Runtime where installed), onnxruntime, "
+                   "executorch, eager-fused, eager; an exported file runs on its own")  # fmt: skip
     d = p.add_argument_group("detection")
     d.add_argument("--min-score", type=finite_float, default=None, help="report above (0.5)")
     d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn")
@@ -186,7 +186,7 @@ def _checkpoint_task(weights: str, model: str | None) -> str:
     from ..weights.io import read_metadata
 
     path = resolve_weights(weights)
-    if path.suffix in (".onnx", ".pt2"):
+    if path.suffix in (".onnx", ".pt2", ".pte"):
         return "classification"  # exported classifiers (detectors export raw heads)
     metadata = read_metadata(path)
     if metadata.get("task"):

@@ -25,6 +25,7 @@ as the ONNX quantization does: random images of the training split, evaluation t
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -194,14 +195,16 @@ def read_pte(
 
 def set_pte_threads(threads: int) -> None:
     """Set the threads of ExecuTorch's XNNPACK pool, process-wide. It starts with one per
-    core, so a timing "on one thread" of a ``.pte`` is not one unless this is called; the
-    only setter the Python runtime offers is marked unsafe because methods running at that
-    moment would lose their pool: call it between runs, never during one."""
+    core, so a timing "on one thread" of a ``.pte`` is not one unless this is called. The
+    only setter the Python runtime offers is marked unsafe, and is: a method loaded before
+    the pool is replaced crashes the process when it next runs. So call this before
+    loading a program; it does nothing when the pool already has ``threads`` threads."""
     _require()
     from executorch.extension.pybindings import portable_lib
 
-    with _quiet_native_stderr():
-        portable_lib._unsafe_reset_threadpool(threads)
+    with _quiet_native_stderr():  # the pool's creation logs its CPU probing
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
 
 
 def _require() -> None:
@@ -300,20 +303,23 @@ def _check_int8(method, model: nn.Module, reference: nn.Module, images: torch.Te
 
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[None]:
-    """Keep the runtime's C++ log lines (CPU probing, load failures) off stderr: a refusal
-    is one line, and its reason is in the exception."""
-    try:
+    """Keep the runtime's log lines (CPU probing, pool resets, load failures) off stderr: a
+    refusal is one line, and its reason is in the exception. The C++ code writes some to
+    file descriptor 2, the Python bindings others to ``sys.stderr``: both are sunk."""
+    with contextlib.suppress(AttributeError, ValueError):  # no sys.stderr, or closed
         sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no file descriptor 2 (embedded interpreters)
-        yield
-        return
-    try:
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            saved = os.dup(2)
+        except OSError:  # no file descriptor 2 (embedded interpreters)
+            yield
+            return
+        try:
+            with tempfile.TemporaryFile() as sink:
+                os.dup2(sink.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    os.dup2(saved, 2)
+        finally:
+            os.close(saved)
