@@ -56,6 +56,7 @@ __all__ = [
     "quantize_pte",
     "read_pte",
     "set_pte_threads",
+    "xnnpack_quantizer",
 ]
 
 FORMAT = "mobilenet-pte"
@@ -100,16 +101,12 @@ def export_pte_int8(
     activation ranges observed on ``calibration_batches`` (image tensors of
     ``resolution``); returns the max abs difference between the ExecuTorch runtime and the
     float model, checked (:func:`_check_int8`) before the file appears."""
-    _require()
-    quantizer_module = "executorch.backends.xnnpack.quantizer.xnnpack_quantizer"
-    xq = require(quantizer_module, "mobile", _PURPOSE)
+    quantizer = xnnpack_quantizer()
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "mobile", _PURPOSE)
     model = model.eval()
     name = _name(model)
     prepared = prepare_for_inference(model, channels_last=False)
     captured = _torch_export(prepared, resolution, name).module()
-    quantizer = xq.XNNPACKQuantizer()
-    quantizer.set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         observed = pt2e.prepare_pt2e(captured, quantizer)
@@ -130,6 +127,18 @@ def export_pte_int8(
     diff = _check_int8(method, model, reference, first)
     write_bytes(path, data)
     return diff
+
+
+def xnnpack_quantizer():
+    """The PT2E quantizer :func:`export_pte_int8` uses: XNNPACK's, int8 weights symmetric
+    per output channel, int8 activations per tensor (affine). The operators it annotates
+    run in int8; the others (with executorch 1.5: h-swish, h-sigmoid and the
+    squeeze-excite's mean) stay in float between a dequantize and a quantize."""
+    _require()
+    xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", "mobile", _PURPOSE)
+    quantizer = xq.XNNPACKQuantizer()
+    quantizer.set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
+    return quantizer
 
 
 def quantize_pte(
