@@ -28,7 +28,7 @@ from .args import (
 
 __all__ = ["add_detect_alias", "add_parsers"]
 
-# Flags that only one task uses: dest -> (task, flag). The others are shared.
+# Flags that only some tasks use: dest -> (task or tasks, flag). The others are shared.
 TASK_FLAGS = {
     "recipe": ("classification", "--recipe"),
     "val_fraction": ("classification", "--val-fraction"),
@@ -41,9 +41,10 @@ TASK_FLAGS = {
     "focal": ("detection", "--focal"),
     "augment": ("detection", "--augment"),
     "cache": ("detection", "--cache"),
-    "flip": ("detection", "--flip/--no-flip"),
+    "flip": (("detection", "segmentation"), "--flip/--no-flip"),
     "min_score": ("detection", "--min-score"),
-    "draw": ("detection", "--out"),
+    "draw": (("detection", "segmentation"), "--out"),
+    "aux_loss": ("segmentation", "--aux-loss"),
 }
 
 
@@ -70,7 +71,8 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
         description="Train on one process, or on many under torchrun "
         "(torchrun --nproc-per-node N -m mobilenet train ...). Classifiers train on an "
         "image folder (one sub-folder per class) or mnist/digits; detectors on a "
-        "COCO-format folder (annotations.json) or mnist-det.",
+        "COCO-format folder (annotations.json) or mnist-det; segmentation models on a "
+        "PASCAL VOC folder, an images/ + masks/ folder or mnist-seg.",
     )
     p.set_defaults(func=cmd_train, task=task)
     p.add_argument("--model", type=model_name(task), default=default_model)
@@ -118,6 +120,9 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     flip = d.add_mutually_exclusive_group()
     flip.add_argument("--flip", dest="flip", action="store_true", default=None)
     flip.add_argument("--no-flip", dest="flip", action="store_false")
+    s = p.add_argument_group("segmentation")
+    s.add_argument("--aux-loss", action="store_true", default=None,
+                   help="train DeepLabv3's auxiliary head too (loss + 0.5 x its loss)")  # fmt: skip
 
 
 def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
@@ -154,7 +159,8 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
                    "executorch, eager-fused, eager; an exported file runs on its own")  # fmt: skip
     d = p.add_argument_group("detection")
     d.add_argument("--min-score", type=finite_float, default=None, help="report above (0.5)")
-    d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn")
+    d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn "
+                   "(segmentation: for the masks and overlays)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- which task
@@ -165,8 +171,10 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
     if args.task is not None and task != args.task:
         raise MobileNetError(f"{what} is a {task} model; `mobilenet detect` takes detectors")
     for dest, (owner, flag) in TASK_FLAGS.items():
-        if owner != task and getattr(args, dest, None) is not None:
-            raise MobileNetError(f"{flag} applies to {owner} models; {what} is a {task} model")
+        owners = (owner,) if isinstance(owner, str) else owner
+        if task not in owners and getattr(args, dest, None) is not None:
+            owned = " and ".join(owners)
+            raise MobileNetError(f"{flag} applies to {owned} models; {what} is a {task} model")
     if task == "classification" or args.func is cmd_train:
         return
     # eval and predict of a detector read these from the checkpoint, or do without them.
@@ -212,7 +220,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "--val-fraction cannot hold out part of tar shards: give the held-out shards "
                 "with --val-data"
             )
-    if task == "detection":
+    if task == "segmentation":
+        from .segmentation import trained_line
+
+        result, best = trained_line(args)
+    elif task == "detection":
         from ..tasks.detection import train_detector
 
         result = train_detector(_detection_config(args))
@@ -326,7 +338,12 @@ def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if _weights_task(args) == "detection":
+    task = _weights_task(args)
+    if task == "segmentation":
+        from .segmentation import eval_segmenter
+
+        return eval_segmenter(args)
+    if task == "detection":
         return _eval_detector(args)
     from ..inference import evaluate_on
 
@@ -368,7 +385,12 @@ def _eval_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if _weights_task(args) == "detection":
+    task = _weights_task(args)
+    if task == "segmentation":
+        from .segmentation import segment
+
+        return segment(args)
+    if task == "detection":
         return _detect(args)
     from ..inference import predict
 
