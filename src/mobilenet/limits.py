@@ -76,13 +76,14 @@ def meta_model(name: str, **kwargs: Any) -> nn.Module:
 
 def estimate_memory(
     model: nn.Module,
-    resolution: int,
+    resolution: int | tuple[int, int],
     batch: int = 1,
     *,
     training: bool = False,
     copies: int = 1,
 ) -> MemoryEstimate:
-    """What running ``model`` on ``batch`` images of ``resolution`` will allocate.
+    """What running ``model`` on ``batch`` images of ``resolution`` (a side, or
+    ``(height, width)``) will allocate.
 
     Weights already in memory (not on the ``meta`` device) are not counted again: the
     machine's available memory already excludes them. ``copies`` counts processes that
@@ -109,7 +110,7 @@ def estimate_memory(
 
 def check_memory(
     model: nn.Module,
-    resolution: int,
+    resolution: int | tuple[int, int],
     batch: int = 1,
     what: str = "this run",
     *,
@@ -133,9 +134,15 @@ def check_memory(
         processes = f" in {copies} processes" if copies > 1 else ""
         raise MobileNetError(
             f"{what} would need about {format_bytes(estimate.total)} of memory{processes} "
-            f"({name}{width_text}, {resolution}x{resolution}, batch {batch}: weights "
+            f"({name}{width_text}, {_size_text(resolution)}, batch {batch}: weights "
             f"{format_bytes(estimate.weights)}, activations "
             f"{format_bytes(estimate.activations)}), more than the "
             f"{format_bytes(available)} available; use a smaller resolution, batch or width"
         )
     return estimate
+
+
+def _size_text(resolution: int | tuple[int, int]) -> str:
+    """``224x224`` for a side, ``1024x2048`` for a pair."""
+    h, w = resolution if isinstance(resolution, tuple | list) else (resolution, resolution)
+    return f"{h}x{w}"

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any, NoReturn
 
-from ..cost import MAX_RESOLUTION, check_resolution
+from ..cost import MAX_RESOLUTION, MIN_RESOLUTION, check_resolution
 from ..errors import MobileNetError
 from ..models import list_models
 from ..models.registry import check_width_mult
@@ -23,6 +23,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "resolution",
+    "resolution_hw",
     "seed",
     "width",
 ]
@@ -103,11 +104,34 @@ def resolution(text: str) -> int:
         ) from None
 
 
-def model_name(task: str | None = None):
-    """An argument type: a registered model of ``task`` (None: of any task)."""
+def resolution_hw(text: str) -> int | tuple[int, int]:
+    """An input size: a square's side (``512``) or ``HEIGHTxWIDTH`` (``1024x2048``, as
+    Cityscapes), each side an integer from 32 (the output stride) to ``MAX_RESOLUTION``;
+    the side as an integer, or the ``(height, width)`` pair as given. Sizes that fit these
+    bounds but not the machine are refused by the commands that allocate
+    (:func:`mobilenet.limits.check_memory`)."""
+    bounds = f"an integer >= {MIN_RESOLUTION} and <= {MAX_RESOLUTION}"
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    parts = [p.strip() for p in text.strip().lower().split("x")]
+    if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 512 or 1024x2048 (height x width), each side {bounds}, "
+            f"got {shown}"
+        )
+    sides = [int(p) if len(p) <= 12 else MAX_RESOLUTION + 1 for p in parts]  # int() caps digits
+    for side in sides:
+        if not MIN_RESOLUTION <= side <= MAX_RESOLUTION:
+            raise argparse.ArgumentTypeError(f"each side must be {bounds}, got {shown}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def model_name(task: str | tuple[str, ...] | None = None):
+    """An argument type: a registered model of ``task`` (a task or several; None: of any
+    task)."""
+    tasks = task if isinstance(task, tuple) else (task,)
 
     def check(text: str) -> str:
-        known = list_models(task=task)
+        known = [name for t in tasks for name in list_models(task=t)]
         if text not in known:
             raise argparse.ArgumentTypeError(
                 f"unknown model {text!r}; choose from: {', '.join(known)}"

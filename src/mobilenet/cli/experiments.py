@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import MobileNetError
-from .args import model_name, positive_int, resolution, width
+from .args import model_name, positive_int, resolution_hw, width
 
 __all__ = ["add_parsers"]
 
@@ -16,11 +16,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "memory", help="peak activation memory: standard vs memory-efficient (V2 Section 5.1)"
     )
-    p.add_argument("model", type=model_name("classification"), help="a V2 or V3 model")
+    p.add_argument(
+        "model",
+        type=model_name(("classification", "segmentation")),
+        help="a V2 or V3 classifier, or a segmentation model on one",
+    )
     p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
     # Checked by memory_efficient, whose message also names the block's channel count.
     p.add_argument("--splits", type=int, default=4, help="channel groups t per block (>= 1)")
-    p.add_argument("--resolution", type=resolution, default=224)
+    p.add_argument("--resolution", type=resolution_hw, default=224, help="N or HxW")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--band-rows", type=positive_int, default=16, help="rows per tiled band")
     p.add_argument("--no-tiling", dest="band_rows", action="store_const", const=None)

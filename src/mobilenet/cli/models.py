@@ -11,7 +11,7 @@ from ..errors import MobileNetError
 from ..limits import meta_model
 from ..models import list_models
 from ..models.registry import TASKS
-from .args import add_model_args, model_kwargs, model_name, resolution
+from .args import add_model_args, model_kwargs, model_name, resolution_hw
 
 __all__ = ["add_parsers"]
 
@@ -24,7 +24,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", type=model_name(), help="model name (see `mobilenet list`)")
     p.add_argument("--all", action="store_true", help="one row per registered classifier")
     add_model_args(p)
-    p.add_argument("--resolution", type=resolution, default=224, help="input size (>= 32)")
+    p.add_argument(
+        "--resolution", type=resolution_hw, default=224, help="input size: N or HxW (>= 32)"
+    )
     p.add_argument("--per-layer", action="store_true", help="also list every layer")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cost)
@@ -90,6 +92,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- tables
 
 
+def _size(resolution: int | tuple[int, int]) -> str:
+    """A side as given (``224``), a pair as ``HxW``."""
+    return str(resolution) if isinstance(resolution, int) else "x".join(map(str, resolution))
+
+
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
@@ -114,7 +121,7 @@ def _summary_table(costs: Sequence[Cost]) -> str:
         [
             c.model,
             f"{c.width_mult:g}",
-            str(c.resolution),
+            _size(c.resolution),
             f"{c.params:,}",
             f"{c.madds / 1e6:,.1f}M",
             _mb(c.largest_activation_bytes),

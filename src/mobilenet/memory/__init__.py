@@ -5,10 +5,14 @@ The package holds three things:
 * :mod:`~mobilenet.memory.executor`: the executor of V2 Section 5.1,
   :func:`memory_efficient` and :class:`MemoryEfficientMobileNet`: each block computed over
   ``t`` channel groups of its expansion, the leading high-resolution layers tiled into
-  bands of rows, the last conv fused with the pool; with the analytic peak of its schedule
-  and the paper's bound. Its layers (the stem and the block, band by band and group by
-  group, the convolution geometry, the in-place activations and the ledger that replays
-  the allocations) are in :mod:`~mobilenet.memory.ops`.
+  bands of rows (:mod:`~mobilenet.memory.backbone`), the last conv fused with the pool;
+  with the analytic peak of its schedule and the paper's bound. Its layers (the stem and
+  the block, band by band and group by group, atrous or not, the convolution geometry,
+  the in-place activations and the ledger that replays the allocations) are in
+  :mod:`~mobilenet.memory.ops`.
+* :mod:`~mobilenet.memory.segmentation`: :class:`MemoryEfficientSegmenter`, the same for
+  LR-ASPP and DeepLabv3 (what :func:`memory_efficient` builds for a segmentation model),
+  with the heads and the banded bilinear upsampling in :mod:`~mobilenet.memory.heads`.
 * :mod:`~mobilenet.memory.profiler`: :class:`PeakMemory` and :func:`measure_peak`, the
   activation memory a forward pass really allocates.
 * :mod:`~mobilenet.memory.report`: :func:`memory_report`, :class:`MemoryReport` and
@@ -21,9 +25,11 @@ from .executor import TILE_STRIDE as TILE_STRIDE
 from .executor import MemoryEfficientMobileNet, memory_efficient
 from .profiler import PeakMemory, measure_peak
 from .report import MemoryReport, format_report, memory_report
+from .segmentation import MemoryEfficientSegmenter
 
 __all__ = [
     "MemoryEfficientMobileNet",
+    "MemoryEfficientSegmenter",
     "MemoryReport",
     "PeakMemory",
     "format_report",

@@ -27,8 +27,12 @@ Beyond the paper's executor:
   band recomputing the halo rows its depthwise convs need. Only the segment's output is
   ever materialised whole; the halos cost some recomputation (about 10-20% of the
   segment's MAdds at the default 16 rows).
+  Atrous (dilated) depthwise convs are computed alike: a band of a conv of dilation d
+  reads a halo of ``d * (k // 2)`` rows (:mod:`mobilenet.memory.backbone` holds the
+  segments).
 * **The head.** The last 1x1 conv is fused with the global average pool, computed in
   channel groups no larger than its input, so its output map is never materialised.
+  Segmentation models have heads of their own (:mod:`mobilenet.memory.segmentation`).
 * **Batches** are processed one image at a time.
 
 BatchNorm is folded first (:func:`~mobilenet.export.prepare.fold_batchnorm`) and every
@@ -42,91 +46,18 @@ How much memory the executor saves, and what it costs in time, is reported by
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..blocks import InvertedResidual
 from ..errors import MobileNetError
 from ..export.prepare import prepare_for_inference
 from ..layers import ConvBNAct
-from .ops import _act_, _activation, _bias, _Block, _groups, _Ledger, _Stem
+from .backbone import DEFAULT_BAND_ROWS, TILE_STRIDE, backbone_segments, check_arguments
+from .ops import _act_, _activation, _bias, _groups, _hw, _Ledger
+from .segmentation import MemoryEfficientSegmenter
 
 __all__ = ["DEFAULT_BAND_ROWS", "TILE_STRIDE", "MemoryEfficientMobileNet", "memory_efficient"]
-
-TILE_STRIDE = 8  # the tiled segment ends with the first block reaching this output stride
-DEFAULT_BAND_ROWS = 16
-
-
-# --------------------------------------------------------------------------- segments
-
-
-class _Segment(nn.Module):
-    """Consecutive layers run band by band: only the last layer's output is whole."""
-
-    def __init__(self, layers: Sequence[_Stem | _Block], band_rows: int | None) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.band_rows = band_rows if len(layers) > 1 else None
-
-    def sizes(self, n: int) -> list[int]:
-        """The height (or width) of the segment's input and of every layer's output."""
-        out = [n]
-        for layer in self.layers:
-            out.append(layer.window.out_size(out[-1]))
-        return out
-
-    def bands(self, h: int) -> list[list[tuple[int, int]]]:
-        """For each band, the output rows ``[o0, o1)`` each layer computes."""
-        heights = self.sizes(h)
-        rows = self.band_rows or heights[-1]
-        bands = []
-        for start in range(0, heights[-1], rows):
-            ranges = [(start, min(start + rows, heights[-1]))]
-            for layer, h_in in zip(self.layers[:0:-1], heights[-2:0:-1], strict=True):
-                ranges.append(layer.rows_needed(*ranges[-1], h_in))
-            bands.append(ranges[::-1])
-        return bands
-
-    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
-        heights, widths = self.sizes(h), self.sizes(w)
-        bands = self.bands(h)
-        result = None
-        if len(bands) > 1:
-            result = x.new_empty(heights[-1], widths[-1], self.layers[-1].out_channels)
-        for ranges in bands:
-            y, a = x, 0
-            for i, (layer, h_in, (o0, o1)) in enumerate(
-                zip(self.layers, heights[:-1], ranges, strict=True)
-            ):
-                last = i == len(self.layers) - 1
-                out = result[o0:o1] if last and result is not None else None
-                y, a = layer.run(y, a, h_in, o0, o1, out), o0
-            if result is None:
-                return y
-        assert result is not None
-        return result
-
-    def plan(self, ledger: _Ledger, h: int, w: int) -> tuple[int, int, int]:
-        """Replay :meth:`forward`; returns the bytes of its output, and its height and width."""
-        heights, widths = self.sizes(h), self.sizes(w)
-        bands = self.bands(h)
-        tiled = len(bands) > 1
-        result = 0
-        if tiled:
-            result = ledger.alloc(4 * self.layers[-1].out_channels * heights[-1] * widths[-1])
-        for ranges in bands:
-            prev = 0
-            for i, (layer, h_in, w_in, (o0, o1)) in enumerate(
-                zip(self.layers, heights[:-1], widths[:-1], ranges, strict=True)
-            ):
-                y = layer.plan(ledger, h_in, w_in, o0, o1, tiled and i == len(self.layers) - 1)
-                ledger.free(prev)
-                prev = y
-            if not tiled:
-                result = prev
-        return result, heights[-1], widths[-1]
 
 
 class _Head(nn.Module):
@@ -190,10 +121,10 @@ class MemoryEfficientMobileNet(nn.Module):
     ) -> None:
         super().__init__()
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
-        _check_arguments(model, name, splits, band_rows)
+        check_arguments(list(getattr(model, "features", [])), name, splits, band_rows)
         folded = prepare_for_inference(model, channels_last=False)
         stem, *body, last = folded.features
-        self.segments = nn.ModuleList(_segments(_layers(stem, body, name, splits), band_rows))
+        self.segments = nn.ModuleList(backbone_segments(stem, body, name, splits, band_rows))
         self.head = _Head(folded, last)
         self.splits = splits
         self.band_rows = band_rows
@@ -218,100 +149,62 @@ class MemoryEfficientMobileNet(nn.Module):
         assert logits is not None
         return logits
 
-    def analytic_peak(self, resolution: int, batch: int = 1) -> int:
+    def analytic_peak(self, resolution: int | tuple[int, int], batch: int = 1) -> int:
         """Peak live activation bytes (fp32) of :meth:`forward`, from the shapes alone.
 
         A batch is processed one image at a time: from the second image on, the logits
         of the batch are alive too. Tensors of one value per channel (squeeze-excite's,
         the pooled features) are left out: a few KiB against MiBs.
         """
-        ledger = _Ledger(4 * batch * self.head.out_features if batch > 1 else 0)
-        h = w = resolution
+        return self.analytic_peaks(resolution, batch)[0]
+
+    def analytic_peaks(
+        self, resolution: int | tuple[int, int], batch: int = 1
+    ) -> tuple[int, int, int]:
+        """The peak of :meth:`analytic_peak` with the output (the batch's logits), without
+        it, and the output's bytes."""
+        ledger = _Ledger()
+        output = 4 * batch * self.head.out_features
+        if batch > 1:
+            ledger.alloc(output, output=True)
+        h, w = _hw(resolution)
         prev = 0
         for segment in self.segments:
             y, h, w = segment.plan(ledger, h, w)
             ledger.free(prev)
             prev = y
         self.head.plan(ledger, h * w)
-        return ledger.peak
+        return ledger.peak, ledger.working_peak, output
 
-    def paper_bound(self, resolution: int, batch: int = 1) -> int:
+    def paper_bound(self, resolution: int | tuple[int, int], batch: int = 1) -> int:
         """The largest ``|input| + |output|`` of any operation (V2 Section 5.1), in bytes at
         fp32: the stem, each block as one operation, the last conv, the classifier."""
-        h = w = resolution
+        h, w = _hw(resolution)
         c = 3
         bound = 0
         for segment in self.segments:
-            for layer in segment.layers:
-                ho, wo = layer.window.out_size(h), layer.window.out_size(w)
-                bound = max(bound, c * h * w + layer.out_channels * ho * wo)
-                c, h, w = layer.out_channels, ho, wo
+            largest, c, h, w = segment.bound(c, h, w)
+            bound = max(bound, largest)
         bound = max(bound, c * h * w + self.head.out_channels * h * w)
         return 4 * batch * bound
 
 
-def _check_arguments(model: nn.Module, name: str, splits: int, band_rows: int | None) -> None:
-    """Refuse a model without inverted residual blocks, and ``splits`` or ``band_rows`` out
-    of range (``splits`` at most the channels of the smallest expansion)."""
-    features = list(getattr(model, "features", []))
-    blocks = [layer for layer in features if isinstance(layer, InvertedResidual)]
-    if not blocks:
-        raise MobileNetError(
-            f"{name} has no inverted residual blocks: the memory-efficient executor "
-            "(V2 Section 5.1) needs a V2 or V3 model"
-        )
-    if not isinstance(splits, int) or splits <= 0:
-        raise MobileNetError(f"splits must be a positive integer, got {splits!r}")
-    smallest = min(block.dw.conv.in_channels for block in blocks)
-    if splits > smallest:
-        raise MobileNetError(
-            f"splits={splits} is more than the {smallest} channels of {name}'s smallest "
-            "expansion: every group needs at least one channel"
-        )
-    if band_rows is not None and band_rows <= 0:
-        raise MobileNetError(f"band_rows must be a positive integer, got {band_rows!r}")
-
-
-def _layers(
-    stem: nn.Module, body: Sequence[nn.Module], name: str, splits: int
-) -> list[_Stem | _Block]:
-    """The executor's layers for the folded model's features, the last conv excepted."""
-    if not isinstance(stem, ConvBNAct):
-        raise MobileNetError(f"{name}'s first layer must be a conv, not {type(stem).__name__}")
-    layers: list[_Stem | _Block] = [_Stem(stem)]
-    for layer in body:
-        if not isinstance(layer, InvertedResidual):
-            raise MobileNetError(f"unsupported layer {type(layer).__name__} in {name}")
-        layers.append(_Block(layer, splits))
-    return layers
-
-
-def _segments(layers: list[_Stem | _Block], band_rows: int | None) -> list[_Segment]:
-    """The tiled segment of the leading layers, then one untiled segment per layer."""
-    # The leading layers at output stride < TILE_STRIDE, and the first block to reach it,
-    # form the tiled segment (it stops before any squeeze-excite: SE needs whole maps).
-    stride, tiled = 1, 0
-    for layer in layers:
-        if stride >= TILE_STRIDE or (isinstance(layer, _Block) and layer.se is not None):
-            break
-        stride *= layer.window.stride
-        tiled += 1
-    segments = [_Segment(layers[:tiled], band_rows)] if tiled else []
-    segments += [_Segment([layer], None) for layer in layers[tiled:]]
-    return segments
-
-
 def memory_efficient(
     model: nn.Module, splits: int = 4, band_rows: int | None = DEFAULT_BAND_ROWS
-) -> MemoryEfficientMobileNet:
-    """The memory-efficient executor of V2 Section 5.1 for an inverted-residual network.
+) -> MemoryEfficientMobileNet | MemoryEfficientSegmenter:
+    """The memory-efficient executor of V2 Section 5.1 for an inverted-residual network:
+    a V2 or V3 classifier (atrous or not), or a segmentation model on one (LR-ASPP,
+    DeepLabv3; see :mod:`mobilenet.memory.segmentation`).
 
     ``splits`` is the paper's t: the number of channel groups each block's expansion is
     computed in. ``band_rows`` is the height, in output rows, of the bands the leading
-    high-resolution layers are tiled into (``None``: no tiling). The model is copied and
-    its BatchNorm folded; it is left as it is.
+    high-resolution layers are tiled into, and of the bands a segmentation model's
+    upsampling is computed in (``None``: no tiling). The model is copied and its BatchNorm
+    folded; it is left as it is.
 
     >>> net = memory_efficient(create_model("mobilenet_v2"), splits=4)
     >>> logits = net(torch.randn(1, 3, 224, 224))  # model.eval()(x), up to rounding
     """
+    if getattr(model, "task", None) == "segmentation":
+        return MemoryEfficientSegmenter(model, splits, band_rows)
     return MemoryEfficientMobileNet(model, splits, band_rows)

@@ -10,6 +10,7 @@ and the in-place activations.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,29 +26,40 @@ from ..layers import ConvBNAct, SqueezeExcite
 
 @dataclass(frozen=True)
 class _Window:
-    """A convolution's geometry along one spatial axis."""
+    """A convolution's geometry along one spatial axis.
+
+    A dilated (atrous) kernel spans ``dilation * (kernel - 1) + 1`` rows: a band of output
+    rows reads a halo of ``dilation * (kernel // 2)`` input rows on each side.
+    """
 
     kernel: int
     stride: int
     padding: int
+    dilation: int = 1
+
+    @property
+    def span(self) -> int:
+        """The rows one output row reads."""
+        return self.dilation * (self.kernel - 1) + 1
 
     def out_size(self, n: int) -> int:
-        return (n + 2 * self.padding - self.kernel) // self.stride + 1
+        return (n + 2 * self.padding - self.span) // self.stride + 1
 
     def rows_needed(self, o0: int, o1: int, n_in: int) -> tuple[int, int, int, int]:
         """Input rows ``[lo, hi)`` that output rows ``[o0, o1)`` read, clipped to the image,
         and the zero rows above and below them that the padding supplies."""
         lo = o0 * self.stride - self.padding
-        hi = (o1 - 1) * self.stride - self.padding + self.kernel
+        hi = (o1 - 1) * self.stride - self.padding + self.span
         return max(lo, 0), min(hi, n_in), max(-lo, 0), max(hi - n_in, 0)
 
 
 def _window(conv: nn.Conv2d) -> _Window:
-    if len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1:
-        raise MobileNetError(f"square kernels and strides only, got {conv}")
-    if conv.padding != (conv.kernel_size[0] // 2,) * 2 or conv.dilation != (1, 1):
-        raise MobileNetError(f"'same'-style padding and no dilation only, got {conv}")
-    return _Window(conv.kernel_size[0], conv.stride[0], conv.padding[0])
+    if any(len(set(v)) != 1 for v in (conv.kernel_size, conv.stride, conv.dilation)):
+        raise MobileNetError(f"square kernels, strides and dilations only, got {conv}")
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    if conv.padding != (d * (k // 2),) * 2:
+        raise MobileNetError(f"'same'-style padding (dilation * (kernel // 2)) only, got {conv}")
+    return _Window(k, conv.stride[0], conv.padding[0], d)
 
 
 def _activation(module: nn.Module) -> str:
@@ -102,15 +114,27 @@ def _hwc(x: Tensor) -> Tensor:
     return out
 
 
+def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of a square's side or of a pair."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    h, w = resolution
+    return h, w
+
+
 class _Ledger:
-    """Replays a schedule of allocations: the analytic count of live bytes and its peak."""
+    """Replays a schedule of allocations: the analytic count of live bytes and its peak;
+    ``working_peak`` leaves out what was allocated as the forward's ``output``."""
 
     def __init__(self, live: int = 0) -> None:
-        self.live = self.peak = live
+        self.live = self.peak = self.working_peak = live
+        self.output = 0
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, output: bool = False) -> int:
         self.live += nbytes
+        self.output += nbytes if output else 0
         self.peak = max(self.peak, self.live)
+        self.working_peak = max(self.working_peak, self.live - self.output)
         return nbytes
 
     def free(self, nbytes: int) -> None:
@@ -148,7 +172,13 @@ class _Stem(nn.Module):
         src = _padded(hi - lo, x.shape[2], x.shape[0], top, bottom, x)
         src[top : top + hi - lo].copy_(x[:, lo - a : hi - a].permute(1, 2, 0))
         y = F.conv2d(
-            _nchw(src), self.weight, self.bias, win.stride, (0, win.padding), groups=self.groups
+            _nchw(src),
+            self.weight,
+            self.bias,
+            win.stride,
+            (0, win.padding),
+            win.dilation,
+            self.groups,
         )
         del src
         y = _act_(self.act, _hwc(y))
@@ -228,8 +258,10 @@ class _Block(nn.Module):
             _act_(self.expand_act, e)
         else:
             e[top : top + rows].copy_(x[lo - a : hi - a, :, c0:c1])
-        # dw
-        d = F.conv2d(_nchw(e), self.w_dw[c0:c1], self.b_dw[c0:c1], win.stride, pad, groups=c1 - c0)
+        # dw (atrous where the block is dilated)
+        d = F.conv2d(
+            _nchw(e), self.w_dw[c0:c1], self.b_dw[c0:c1], win.stride, pad, win.dilation, c1 - c0
+        )
         del e
         return _act_(self.dw_act, _hwc(d))
 
