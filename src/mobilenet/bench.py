@@ -169,11 +169,12 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
     import torch
 
     from .export import export_onnx, prepare_for_inference
+    from .export.onnx import input_size
     from .models import create_model
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    x = torch.randn(cfg.batch, 3, cfg.resolution, cfg.resolution)
+    x = torch.randn(cfg.batch, 3, *input_size(cfg.resolution))  # a side, or [height, width]
     if engine == "torchvision-eager":
         import torchvision
 
@@ -420,10 +421,12 @@ def format_table(result: dict) -> str:
     """The result as a table headed by the run's conditions: the CPU, its ISA features
     and the other processes' load, without which the milliseconds mean little."""
     info, busy = result["cpu"], result["busy_other_cores"]
+    res = result["resolution"]  # a side, or [height, width]
+    size = f"{res}x{res}" if isinstance(res, int) else "x".join(map(str, res))
     load = "not measured" if busy is None else f"{busy:.2f} cores busy with other processes"
     lines = [
         f"{result['model']} (width {result['width_mult']:g}), batch {result['batch']}, "
-        f"{result['resolution']}x{result['resolution']}, {result['threads']} thread(s)",
+        f"{size}, {result['threads']} thread(s)",
         f"{info['model']}, {info['cores']} cores ({', '.join(info['isa']) or 'no AVX2'}); {load}",
         f"{'engine':<18} {'median ms':>10} {'images/s':>10} {'vs best peer':>30} {'peak RSS':>10}",
     ]

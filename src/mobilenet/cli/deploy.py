@@ -16,7 +16,7 @@ from .args import (
     model_name,
     positive_float,
     positive_int,
-    resolution,
+    resolution_hw,
     width,
 )
 
@@ -48,7 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         'pip install "mobilenet[mobile]"); torchscript: deprecated, use pt2',
     )
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--resolution", type=resolution, default=None, help="input size")
+    p.add_argument(
+        "--resolution", type=resolution_hw, default=None, help="input size: N, or HxW (onnx)"
+    )
     p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
     p.set_defaults(func=cmd_export)
 
@@ -75,10 +77,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="time every inference engine on this machine")
-    p.add_argument("model", type=model_name("classification"), help="model name")
+    p.add_argument("model", type=model_name(("classification", "segmentation")), help="model")
     p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--resolution", type=resolution, default=224)
+    p.add_argument("--resolution", type=resolution_hw, default=224, help="N or HxW")
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--engines", default=None, help="comma-separated (default: all)")
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
@@ -134,7 +136,7 @@ def opset(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript
+    from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript, input_size
     from ..export.pt2 import export_pt2
 
     batch = "dynamic batch"
@@ -144,6 +146,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise MobileNetError("--num-classes applies without --weights: the file has its classes")
     if model_task(args.model) == "detection":
         return _export_detector(args)
+    if model_task(args.model) == "segmentation" and args.format != "onnx":
+        raise MobileNetError("segmentation models export to ONNX only (--format onnx)")
+    if isinstance(args.resolution, tuple) and args.format != "onnx":
+        raise MobileNetError(f"--resolution HxW applies to --format onnx; {args.format} takes N")
     metadata: dict[str, str] = {}
     if args.weights:
         model, resolution, metadata = _load_for_export(args)
@@ -166,8 +172,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         diff = export_torchscript(model, args.out, resolution)
         checked = "TorchScript"
+    size = "x".join(map(str, input_size(resolution)))
     print(
-        f"wrote {args.out}: {model.config.name} at {resolution}x{resolution}, {batch}; "
+        f"wrote {args.out}: {model.config.name} at {size}, {batch}; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
     )
     if args.format == "torchscript":
@@ -270,6 +277,8 @@ def _quantize_torch(args: argparse.Namespace, trained, images: int, log) -> tupl
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import ENGINES, BenchConfig, check_engines, format_table, run_bench
 
+    if args.save and isinstance(args.resolution, tuple):
+        raise MobileNetError("--save records square sizes (what predict looks up): --resolution N")
     engines = args.engines.split(",") if args.engines else list(ENGINES)
     engines = [e.strip() for e in engines if e.strip()]
     engines = check_engines(
@@ -300,6 +309,8 @@ def _export_detector(args: argparse.Namespace) -> int:
 
     if args.format != "onnx":
         raise MobileNetError("detectors export to ONNX only (--format onnx)")
+    if isinstance(args.resolution, tuple):
+        raise MobileNetError("a detector's input is square: --resolution N")
     metadata = {}
     if args.weights:
         from ..detection.predict import load_detector

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,14 @@ from ..extras import require
 from ..fileio import write_bytes
 from .prepare import prepare_for_inference
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "export_torchscript", "onnx_session"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "export_onnx",
+    "export_torchscript",
+    "input_size",
+    "onnx_session",
+    "size_text",
+]
 
 DEFAULT_OPSET = 17  # HardSwish (14+) and HardSigmoid are standard ops at this opset
 TOLERANCE = 1e-4  # max abs difference, for logits of unit scale (see _check)
@@ -45,8 +53,41 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str
         raise MobileNetError(f"{what}: not a model ONNX Runtime can load ({first})") from None
 
 
-def _check(run, model: nn.Module, resolution: int, what: str) -> float:
-    """Max abs difference between ``run`` and the PyTorch model on random batches of 1 and 3.
+def input_size(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of a square's side or of a pair."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    h, w = resolution
+    return int(h), int(w)
+
+
+def size_text(resolution: int | Sequence[int]) -> str:
+    """How metadata and messages write a size: ``224`` for a square, ``1024x2048`` else."""
+    h, w = input_size(resolution)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+class _MainOutput(nn.Module):
+    """A segmentation model's ``"out"`` logits as its only output: the dict of its forward
+    is not a graph output ONNX can carry, and ``"aux"`` serves training only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits: a classifier's output, a segmentation model's ``"out"``."""
+    out = model(x)
+    return out["out"] if isinstance(out, dict) else out
+
+
+def _check(run, model: nn.Module, resolution: int | Sequence[int], what: str) -> float:
+    """Max abs difference between ``run`` and the PyTorch model on random batches of 1 and 3,
+    at a side or ``(height, width)``; a segmentation model is compared on its ``"out"``.
 
     The tolerance is 1e-4 for logits up to 1 in magnitude and scales with larger ones:
     float32 kernels that sum in another order differ by a relative ~1e-6 per layer, so
@@ -55,9 +96,9 @@ def _check(run, model: nn.Module, resolution: int, what: str) -> float:
     g = torch.Generator().manual_seed(0)
     worst, scale = 0.0, 1.0
     for batch in (1, 3):
-        x = torch.randn(batch, 3, resolution, resolution, generator=g)
+        x = torch.randn(batch, 3, *input_size(resolution), generator=g)
         with torch.no_grad():
-            expected = model(x).numpy()
+            expected = _logits(model, x).numpy()
         worst = max(worst, float(np.abs(run(x) - expected).max()))
         scale = max(scale, float(np.abs(expected).max()))
     if not worst <= TOLERANCE * scale:
@@ -71,14 +112,18 @@ def _check(run, model: nn.Module, resolution: int, what: str) -> float:
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    resolution: int = 224,
+    resolution: int | Sequence[int] = 224,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> float:
-    """Write ``model`` as ONNX with a dynamic batch dimension; returns the max abs
-    difference between ONNX Runtime and PyTorch, checked before the file appears.
+    """Write ``model`` as ONNX with a dynamic batch dimension, for inputs of ``resolution``
+    (a side, or ``(height, width)``); returns the max abs difference between ONNX Runtime
+    and PyTorch, checked before the file appears.
 
-    The file's metadata holds the model config, the input resolution and any
+    A classifier's output is its logits; a segmentation model's is the ``"out"`` entry of
+    its dict, ``[N, classes, H, W]`` logits at the input size (the graph's upsampling
+    targets the exported size). The file's metadata holds the model config, the task, the
+    input size (``resolution``: ``224``, or ``1024x2048`` when not square) and any
     ``metadata`` given (e.g. class names), so ``mobilenet eval`` can use it alone.
     """
     for module in ("onnx", "onnxruntime"):  # before any work
@@ -86,7 +131,9 @@ def export_onnx(
     path = Path(path)
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
-    x = torch.randn(1, 3, resolution, resolution)
+    if getattr(model, "task", None) == "segmentation":
+        prepared = _MainOutput(prepared)
+    x = torch.randn(1, 3, *input_size(resolution))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,9 +157,9 @@ def export_onnx(
     return diff
 
 
-def _model_metadata(model: nn.Module, resolution: int) -> dict[str, str]:
+def _model_metadata(model: nn.Module, resolution: int | Sequence[int]) -> dict[str, str]:
     config = getattr(model, "config", None)
-    meta = {"resolution": str(resolution)}
+    meta = {"resolution": size_text(resolution), "task": getattr(model, "task", "classification")}
     if config is not None:
         meta["config"] = json.dumps(config.to_dict())
     return meta
