@@ -2,15 +2,16 @@
 
 ``mnist-seg`` is generated once, deterministically, into the cache
 (``$MOBILENET_HOME/datasets``), the way ``mnist-det`` is: digits of the built-in MNIST
-subset pasted at random scales and places onto 128x128 crops of real texture photos that
-scikit-image ships (brick, grass, gravel, ...), one to three digits per image, each in a
-colour that contrasts with the background under it. Train and held-out images use
-disjoint digits (the held-out images use the 1,000 digits the classification task
+subset, made bold, pasted at random scales and places onto 128x128 crops of real texture
+photos that scikit-image ships (brick, grass, gravel, ...), one to four digits per image,
+each in a colour that contrasts with the background under it. Train and held-out images
+use disjoint digits (the held-out images use the 1,000 digits the classification task
 holds out).
 
 The masks: 11 classes, 0 = background and ``d + 1`` = digit ``d``. A digit is pasted as
-an opacity map ``a`` (its 28x28 MNIST grey levels / 255, resized bilinearly to the
-pasted size): each pixel becomes ``(1 - a) * background + a * colour``, and a pixel
+an opacity map ``a``: its 28x28 MNIST grey levels after a 3x3 maximum filter (strokes one
+pixel thicker on each side), divided by 255 and resized bilinearly to the pasted size
+(40 to 96 pixels square). Each pixel becomes ``(1 - a) * background + a * colour``, and a pixel
 belongs to the digit exactly where ``a >= 0.5``, i.e. where the digit's colour makes up
 at least half of it. A later digit covers an earlier one where they overlap (digits
 overlap little: at most 10% of the smaller square). No pixel is 255.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..data.datasets import BUILTIN
@@ -37,8 +39,8 @@ MNIST_SEG_VERSION = 1  # bump when the generator changes: the cache folder is ke
 TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry",
             "coffee", "rocket")  # fmt: skip
 IMAGE_SIZE = 128
-DIGIT_SIZES = (36, 96)  # pixels of a digit's 28x28 cell, log-uniform
-DIGITS_PER_IMAGE = (1, 3)
+DIGIT_SIZES = (40, 96)  # pixels of a digit's 28x28 cell, log-uniform
+DIGITS_PER_IMAGE = (1, 4)  # tried; fewer where a digit finds no free place
 OPACITY = 0.5  # a pixel is the digit's where its opacity is at least this
 TRAIN_IMAGES, VAL_IMAGES = 6_000, 500
 CLASSES = ["background", *(str(d) for d in range(10))]
@@ -77,7 +79,7 @@ def make_mnist_seg(
     root = Path(root)
     digits, labels = BUILTIN["mnist"][0]()
     order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
-    digits, labels = digits[order, 0].numpy(), labels[order].numpy()
+    digits, labels = bold(digits[order]).numpy(), labels[order].numpy()
     held_out = BUILTIN["mnist"][1]  # the classification task's held-out digits
     textures = _textures()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,12 @@ def make_mnist_seg(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def bold(digits: torch.Tensor) -> torch.Tensor:
+    """MNIST digits ``[N, 1, 28, 28]`` (uint8) with strokes one pixel thicker on each side:
+    a 3x3 maximum filter, so the masks of a stride-8 network's size are not hairlines."""
+    return F.max_pool2d(digits.float(), 3, stride=1, padding=1)[:, 0].to(torch.uint8)
 
 
 def _textures() -> list[np.ndarray]:
@@ -135,7 +143,7 @@ def _write_split(
 def _compose(
     digits: np.ndarray, labels: np.ndarray, textures: list[np.ndarray], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its mask: a random texture crop (random tint) and 1-3 digits that
+    """One image and its mask: a random texture crop (random tint) and 1-4 digits that
     overlap little."""
     texture = textures[rng.integers(len(textures))]
     y0 = rng.integers(texture.shape[0] - IMAGE_SIZE + 1)

@@ -49,7 +49,8 @@ class SegTrainConfig:
     out: Path
     width_mult: float = 1.0
     crop_size: tuple[int, int] = (128, 128)  # (height, width): training crops, eval input
-    scale: tuple[float, float] = (0.75, 1.5)  # random resize, x the crop's shorter side
+    scale: tuple[float, float] | None = None  # random resize, x the crop's shorter side;
+    # default: (0.5, 2.0) as torchvision's reference, none on mnist-seg (it varies scale)
     aux_loss: bool = False  # DeepLabv3: train the auxiliary FCN head too
     val_data: str | None = None  # default: a VOC folder's val split, a built-in's held-out
     epochs: int = 12
@@ -140,9 +141,10 @@ class SegmentationTask:
         builtin = cfg.data in BUILTIN_SEGMENTATION
         mean, std = shape.config.mean, shape.config.std
         flip = cfg.flip if cfg.flip is not None else not builtin
+        scale = cfg.scale or ((1.0, 1.0) if builtin else (0.5, 2.0))
         root, split = dataset_root(cfg.data, "train")
         train_set = SegmentationFolder(
-            root, split, augment(cfg.crop_size, mean, std, cfg.scale, flip), check=not builtin
+            root, split, augment(cfg.crop_size, mean, std, scale, flip), check=not builtin
         )
         self.classes = train_set.classes
         val = _val_source(cfg, root, train_set.layout)
@@ -264,7 +266,7 @@ def _check_config(cfg: SegTrainConfig) -> None:
         raise MobileNetError(f"crop size must be (height, width), got {cfg.crop_size!r}")
     for side in cfg.crop_size:
         check_resolution(side)
-    low, high = cfg.scale
+    low, high = cfg.scale or (1, 1)
     if not 0 < low <= high:
         raise MobileNetError(f"scale range must satisfy 0 < low <= high, got {cfg.scale}")
     if cfg.bn_momentum is not None and not 0 < cfg.bn_momentum <= 1:
