@@ -15,7 +15,8 @@ The package holds three things:
   with the heads and the banded bilinear upsampling in :mod:`~mobilenet.memory.heads`.
 * :mod:`~mobilenet.memory.profiler`: :class:`PeakMemory` and :func:`measure_peak`, the
   activation memory a forward pass really allocates.
-* :mod:`~mobilenet.memory.report`: :func:`memory_report`, :class:`MemoryReport` and
+* :mod:`~mobilenet.memory.report`: :func:`memory_report` (a registered model, random
+  weights), :func:`compare_forwards` (a model as it is), :class:`MemoryReport` and
   :func:`format_report`, the standard forward against the executor, analytic, measured
   and bound memory and time (``mobilenet memory``).
 """
@@ -24,7 +25,7 @@ from .executor import DEFAULT_BAND_ROWS as DEFAULT_BAND_ROWS
 from .executor import TILE_STRIDE as TILE_STRIDE
 from .executor import MemoryEfficientMobileNet, memory_efficient
 from .profiler import PeakMemory, measure_peak
-from .report import MemoryReport, format_report, memory_report
+from .report import MemoryReport, compare_forwards, format_report, memory_report
 from .segmentation import MemoryEfficientSegmenter
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "MemoryEfficientSegmenter",
     "MemoryReport",
     "PeakMemory",
+    "compare_forwards",
     "format_report",
     "measure_peak",
     "memory_efficient",
