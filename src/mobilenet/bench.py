@@ -23,12 +23,16 @@ Engines:
   executorch         the ExecuTorch program (.pte, XNNPACK, batch 1 to 8) in ExecuTorch's
                      runtime, its thread pool set to --threads (it ignores OMP_NUM_THREADS)
   executorch-int8    ExecuTorch int8 (PT2E, XNNPACK quantizer), calibrated on random images
+  litert             the LiteRT model (.tflite) in the LiteRT interpreter (XNNPACK delegate),
+                     on --threads threads
+  litert-int8        LiteRT full-integer int8 (PT2E, litert-torch's quantizer), calibrated alike
   torchvision-eager  torchvision's own implementation of the same network, when it has one
   openvino           a peer runtime: OpenVINO on the exported ONNX model, float32
   openvino-bf16      OpenVINO in bfloat16, on CPUs with bf16 instructions
 
 The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime), the
-ExecuTorch ones the ``mobile`` extra (executorch); without it they are not started, and
+ExecuTorch ones the ``mobile`` extra (executorch), the LiteRT ones the ``litert`` extra
+(litert-torch, ai-edge-litert); without it they are not started, and
 listed as failed with the ``pip install`` to run.
 """
 
@@ -44,43 +48,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from .bench_engines import (
+    ENGINES,
+    EXECUTORCH_ENGINES,
+    LITERT_ENGINES,
+    ONNX_ENGINES,
+    OPENVINO_ENGINES,
+    TORCH_ENGINES,
+    TORCHVISION,
+    BenchConfig,
+    build_engine,
+    openvino_config,
+    ort_session,
+)
 from .errors import MobileNetError
 from .extras import available, install_hint
-from .machine import cores, free_cores, load_snapshot, others_since
+from .machine import free_cores, load_snapshot, others_since
 
-__all__ = ["ENGINES", "BenchConfig", "build_engine", "cpu", "machine", "missing_extra", "run_bench"]
+__all__ = [
+    "ENGINES",
+    "BenchConfig",
+    "build_engine",
+    "cpu",
+    "machine",
+    "missing_extra",
+    "openvino_config",
+    "ort_session",
+    "run_bench",
+]
 
-ENGINES = (
-    "eager", "eager-fused", "compile", "onnxruntime", "onnxruntime-int8", "torch-int8",
-    "executorch", "executorch-int8", "torchvision-eager", "openvino", "openvino-bf16",
-)  # fmt: skip
-TORCHVISION = {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"}
-TORCH_ENGINES = ("eager", "eager-fused", "compile", "torch-int8", "torchvision-eager")
-OPENVINO_ENGINES = ("openvino", "openvino-bf16")
-ONNX_ENGINES = ("onnxruntime", "onnxruntime-int8", *OPENVINO_ENGINES)  # run the ONNX export
-EXECUTORCH_ENGINES = ("executorch", "executorch-int8")
 ISA = {  # the features that decide which kernels an engine can use, by /proc/cpuinfo names
     "AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
     "BF16": ("avx512_bf16",), "AMX": ("amx_tile",),
 }  # fmt: skip
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 BUSY_WARNING = 0.25  # cores kept busy by other processes that make the timings suspect
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str
-    width_mult: float = 1.0
-    batch: int = 1
-    resolution: int = 224
-    threads: int = 1
-    rounds: int = 7
-    iterations: int = 10  # timed calls per round
-    ort_spinning: bool | None = None  # None: spin only when threads leave a core free
 
 
 # --------------------------------------------------------------------------- the machine
@@ -158,124 +162,14 @@ def missing_extra(engine: str) -> str | None:
                 return f"needs {module}: {install_hint('deploy')}"
     if engine in EXECUTORCH_ENGINES and not available("executorch"):
         return f"needs executorch: {install_hint('mobile')}"
+    if engine in LITERT_ENGINES:
+        for module in ("litert_torch", "ai_edge_litert"):
+            if not available(module):
+                return f"needs {module.replace('_', '-')}: {install_hint('litert')}"
     return None
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], object]:
-    """A zero-argument callable that runs one batch with ``engine``."""
-    import torch
-
-    from .export import export_onnx, prepare_for_inference
-    from .export.onnx import input_size
-    from .models import create_model
-
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(0)
-    x = torch.randn(cfg.batch, 3, *input_size(cfg.resolution))  # a side, or [height, width]
-    if engine == "torchvision-eager":
-        import torchvision
-
-        model = getattr(torchvision.models, cfg.model)().eval()
-        return lambda: _no_grad(model, x)
-    model = create_model(cfg.model, width_mult=cfg.width_mult).eval()
-    if engine == "eager":
-        return lambda: _no_grad(model, x)
-    if engine == "torch-int8":
-        from .export.int8 import quantize_model
-
-        calibration = (torch.randn(1, 3, cfg.resolution, cfg.resolution) for _ in range(8))
-        int8 = quantize_model(model, calibration, cfg.resolution)
-        return lambda: _no_grad(int8, x)
-    if engine in ("eager-fused", "compile"):
-        fused = prepare_for_inference(model)
-        if engine == "compile":
-            fused = torch.compile(fused)
-        xl = x.contiguous(memory_format=torch.channels_last)
-
-        def run():
-            with torch.inference_mode():
-                return fused(xl)
-
-        return run
-    if engine in EXECUTORCH_ENGINES:
-        return _pte_engine(engine, model, cfg, x, tmp)
-    path = tmp / "model.onnx"
-    export_onnx(model, path, cfg.resolution)
-    if engine in OPENVINO_ENGINES:
-        import openvino
-
-        config = openvino_config(engine, cfg.threads)
-        request = openvino.Core().compile_model(str(path), "CPU", config).create_infer_request()
-        images = x.numpy()
-        return lambda: request.infer({0: images})
-    if engine == "onnxruntime-int8":
-        from .export.quantize import quantize_file
-
-        quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution))
-        path = tmp / "model.int8.onnx"
-    spin = cfg.threads < cores() if cfg.ort_spinning is None else cfg.ort_spinning
-    session = ort_session(path, cfg.threads, spin)
-    feed = {"images": x.numpy()}
-    return lambda: session.run(None, feed)
-
-
-def _pte_engine(engine: str, model, cfg: BenchConfig, x, tmp: Path) -> Callable[[], object]:
-    """The model as an ExecuTorch program (int8: calibrated like the other int8 engines),
-    on ``cfg.threads`` threads: the runtime starts a pool of one thread per core."""
-    import torch
-
-    from .export.executorch import export_pte, export_pte_int8, read_pte, set_pte_threads
-
-    path = tmp / "model.pte"
-    if engine == "executorch-int8":
-        calibration = (torch.randn(1, 3, cfg.resolution, cfg.resolution) for _ in range(8))
-        export_pte_int8(model, calibration, path, cfg.resolution)
-    else:
-        export_pte(model, path, cfg.resolution)
-    set_pte_threads(cfg.threads)  # before the load (see set_pte_threads)
-    run, _ = read_pte(path)
-    return lambda: run(x)
-
-
-def openvino_config(engine: str, threads: int) -> dict[str, object]:
-    """OpenVINO's CPU plugin settings: the precision pinned, since the plugin's default
-    is bf16 wherever the CPU has it, which would time bf16 under a float32 name."""
-    precision = "bf16" if engine == "openvino-bf16" else "f32"
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    return {**config, "INFERENCE_PRECISION_HINT": precision}
-
-
-def ort_session(path: Path, threads: int, spin: bool):
-    """An ONNX Runtime CPU session on ``threads`` threads. ``spin=False`` makes idle pool
-    threads sleep at once instead of spinning for more work: when the threads fill the
-    free cores, spinning takes them from the other engines and from the machine."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _random_batches(resolution: int) -> Iterator[dict]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for _ in range(8):
-        yield {"images": rng.standard_normal((1, 3, resolution, resolution), dtype=np.float32)}
-
-
-def _no_grad(model, x):
-    import torch
-
-    with torch.inference_mode():
-        return model(x)
 
 
 def _worker(engine: str, cfg: BenchConfig) -> None:

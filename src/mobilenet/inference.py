@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,10 +13,23 @@ from torch.utils.data import DataLoader
 from .data import builtin_splits, eval_transform, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
 from .data.images import require_regular_file
+from .deployed import (
+    OnnxModel,
+    Pt2Model,
+    PteModel,
+    TfliteModel,
+    Trained,
+    load_int8,
+    load_onnx,
+    load_pt2,
+    load_pte,
+    load_tflite,
+    saved_classes,
+    saved_resolution,
+)
 from .errors import CheckpointError, MobileNetError
 from .export.int8 import Int8Model, is_int8_checkpoint
 from .extras import available, require
-from .models import MobileNet, ModelConfig
 from .models.base import DeployedModel
 from .models.pretrained import resolve_weights
 from .models.registry import model_from_checkpoint
@@ -29,6 +40,7 @@ __all__ = [
     "OnnxModel",
     "Pt2Model",
     "PteModel",
+    "TfliteModel",
     "Trained",
     "check_image_files",
     "choose_engine",
@@ -37,14 +49,6 @@ __all__ = [
     "load_trained",
     "predict",
 ]
-
-
-@dataclass
-class Trained:
-    model: MobileNet | DeployedModel
-    classes: list[str]
-    resolution: int
-    path: Path | None = None  # the weights file it came from
 
 
 def load_trained(
@@ -61,14 +65,16 @@ def load_trained(
     """
     path = resolve_weights(weights)
     if path.suffix == ".onnx":
-        return _load_onnx(path, resolution)
+        return load_onnx(path, resolution)
     if path.suffix == ".pt2":
-        return _load_pt2(path, model, resolution)
+        return load_pt2(path, model, resolution)
     if path.suffix == ".pte":
-        return _load_pte(path, model, resolution)
+        return load_pte(path, model, resolution)
+    if path.suffix == ".tflite":
+        return load_tflite(path, model, resolution)
     state_dict, metadata = read_checkpoint(path)
     if is_int8_checkpoint(metadata):
-        return _load_int8(state_dict, metadata, path, resolution)
+        return load_int8(state_dict, metadata, path, resolution)
     try:
         saved = saved_config(metadata)
     except CheckpointError as e:  # its message does not say which file
@@ -78,172 +84,11 @@ def load_trained(
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
     net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
-    classes = _saved_classes(metadata, path)
+    classes = saved_classes(metadata, path)
     if classes is None or len(classes) != net.num_classes:
         classes = [str(i) for i in range(net.num_classes)]
-    res = resolution or _saved_resolution(metadata, path, net.eval_config.resolution)
+    res = resolution or saved_resolution(metadata, path, net.eval_config.resolution)
     return Trained(net, classes, res, path)
-
-
-def _saved_classes(metadata: Mapping[str, str], path: Path) -> list[str] | None:
-    """The class names a file keeps under ``classes`` (None when it keeps none): a JSON
-    list of strings, or the file is damaged; said in one line, not a traceback later."""
-    if metadata.get("classes") is None:
-        return None
-    try:
-        classes = json.loads(metadata["classes"])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: metadata 'classes' is not JSON ({e})") from None
-    if classes is None:  # "null": no names kept
-        return None
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise CheckpointError(f"{path}: metadata 'classes' is not a list of class names")
-    return classes
-
-
-def _saved_resolution(metadata: Mapping[str, str], path: Path, default: int | None = None) -> int:
-    """The input size a file keeps under ``resolution`` (``default`` when it keeps none):
-    a positive integer, or the file is damaged."""
-    if "resolution" not in metadata and default is not None:
-        return default
-    value = metadata.get("resolution")
-    try:
-        res = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        res = 0
-    if res < 1:
-        raise CheckpointError(
-            f"{path}: metadata 'resolution' must be a positive integer, got {value!r}"
-        )
-    return res
-
-
-class OnnxModel(DeployedModel):
-    """An ONNX Runtime session behind the ``nn.Module`` call interface."""
-
-    def __init__(self, session, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.session = session
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        images = x.detach().cpu().contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {"images": images})[0])
-
-
-def _load_onnx(path: Path, resolution: int | None) -> Trained:
-    from .export.onnx import onnx_session, read_metadata
-
-    session = onnx_session(path)
-    metadata = read_metadata(session)
-    if "config" not in metadata:
-        raise MobileNetError(f"{path}: not an ONNX file written by mobilenet export/quantize")
-    try:
-        config = ModelConfig(**json.loads(metadata["config"]))
-    except (ValueError, TypeError) as e:  # not JSON, not an object, unknown fields
-        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
-    classes = _saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
-    res = _saved_resolution(metadata, path)
-    if resolution is not None and resolution != res:
-        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    return Trained(OnnxModel(session, config), classes, res, path)
-
-
-class Pt2Model(DeployedModel):
-    """A ``torch.export`` program behind the ``nn.Module`` call interface, run on the CPU
-    where it was exported. The program is kept outside the module tree: its module refuses
-    ``train()``/``eval()``, which ``evaluate`` calls on the wrapper."""
-
-    def __init__(self, program: nn.Module, config: ModelConfig, resolution: int) -> None:
-        super().__init__(config)
-        self.__dict__["program"] = program  # not a submodule (see above)
-        self.resolution = resolution
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The program's own guards are not run (they are code from the file): check here.
-        _check_images(x, self.resolution)
-        with torch.no_grad():
-            logits = self.program(x.detach().cpu().float().contiguous())
-        return logits.to(x.device)  # beside the targets evaluate() moved there
-
-
-class PteModel(DeployedModel):
-    """An ExecuTorch program (``.pte``, float32 or int8) behind the ``nn.Module`` call
-    interface. Its memory is planned at export time for at most ``max_batch`` images, so
-    a larger batch runs in slices of that size."""
-
-    def __init__(
-        self, run, config: ModelConfig, resolution: int, max_batch: int, precision: str
-    ) -> None:
-        super().__init__(config)
-        self.run = run  # read_pte's callable: one slice of up to max_batch images
-        self.resolution = resolution
-        self.max_batch = max_batch
-        self.precision = precision
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, self.resolution)
-        images = x.detach().cpu().float().contiguous()
-        logits = [self.run(part.contiguous()) for part in images.split(self.max_batch)]
-        return torch.cat(logits).to(x.device)
-
-
-def _check_images(x: torch.Tensor, resolution: int) -> None:
-    """Refuse a batch an exported program was not made for, before it runs."""
-    if x.dim() != 4 or tuple(x.shape[1:]) != (3, resolution, resolution) or x.shape[0] < 1:
-        raise MobileNetError(
-            f"the exported program takes (batch, 3, {resolution}, {resolution}) images, "
-            f"not {tuple(x.shape)}"
-        )
-
-
-def _exported_settings(
-    metadata: Mapping[str, str], path: Path, model: str | None, resolution: int | None
-) -> tuple[ModelConfig, list[str], int]:
-    """The config, class names and input size an exported program (.pt2, .pte) keeps,
-    refused when the command line asks for another model or size."""
-    try:
-        config = ModelConfig(**json.loads(metadata["config"]))
-    except (KeyError, ValueError, TypeError) as e:  # missing, not JSON, unknown fields
-        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
-    if model is not None and model != config.name:
-        raise MobileNetError(f"{path} holds {config.name}, not {model}")
-    classes = _saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
-    res = _saved_resolution(metadata, path)
-    if resolution is not None and resolution != res:
-        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    return config, classes, res
-
-
-def _load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
-    from .export.pt2 import read_pt2
-
-    program, metadata = read_pt2(path)
-    config, classes, res = _exported_settings(metadata, path, model, resolution)
-    return Trained(Pt2Model(program, config, res), classes, res, path)
-
-
-def _load_pte(path: Path, model: str | None, resolution: int | None) -> Trained:
-    """An ExecuTorch program, run on as many threads as PyTorch here (the runtime ignores
-    ``OMP_NUM_THREADS`` and would take every core)."""
-    from .export.executorch import read_pte, set_pte_threads
-
-    set_pte_threads(torch.get_num_threads())  # before the load: methods keep their pool
-    run, metadata = read_pte(path)
-    config, classes, res = _exported_settings(metadata, path, model, resolution)
-    pte = PteModel(run, config, res, int(metadata["max_batch"]), metadata.get("dtype", ""))
-    return Trained(pte, classes, res, path)
-
-
-def _load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
-    from .export.int8 import int8_from_checkpoint
-
-    res = _saved_resolution(metadata, path)  # first: the graph is rebuilt at this size
-    classes = _saved_classes(metadata, path)
-    model = int8_from_checkpoint(state_dict, metadata, str(path))
-    if resolution is not None and resolution != res:
-        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    classes = classes or [str(i) for i in range(model.num_classes)]
-    return Trained(model, classes, res, path)
 
 
 def evaluate_on(
@@ -284,7 +129,7 @@ def check_image_files(paths: list[str]) -> None:
         require_regular_file(path)
 
 
-PREDICT_ENGINES = ("auto", "onnxruntime", "executorch", "eager-fused", "eager")
+PREDICT_ENGINES = ("auto", "onnxruntime", "executorch", "litert", "eager-fused", "eager")
 
 
 def engine_candidates(trained: Trained) -> list[str]:
@@ -297,6 +142,8 @@ def engine_candidates(trained: Trained) -> list[str]:
         candidates.append("onnxruntime")
     if available("executorch"):
         candidates.append("executorch")
+    if available("litert_torch") and available("ai_edge_litert"):
+        candidates.append("litert")
     return candidates
 
 
@@ -309,8 +156,8 @@ def deployed_engine(model: DeployedModel) -> str:
         return "onnxruntime-int8" if int8 else "onnxruntime"
     if isinstance(model, Pt2Model):
         return "pt2"
-    if isinstance(model, PteModel):
-        return "executorch-int8" if model.precision == "int8" else "executorch"
+    if isinstance(model, PteModel):  # and TfliteModel
+        return f"{model.engine}-int8" if model.precision == "int8" else model.engine
     return "torch-int8" if isinstance(model, Int8Model) else type(model).__name__
 
 
@@ -368,6 +215,12 @@ def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
 
         require("executorch", "mobile", "the executorch engine")
         return _cached_export(trained, engine, ".pte", export_pte)
+    if engine == "litert":
+        from .export.litert import export_tflite
+
+        for module in ("litert_torch", "ai_edge_litert"):
+            require(module, "litert", "the litert engine")
+        return _cached_export(trained, engine, ".tflite", export_tflite)
     raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
 
 

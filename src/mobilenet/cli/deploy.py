@@ -23,7 +23,7 @@ from .args import (
 __all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
 
 # quantize --format -> the file it writes; eval and predict tell the formats by the suffix
-QUANTIZE_SUFFIXES = {"torch": ".safetensors", "onnx": ".onnx", "pte": ".pte"}
+QUANTIZE_SUFFIXES = {"torch": ".safetensors", "onnx": ".onnx", "pte": ".pte", "tflite": ".tflite"}
 # Flags of one quantization method: dest -> (method, flag).
 _METHOD_FLAGS = {
     "calibration_images": ("ptq", "--calibration-images"),
@@ -42,10 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
     p.add_argument(
         "--format",
-        choices=["onnx", "pt2", "pte", "torchscript"],
+        choices=["onnx", "pt2", "pte", "tflite", "torchscript"],
         default="onnx",
         help="pt2: torch.export program; pte: ExecuTorch program (XNNPACK, batch 1 to 8, "
-        'pip install "mobilenet[mobile]"); torchscript: deprecated, use pt2',
+        'pip install "mobilenet[mobile]"); tflite: LiteRT model (pip install '
+        '"mobilenet[litert]"); torchscript: deprecated, use pt2',
     )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument(
@@ -60,7 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="PTQ calibrates activation ranges on --calibration-images images; QAT "
         "fine-tunes with fake quantization for --epochs epochs (PyTorch format only). The "
         "format follows --out (.onnx: ONNX Runtime QDQ; .pte: ExecuTorch program for "
-        "XNNPACK; otherwise PyTorch int8 safetensors). A flag the chosen method or format "
+        "XNNPACK; .tflite: full-integer LiteRT model; otherwise PyTorch int8 safetensors). "
+        "A flag the chosen method or format "
         "does not use is refused.",
     )
     p.add_argument("--model", type=model_name("classification"), help="for torchvision/timm")
@@ -73,7 +75,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="QAT fine-tuning epochs (3)")
     p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
-    p.add_argument("--out", required=True, help="output file (.safetensors, .onnx or .pte)")
+    p.add_argument("--out", required=True, help="output file (.safetensors, .onnx, .pte, .tflite)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="time every inference engine on this machine")
@@ -169,6 +171,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         diff = export_pte(model, args.out, resolution, metadata)
         checked, batch = "ExecuTorch", f"batch 1 to {MAX_BATCH}"
+    elif args.format == "tflite":
+        from ..export.litert import export_tflite
+
+        diff = export_tflite(model, args.out, resolution, metadata)
+        checked, batch = "LiteRT", "batch 1, resizable"
     else:
         diff = export_torchscript(model, args.out, resolution)
         checked = "TorchScript"
@@ -229,6 +236,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out = args.out
         how = (
             f"ExecuTorch program for XNNPACK, calibrated on {used} images of {args.data}; "
+            f"max abs difference from the float model {diff:.2e}"
+        )
+    elif fmt == "tflite":
+        from ..export.litert import quantize_tflite
+
+        used, diff = quantize_tflite(trained, args.data, args.out, images, progress=log)
+        out = args.out
+        how = (
+            f"full-integer LiteRT model, calibrated on {used} images of {args.data}; "
             f"max abs difference from the float model {diff:.2e}"
         )
     else:

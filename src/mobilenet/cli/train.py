@@ -194,7 +194,7 @@ def _checkpoint_task(weights: str, model: str | None) -> str:
     from ..weights.io import read_metadata
 
     path = resolve_weights(weights)
-    if path.suffix in (".onnx", ".pt2", ".pte"):
+    if path.suffix in (".onnx", ".pt2", ".pte", ".tflite"):
         return "classification"  # exported classifiers (detectors export raw heads)
     metadata = read_metadata(path)
     if metadata.get("task"):

@@ -1,0 +1,214 @@
+"""Exported files behind the ``nn.Module`` interface, with their class names and input size.
+
+An ONNX model (ONNX Runtime), a ``torch.export`` program (``.pt2``), an ExecuTorch
+program (``.pte``) and a LiteRT model (``.tflite``) each run on their own runtime; the
+wrappers here let ``eval`` and ``predict`` call them like the PyTorch model they came
+from. Each file keeps the model's config, classes and resolution in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, MobileNetError
+from .models import MobileNet, ModelConfig
+from .models.base import DeployedModel
+
+__all__ = ["OnnxModel", "Pt2Model", "PteModel", "TfliteModel", "Trained"]
+
+TFLITE_SLICE = 64  # images per LiteRT call: the interpreter's tensors grow with the batch
+
+
+@dataclass
+class Trained:
+    model: MobileNet | DeployedModel
+    classes: list[str]
+    resolution: int
+    path: Path | None = None  # the weights file it came from
+
+
+def saved_classes(metadata: Mapping[str, str], path: Path) -> list[str] | None:
+    """The class names a file keeps under ``classes`` (None when it keeps none): a JSON
+    list of strings, or the file is damaged; said in one line, not a traceback later."""
+    if metadata.get("classes") is None:
+        return None
+    try:
+        classes = json.loads(metadata["classes"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata 'classes' is not JSON ({e})") from None
+    if classes is None:  # "null": no names kept
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: metadata 'classes' is not a list of class names")
+    return classes
+
+
+def saved_resolution(metadata: Mapping[str, str], path: Path, default: int | None = None) -> int:
+    """The input size a file keeps under ``resolution`` (``default`` when it keeps none):
+    a positive integer, or the file is damaged."""
+    if "resolution" not in metadata and default is not None:
+        return default
+    value = metadata.get("resolution")
+    try:
+        res = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        res = 0
+    if res < 1:
+        raise CheckpointError(
+            f"{path}: metadata 'resolution' must be a positive integer, got {value!r}"
+        )
+    return res
+
+
+class OnnxModel(DeployedModel):
+    """An ONNX Runtime session behind the ``nn.Module`` call interface."""
+
+    def __init__(self, session, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"images": images})[0])
+
+
+def load_onnx(path: Path, resolution: int | None) -> Trained:
+    from .export.onnx import onnx_session, read_metadata
+
+    session = onnx_session(path)
+    metadata = read_metadata(session)
+    if "config" not in metadata:
+        raise MobileNetError(f"{path}: not an ONNX file written by mobilenet export/quantize")
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, unknown fields
+        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
+    classes = saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    res = saved_resolution(metadata, path)
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    return Trained(OnnxModel(session, config), classes, res, path)
+
+
+class Pt2Model(DeployedModel):
+    """A ``torch.export`` program behind the ``nn.Module`` call interface, run on the CPU
+    where it was exported. The program is kept outside the module tree: its module refuses
+    ``train()``/``eval()``, which ``evaluate`` calls on the wrapper."""
+
+    def __init__(self, program: nn.Module, config: ModelConfig, resolution: int) -> None:
+        super().__init__(config)
+        self.__dict__["program"] = program  # not a submodule (see above)
+        self.resolution = resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The program's own guards are not run (they are code from the file): check here.
+        _check_images(x, self.resolution)
+        with torch.no_grad():
+            logits = self.program(x.detach().cpu().float().contiguous())
+        return logits.to(x.device)  # beside the targets evaluate() moved there
+
+
+class PteModel(DeployedModel):
+    """An ExecuTorch program (``.pte``, float32 or int8) behind the ``nn.Module`` call
+    interface. Its memory is planned at export time for at most ``max_batch`` images, so
+    a larger batch runs in slices of that size."""
+
+    engine = "executorch"  # the runtime; with "-int8" for an int8 file
+
+    def __init__(
+        self, run, config: ModelConfig, resolution: int, max_batch: int, precision: str
+    ) -> None:
+        super().__init__(config)
+        self.run = run  # read_pte's callable: one slice of up to max_batch images
+        self.resolution = resolution
+        self.max_batch = max_batch
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.resolution)
+        images = x.detach().cpu().float().contiguous()
+        logits = [self.run(part.contiguous()) for part in images.split(self.max_batch)]
+        return torch.cat(logits).to(x.device)
+
+
+class TfliteModel(PteModel):
+    """A LiteRT model (``.tflite``, float32 or full-integer int8) behind the ``nn.Module``
+    call interface; the interpreter resizes its input to any batch (``max_batch`` only
+    bounds the slices one call holds)."""
+
+    engine = "litert"
+
+
+def _check_images(x: torch.Tensor, resolution: int) -> None:
+    """Refuse a batch an exported program was not made for, before it runs."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, resolution, resolution) or x.shape[0] < 1:
+        raise MobileNetError(
+            f"the exported program takes (batch, 3, {resolution}, {resolution}) images, "
+            f"not {tuple(x.shape)}"
+        )
+
+
+def _exported_settings(
+    metadata: Mapping[str, str], path: Path, model: str | None, resolution: int | None
+) -> tuple[ModelConfig, list[str], int]:
+    """The config, class names and input size an exported program (.pt2, .pte) keeps,
+    refused when the command line asks for another model or size."""
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+    except (KeyError, ValueError, TypeError) as e:  # missing, not JSON, unknown fields
+        raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
+    if model is not None and model != config.name:
+        raise MobileNetError(f"{path} holds {config.name}, not {model}")
+    classes = saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    res = saved_resolution(metadata, path)
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    return config, classes, res
+
+
+def load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
+    from .export.pt2 import read_pt2
+
+    program, metadata = read_pt2(path)
+    config, classes, res = _exported_settings(metadata, path, model, resolution)
+    return Trained(Pt2Model(program, config, res), classes, res, path)
+
+
+def load_pte(path: Path, model: str | None, resolution: int | None) -> Trained:
+    """An ExecuTorch program, run on as many threads as PyTorch here (the runtime ignores
+    ``OMP_NUM_THREADS`` and would take every core)."""
+    from .export.executorch import read_pte, set_pte_threads
+
+    set_pte_threads(torch.get_num_threads())  # before the load: methods keep their pool
+    run, metadata = read_pte(path)
+    config, classes, res = _exported_settings(metadata, path, model, resolution)
+    pte = PteModel(run, config, res, int(metadata["max_batch"]), metadata.get("dtype", ""))
+    return Trained(pte, classes, res, path)
+
+
+def load_tflite(path: Path, model: str | None, resolution: int | None) -> Trained:
+    """A LiteRT model, its interpreter on as many threads as PyTorch here."""
+    from .export.litert import read_tflite
+
+    run, metadata = read_tflite(path, threads=torch.get_num_threads())
+    config, classes, res = _exported_settings(metadata, path, model, resolution)
+    tflite = TfliteModel(run, config, res, TFLITE_SLICE, metadata.get("dtype", ""))
+    return Trained(tflite, classes, res, path)
+
+
+def load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
+    from .export.int8 import int8_from_checkpoint
+
+    res = saved_resolution(metadata, path)  # first: the graph is rebuilt at this size
+    classes = saved_classes(metadata, path)
+    model = int8_from_checkpoint(state_dict, metadata, str(path))
+    if resolution is not None and resolution != res:
+        raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
+    classes = classes or [str(i) for i in range(model.num_classes)]
+    return Trained(model, classes, res, path)
