@@ -8,12 +8,15 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo costs test test-fast lint format clean
 
+# The tests cover every extra, the phone formats (mobile: ExecuTorch; litert) included.
+EXTRAS ?= all,dev,mobile,litert
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 # Trains mobilenet_v3_small on the built-in MNIST digits (4,000 train / 1,000 held out),
