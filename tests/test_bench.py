@@ -180,3 +180,17 @@ def test_bench_json(capsys):
 def test_bench_unknown_engine(capsys):
     assert main(["bench", "mobilenet_v2", "--engines", "eager,tensorrt"]) == 2
     assert "unknown engine 'tensorrt'" in capsys.readouterr().err
+
+
+def test_classifier_only_engines_are_left_out_or_refused_for_other_inputs():
+    from mobilenet.bench import SQUARE_CLASSIFIERS_ONLY, check_engines
+
+    names = ["eager", "onnxruntime", *SQUARE_CLASSIFIERS_ONLY]
+    kept = check_engines(names, "lraspp_mobilenet_v3_small", 1.0)
+    assert kept == ["eager", "onnxruntime"]
+    assert check_engines(names, "mobilenet_v2", 1.0, square=False) == ["eager", "onnxruntime"]
+    assert "litert" in check_engines(names, "mobilenet_v2", 1.0)
+    with pytest.raises(MobileNetError, match="litert runs square classifiers only, not non-sq"):
+        check_engines(["eager", "litert"], "mobilenet_v2", 1.0, explicit=True, square=False)
+    with pytest.raises(MobileNetError, match="torch-int8 runs square classifiers only, not seg"):
+        check_engines(["torch-int8"], "lraspp_mobilenet_v3_small", 1.0, explicit=True)

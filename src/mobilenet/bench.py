@@ -84,6 +84,8 @@ ISA = {  # the features that decide which kernels an engine can use, by /proc/cp
     "BF16": ("avx512_bf16",), "AMX": ("amx_tile",),
 }  # fmt: skip
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# Engines whose exports take one side and a classifier's logits (int8 calibration included).
+SQUARE_CLASSIFIERS_ONLY = ("torch-int8", *EXECUTORCH_ENGINES, *LITERT_ENGINES)
 BUSY_WARNING = 0.25  # cores kept busy by other processes that make the timings suspect
 
 
@@ -125,18 +127,32 @@ def machine() -> str:
 
 
 def check_engines(
-    names: list[str], model: str, width: float, explicit: bool = False, batch: int = 1
+    names: list[str],
+    model: str,
+    width: float,
+    explicit: bool = False,
+    batch: int = 1,
+    square: bool = True,
 ) -> list[str]:
     """The engines of ``names`` that apply here; unknown ones refused. Those that do not
     apply (torchvision lacks the network, OpenVINO missing, no bf16, a batch above what an
-    ExecuTorch program holds) are left out, or, for an ``explicit`` request, refused where
-    running them would time something else: ``openvino-bf16`` on a CPU without bf16
-    (OpenVINO would quietly compute in float32), ExecuTorch above its batch bound."""
+    ExecuTorch program holds, a classifier-only engine for another task or a non-square
+    input) are left out, or, for an ``explicit`` request, refused where running them would
+    time something else or nothing: ``openvino-bf16`` on a CPU without bf16 (OpenVINO
+    would quietly compute in float32), ExecuTorch above its batch bound."""
     from .export.executorch import MAX_BATCH  # (torch, not executorch, is imported)
+    from .models import model_task
 
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
+    task = model_task(model)
+    if task != "classification" or not square:
+        limited = [n for n in names if n in SQUARE_CLASSIFIERS_ONLY]
+        if limited and explicit:
+            what = f"{task} models" if task != "classification" else "non-square inputs"
+            raise MobileNetError(f"{limited[0]} runs square classifiers only, not {what}")
+        names = [n for n in names if n not in SQUARE_CLASSIFIERS_ONLY]
     if "torchvision-eager" in names and (model not in TORCHVISION or width != 1.0):
         names = [n for n in names if n != "torchvision-eager"]
     if "openvino-bf16" in names and not has_bf16():

@@ -297,8 +297,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise MobileNetError("--save records square sizes (what predict looks up): --resolution N")
     engines = args.engines.split(",") if args.engines else list(ENGINES)
     engines = [e.strip() for e in engines if e.strip()]
+    square = not isinstance(args.resolution, tuple)
     engines = check_engines(
-        engines, args.model, args.width_mult, explicit=bool(args.engines), batch=args.batch
+        engines, args.model, args.width_mult, bool(args.engines), args.batch, square
     )
     cfg = BenchConfig(
         args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
