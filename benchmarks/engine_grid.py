@@ -49,7 +49,9 @@ def _engines() -> list[str]:
     return names
 
 
-def bench_point(model: str, batch: int, threads: int, home: Path, engines: list[str]) -> dict:
+def bench_point(
+    model: str, batch: int, threads: int, home: Path, engines: list[str], attempts: int = 3
+) -> dict:
     rounds, iterations = (7, 20) if batch == 1 else (5, 2)
     command = [
         sys.executable, "-m", "mobilenet", "bench", model, "--batch", str(batch),
@@ -57,14 +59,14 @@ def bench_point(model: str, batch: int, threads: int, home: Path, engines: list[
         "--iterations", str(iterations), "--json", "--save",
     ]  # fmt: skip
     env = {**os.environ, "MOBILENET_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
-    for attempt in range(3):
+    for attempt in range(attempts):
         start = time.perf_counter()
         out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         result = json.loads(out.stdout)
         result["wall_s"] = round(time.perf_counter() - start, 1)
         result["attempt"] = attempt + 1
         busy = result.get("busy_other_cores")
-        if busy is None or busy <= BUSY_WARNING:
+        if busy is None or busy <= BUSY_WARNING or attempt == attempts - 1:
             break
         print(f"  {model} b{batch} t{threads}: {busy} cores busy elsewhere, again", flush=True)
     result["command"] = " ".join(["mobilenet", *command[3:]])
@@ -106,16 +108,18 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--engines", default=None, help="comma-separated (default: ENGINES)")
+    parser.add_argument("--attempts", type=int, default=3, help="runs of a disturbed point")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("engine_grid.json"))
     args = parser.parse_args()
-    engines = _engines()
+    engines = _engines() if args.engines is None else args.engines.split(",")
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         for model in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for threads in (int(t) for t in args.threads.split(",")):
-                    result = bench_point(model, batch, threads, home, engines)
+                    result = bench_point(model, batch, threads, home, engines, args.attempts)
                     result["verdict"] = judge(result, home)
                     points.append(result)
                     _print_point(result)
