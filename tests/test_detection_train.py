@@ -87,7 +87,7 @@ def test_unified_commands_follow_the_model(tmp_path, capsys):
         (["train", "--model", "mobilenet_v3_small", "--focal"],
          "--focal applies to detection models"),
         (["train", "--model", "mobilenet_v3_small", "--no-flip"],
-         "--flip/--no-flip applies to detection models"),
+         "--flip/--no-flip applies to detection and segmentation models"),
         (["train", "--model", "ssdlite_mobilenet_v3_small", "--pretrained", "x.pth"],
          "--pretrained applies to classification models"),
         (["train", "--model", "mobilenet_v2", "--optimizer", "sgd"], "give --lr too"),
