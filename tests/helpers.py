@@ -123,3 +123,23 @@ def poison_losses(monkeypatch, after: int = 0) -> None:
         return loss * float("nan") if calls["n"] > after else loss
 
     monkeypatch.setattr(task.F, "cross_entropy", cross_entropy)
+
+
+def noise_image(folder: Path) -> Path:
+    """A 40x30 RGB PNG of random pixels (seeded), for predict."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 255, (30, 40, 3), dtype=torch.uint8, generator=rng).numpy()
+    Image.fromarray(pixels).save(folder / "x.png")
+    return folder / "x.png"
+
+
+def cli_json(capsys, *args: str):
+    """What ``mobilenet ARGS --json`` prints, parsed; the command must succeed."""
+    import json
+
+    from mobilenet.cli import main
+
+    assert main([*args, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)

@@ -24,7 +24,13 @@ from mobilenet.export.executorch import (
 )
 from mobilenet.inference import PteModel, load_trained
 
-from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+from .helpers import (
+    cli_json,
+    noise_image,
+    randomize_bn,
+    recalibrate_bn,
+    unit_scale_logits,
+)
 
 RES = 64
 
@@ -214,28 +220,14 @@ def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
-def _image(folder: Path) -> Path:
-    from PIL import Image
-
-    rng = torch.Generator().manual_seed(3)
-    pixels = torch.randint(0, 255, (30, 40, 3), dtype=torch.uint8, generator=rng).numpy()
-    Image.fromarray(pixels).save(folder / "x.png")
-    return folder / "x.png"
-
-
-def _cli_json(capsys, *args: str):
-    assert main([*args, "--json"]) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)
-
-
 def test_predict_engine_executorch_then_eval_of_its_pte(tmp_path, capsys, monkeypatch):
-    weights, image = _weights(tmp_path), _image(tmp_path)
+    weights, image = _weights(tmp_path), noise_image(tmp_path)
     common = ["predict", "--weights", weights, str(image)]
-    (eager,) = _cli_json(capsys, *common, "--engine", "eager")
-    (first,) = _cli_json(capsys, *common, "--engine", "executorch")
+    (eager,) = cli_json(capsys, *common, "--engine", "eager")
+    (first,) = cli_json(capsys, *common, "--engine", "executorch")
     (cached,) = (Path(os.environ["MOBILENET_HOME"]) / "pte").iterdir()
     monkeypatch.setattr(et, "export_pte", None)  # the second run must not export again
-    (second,) = _cli_json(capsys, *common, "--engine", "executorch")
+    (second,) = cli_json(capsys, *common, "--engine", "executorch")
     assert first["engine"] == second["engine"] == "executorch"
     for result in (first, second):
         assert [t["class"] for t in result["top"]] == [t["class"] for t in eager["top"]]
@@ -244,8 +236,7 @@ def test_predict_engine_executorch_then_eval_of_its_pte(tmp_path, capsys, monkey
     # The cached program is a .pte like any other: eval gives the float model's figures
     # (batches of 64 run in slices of MAX_BATCH).
     results = [
-        _cli_json(capsys, "eval", "--weights", w, "--data", "digits")
-        for w in (weights, str(cached))
+        cli_json(capsys, "eval", "--weights", w, "--data", "digits") for w in (weights, str(cached))
     ]
     assert results[0]["images"] == results[1]["images"] == 297
     assert results[0]["top1"] == results[1]["top1"]
@@ -265,10 +256,10 @@ def test_eval_and_predict_of_an_int8_pte_on_its_own_engine(int8_pte, capsys):
     from executorch.extension.pybindings import portable_lib
 
     out, _ = int8_pte
-    image = _image(out.parent)
-    metrics = _cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
+    image = noise_image(out.parent)
+    metrics = cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
     assert metrics["images"] == 297 and 0 <= metrics["top1"] <= 100
-    (result,) = _cli_json(capsys, "predict", "--weights", str(out), str(image))
+    (result,) = cli_json(capsys, "predict", "--weights", str(out), str(image))
     assert result["engine"] == "executorch-int8" and result["top"][0]["class"] in CLASSES
     assert main(["predict", "--weights", str(out), str(image), "--engine", "executorch"]) == 2
     err = capsys.readouterr().err

@@ -19,7 +19,13 @@ from mobilenet import create_model, save_weights
 from mobilenet.cli import main
 from mobilenet.inference import TfliteModel, load_trained
 
-from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+from .helpers import (
+    cli_json,
+    noise_image,
+    randomize_bn,
+    recalibrate_bn,
+    unit_scale_logits,
+)
 
 RES = 64
 CLASSES = list("abcdefghij")
@@ -33,22 +39,8 @@ def _weights(folder: Path) -> str:
     return str(save_weights(model, folder / "w.safetensors", metadata))
 
 
-def _image(folder: Path) -> Path:
-    from PIL import Image
-
-    rng = torch.Generator().manual_seed(3)
-    pixels = torch.randint(0, 255, (30, 40, 3), dtype=torch.uint8, generator=rng).numpy()
-    Image.fromarray(pixels).save(folder / "x.png")
-    return folder / "x.png"
-
-
-def _cli_json(capsys, *args: str):
-    assert main([*args, "--json"]) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)
-
-
 def test_export_then_eval_and_predict_of_the_file(tmp_path, capsys):
-    weights, image = _weights(tmp_path), _image(tmp_path)
+    weights, image = _weights(tmp_path), noise_image(tmp_path)
     out = tmp_path / "m.tflite"
     args = ["export", "--model", "mobilenet_v3_small", "--weights", weights]
     assert main([*args, "--format", "tflite", "--out", str(out)]) == 0
@@ -64,11 +56,11 @@ def test_export_then_eval_and_predict_of_the_file(tmp_path, capsys):
     atol = 1e-4 * max(1.0, expected.abs().max().item())
     torch.testing.assert_close(trained.model(x), expected, atol=atol, rtol=0)
 
-    float_eval = _cli_json(capsys, "eval", "--weights", weights, "--data", "digits")
-    file_eval = _cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
+    float_eval = cli_json(capsys, "eval", "--weights", weights, "--data", "digits")
+    file_eval = cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
     assert float_eval["images"] == file_eval["images"] == 297
     assert float_eval["top1"] == file_eval["top1"]
-    (result,) = _cli_json(capsys, "predict", "--weights", str(out), str(image))
+    (result,) = cli_json(capsys, "predict", "--weights", str(out), str(image))
     assert result["engine"] == "litert"
     assert main(["predict", "--weights", str(out), str(image), "--engine", "onnxruntime"]) == 2
     assert "runs on its own engine, litert" in capsys.readouterr().err
@@ -77,13 +69,13 @@ def test_export_then_eval_and_predict_of_the_file(tmp_path, capsys):
 def test_predict_engine_litert_exports_once(tmp_path, capsys, monkeypatch):
     from mobilenet.export import litert
 
-    weights, image = _weights(tmp_path), _image(tmp_path)
+    weights, image = _weights(tmp_path), noise_image(tmp_path)
     common = ["predict", "--weights", weights, str(image)]
-    (eager,) = _cli_json(capsys, *common, "--engine", "eager")
-    (first,) = _cli_json(capsys, *common, "--engine", "litert")
+    (eager,) = cli_json(capsys, *common, "--engine", "eager")
+    (first,) = cli_json(capsys, *common, "--engine", "litert")
     (cached,) = (Path(os.environ["MOBILENET_HOME"]) / "tflite").iterdir()
     monkeypatch.setattr(litert, "export_tflite", None)  # the second run must not export
-    (second,) = _cli_json(capsys, *common, "--engine", "litert")
+    (second,) = cli_json(capsys, *common, "--engine", "litert")
     assert first["engine"] == second["engine"] == "litert"
     for result in (first, second):
         assert [t["class"] for t in result["top"]] == [t["class"] for t in eager["top"]]
@@ -101,9 +93,9 @@ def test_quantize_to_tflite_and_evaluate(tmp_path, capsys):
     assert "full-integer LiteRT model, calibrated on 32 images of digits" in said
     trained = load_trained(str(out))
     assert isinstance(trained.model, TfliteModel) and trained.model.precision == "int8"
-    metrics = _cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
+    metrics = cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")
     assert metrics["images"] == 297 and 0 <= metrics["top1"] <= 100
-    (result,) = _cli_json(capsys, "predict", "--weights", str(out), str(_image(tmp_path)))
+    (result,) = cli_json(capsys, "predict", "--weights", str(out), str(noise_image(tmp_path)))
     assert result["engine"] == "litert-int8"
 
 
@@ -121,7 +113,7 @@ def test_wrong_combinations_and_damaged_files_are_one_line(tmp_path, capsys):
 
     damaged = tmp_path / "bad.tflite"
     damaged.write_bytes(b"\x00" * 64)
-    for command in (["eval", "--data", "digits"], ["predict", str(_image(tmp_path))]):
+    for command in (["eval", "--data", "digits"], ["predict", str(noise_image(tmp_path))]):
         assert main([command[0], "--weights", str(damaged), *command[1:]]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "bad.tflite" in err and "Traceback" not in err

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
-from .int8 import calibration_batches, calibration_count, calibration_dataset
+from .int8 import calibrated_export, observe
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -110,14 +110,7 @@ def export_pte_int8(
     with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
         observed = pt2e.prepare_pt2e(captured, quantizer)
-        seen, first = 0, None
-        with torch.no_grad():
-            for batch in calibration_batches:
-                observed(batch)
-                seen += batch.shape[0]
-                first = batch[:3] if first is None else first
-        if first is None:
-            raise MobileNetError("int8 calibration needs at least one image")
+        seen, first = observe(observed, calibration_batches)
         reference = pt2e.convert_pt2e(observed)
     program = _torch_export(reference, resolution, name)
     meta = _metadata(model, resolution, metadata, "int8")
@@ -155,14 +148,8 @@ def quantize_pte(
     the program's max abs difference from the float model (see :func:`export_pte_int8`).
     """
     _require()  # before the calibration data is read
-    dataset = calibration_dataset(trained, data)
-    used = calibration_count(dataset, calibration_images, data)
-    if used < calibration_images and progress:
-        progress(f"{data} holds {used} images: calibrating on all {used}")
-    batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
-    metadata = {"classes": json.dumps(trained.classes)}
-    diff = export_pte_int8(trained.model, batches, out, trained.resolution, metadata)
-    return used, diff
+    args = (trained, data, out, calibration_images, seed, progress)
+    return calibrated_export(export_pte_int8, *args)
 
 
 def read_pte(

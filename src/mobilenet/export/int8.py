@@ -3,13 +3,12 @@
 The network is quantized by PyTorch's FX graph mode for the x86 backend (fbgemm/oneDNN
 kernels): Conv-BN(-ReLU) fused, int8 weights per output channel, uint8 activations.
 h-swish, the squeeze-excite's h-sigmoid gate and multiply, ReLU6 and the residual adds
-have quantized kernels, so the whole network runs in int8 from the first conv to the
-classifier, with no per-architecture code.
+have quantized kernels, so the whole network runs in int8, with no per-architecture code.
+Calibration (the data, the PT2E observers) is shared with the ExecuTorch and LiteRT exports.
 
 * PTQ: observers record activation ranges (histograms) on calibration images.
-* QAT: fake quantization is inserted in the training graph and the network is
-  fine-tuned for a few epochs (SGD, cosine schedule); BatchNorm statistics and then
-  the observers are frozen before the end, as in the QAT recipes of torchvision.
+* QAT: fake quantization in the training graph, a few epochs of fine-tuning (SGD, cosine);
+  BatchNorm statistics and then the observers frozen before the end, as torchvision does.
 
 A quantized PyTorch model is usually saved by pickling the module or a TorchScript
 trace. Here it is a safetensors file instead: every quantized tensor is stored as its
@@ -45,11 +44,13 @@ __all__ = [
     "METHODS",
     "Int8Model",
     "QATConfig",
+    "calibrated_export",
     "calibration_batches",
     "calibration_count",
     "calibration_dataset",
     "int8_from_checkpoint",
     "is_int8_checkpoint",
+    "observe",
     "quantize_model",
     "quantize_torch",
     "save_int8",
@@ -179,6 +180,39 @@ def calibration_count(dataset: Dataset, images: int, data: str = "the data") -> 
     if available == 0:
         raise MobileNetError(f"no calibration images in {data}")
     return min(images, available)
+
+
+def observe(observed: torch.nn.Module, batches: Iterable[torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """PT2E observers run over ``batches``: the images seen, and the first three."""
+    seen, first = 0, None
+    for batch in batches:
+        with torch.no_grad():
+            observed(batch)
+        seen, first = seen + batch.shape[0], batch[:3] if first is None else first
+    if first is None:
+        raise MobileNetError("int8 calibration needs at least one image")
+    return seen, first
+
+
+def calibrated_export(
+    export_int8: Callable[..., float],
+    trained,
+    data: str,
+    out: str | Path,
+    calibration_images: int = 512,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[int, float]:
+    """``export_int8`` of ``trained`` calibrated on ``calibration_images`` random images of
+    ``data`` (all, when fewer: ``progress`` is told); the images used, the max abs diff."""
+    dataset = calibration_dataset(trained, data)
+    used = calibration_count(dataset, calibration_images, data)
+    if used < calibration_images and progress:
+        progress(f"{data} holds {used} images: calibrating on all {used}")
+    batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
+    metadata = {"classes": json.dumps(trained.classes)}
+    diff = export_int8(trained.model, batches, out, trained.resolution, metadata)
+    return used, diff
 
 
 def quantize_torch(

@@ -46,7 +46,7 @@ from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
 from .executorch import INT8_SLACK, _name, _quiet_native_stderr
-from .int8 import calibration_batches, calibration_count, calibration_dataset
+from .int8 import calibrated_export, observe
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -114,14 +114,7 @@ def export_tflite_int8(
     with _quiet_conversion():
         captured = _capture(prepared, resolution, name)
         observed = pt2e.prepare_pt2e(captured, quantizer)
-        seen, first = 0, None
-        with torch.no_grad():
-            for batch in calibration_batches:
-                observed(batch)
-                seen += batch.shape[0]
-                first = batch[:3] if first is None else first
-        if first is None:
-            raise MobileNetError("int8 calibration needs at least one image")
+        seen, first = observe(observed, calibration_batches)
         # Unfolded: the converter turns each quantize/dequantize pair into int8 tensors.
         reference = pt2e.convert_pt2e(observed, fold_quantize=False)
     config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
@@ -148,14 +141,8 @@ def quantize_tflite(
     (all it holds when that is fewer: ``progress`` is told); returns how many images were
     used and the model's max abs difference from the float model."""
     _require_converter()  # before the calibration data is read
-    dataset = calibration_dataset(trained, data)
-    used = calibration_count(dataset, calibration_images, data)
-    if used < calibration_images and progress:
-        progress(f"{data} holds {used} images: calibrating on all {used}")
-    batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
-    metadata = {"classes": json.dumps(trained.classes)}
-    diff = export_tflite_int8(trained.model, batches, out, trained.resolution, metadata)
-    return used, diff
+    args = (trained, data, out, calibration_images, seed, progress)
+    return calibrated_export(export_tflite_int8, *args)
 
 
 def read_tflite(
