@@ -204,6 +204,8 @@ def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypa
         ("--format", "pte", "--out", "m.onnx"): "--format pte writes a .pte file, not m.onnx",
         ("--format", "pte", "--out", "m.bin"): "--format pte writes a .pte file, not m.bin",
         ("--format", "torch", "--out", "m.pte"): "--format torch writes a .safetensors file",
+        ("--integer-only", "--out", "m.onnx"): "--integer-only applies to --format pte, not onnx",
+        ("--integer-only", "--out", "m.tflite"): "--integer-only applies to --format pte",
         ("--method", "qat", "--calibration-images", "8", "--out", "m.safetensors"): (
             "--calibration-images applies to --method ptq, not qat"
         ),
@@ -281,3 +283,56 @@ def test_eval_and_predict_of_an_int8_pte_on_its_own_engine(int8_pte, capsys):
         reference = float_model(x)
     correlation = torch.corrcoef(torch.stack([int8(x).flatten(), reference.flatten()]))[0, 1]
     assert correlation > 0.8
+
+
+def test_integer_activations_compute_the_same_function():
+    from mobilenet.export.prepare import integer_activations, prepare_for_inference
+
+    model = _model("mobilenet_v3_small")
+    prepared = prepare_for_inference(model, channels_last=False)
+    x = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        expected = prepared(x)
+        swapped = integer_activations(prepared)
+        kinds = {type(m).__name__ for m in swapped.modules()}
+        assert "Hardswish" not in kinds and "Hardsigmoid" not in kinds
+        assert {"IntegerHardswish", "IntegerHardsigmoid"} <= kinds
+        torch.testing.assert_close(swapped(x), expected, rtol=0, atol=1e-5)
+
+
+def _unquantized_operators(model, integer_only: bool) -> set[str]:
+    """The operators XNNPACK's quantizer leaves in float (no quantization annotation)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from mobilenet.export.prepare import integer_activations, prepare_for_inference
+
+    prepared = prepare_for_inference(model, channels_last=False)
+    if integer_only:
+        integer_activations(prepared)
+    captured = torch.export.export(prepared, (torch.randn(2, 3, RES, RES),)).module()
+    observed = prepare_pt2e(captured, et.xnnpack_quantizer())
+    return {
+        str(node.target)
+        for node in observed.graph.nodes
+        if node.op == "call_function"
+        and not getattr(node.meta.get("quantization_annotation"), "_annotated", False)
+    }
+
+
+def test_integer_only_quantizes_every_operator_of_v3():
+    model = _model("mobilenet_v3_small")
+    # XNNPACK's quantizer has no h-swish: by default h-swish and h-sigmoid stay float.
+    assert {"aten.hardswish.default", "aten.hardsigmoid.default"} <= _unquantized_operators(
+        model, integer_only=False
+    )
+    assert _unquantized_operators(model, integer_only=True) == set()
+
+
+def test_quantize_integer_only_pte(tmp_path, capsys):
+    out = tmp_path / "int8.pte"
+    args = ["quantize", "--weights", _weights(tmp_path), "--data", "digits", "--out", str(out)]
+    assert main([*args, "--calibration-images", "16", "--integer-only"]) == 0
+    assert "every operator in int8" in capsys.readouterr().out
+    run, metadata = read_pte(out)
+    assert metadata["integer_only"] == "true" and metadata["dtype"] == "int8"
+    assert run(torch.randn(1, 3, RES, RES)).shape == (1, 10)

@@ -75,6 +75,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="QAT fine-tuning epochs (3)")
     p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
+    p.add_argument("--integer-only", action="store_true",
+                   help="pte: h-swish and h-sigmoid in int8 too (ONNX int8 always is)")  # fmt: skip
     p.add_argument("--out", required=True, help="output file (.safetensors, .onnx, .pte, .tflite)")
     p.set_defaults(func=cmd_quantize)
 
@@ -232,10 +234,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elif fmt == "pte":
         from ..export.executorch import quantize_pte
 
-        used, diff = quantize_pte(trained, args.data, args.out, images, progress=log)
+        used, diff = quantize_pte(
+            trained, args.data, args.out, images, progress=log, integer_only=args.integer_only
+        )
         out = args.out
+        every = "every operator in int8, " if args.integer_only else ""
         how = (
-            f"ExecuTorch program for XNNPACK, calibrated on {used} images of {args.data}; "
+            f"ExecuTorch program for XNNPACK, {every}calibrated on {used} images of {args.data}; "
             f"max abs difference from the float model {diff:.2e}"
         )
     elif fmt == "tflite":
@@ -267,6 +272,9 @@ def _quantize_format(args: argparse.Namespace) -> str:
         raise MobileNetError(
             f"--format {fmt} writes a {QUANTIZE_SUFFIXES[fmt]} file, not {Path(args.out).name}"
         )
+    if args.integer_only and fmt != "pte":
+        always = " (ONNX int8 files always are)" if fmt == "onnx" else ""
+        raise MobileNetError(f"--integer-only applies to --format pte, not {fmt}{always}")
     if fmt != "torch" and args.method == "qat":
         raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
     for dest, (method, flag) in _METHOD_FLAGS.items():

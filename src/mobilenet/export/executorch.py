@@ -18,6 +18,11 @@ way). The model's config, classes and resolution are a JSON string returned by t
 int8 (:func:`export_pte_int8`) is PT2E quantization with the XNNPACK quantizer (int8
 weights per output channel, int8 activations), calibrated on the caller's images, then
 lowered the same way and checked against the quantized PyTorch reference it came from.
+The quantizer has no h-swish, so V3's h-swish and h-sigmoid run in float between a
+dequantize and a quantize; ``integer_only=True`` writes them as add, clamp and multiply
+(:func:`mobilenet.export.prepare.integer_activations`), which it quantizes, so every
+operator is int8 (what integer-only accelerators need; on XNNPACK's CPU kernels the float
+h-swish is the faster one: ``benchmarks/pte_integer_only.py``).
 :func:`quantize_pte` (``mobilenet quantize --format pte``) calibrates it on the user's data
 as the ONNX quantization does: random images of the training split, evaluation transform.
 """
@@ -25,6 +30,7 @@ as the ONNX quantization does: random images of the training split, evaluation t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -45,7 +51,7 @@ from ..extras import require
 from ..fileio import read_bytes, write_bytes
 from .int8 import calibrated_export, observe
 from .onnx import _check, _model_metadata
-from .prepare import prepare_for_inference
+from .prepare import integer_activations, prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
 
 __all__ = [
@@ -96,16 +102,20 @@ def export_pte_int8(
     path: str | Path,
     resolution: int = 224,
     metadata: dict[str, str] | None = None,
+    integer_only: bool = False,
 ) -> float:
     """Write ``model`` as an int8 ExecuTorch program: PT2E with the XNNPACK quantizer,
     activation ranges observed on ``calibration_batches`` (image tensors of
     ``resolution``); returns the max abs difference between the ExecuTorch runtime and the
-    float model, checked (:func:`_check_int8`) before the file appears."""
+    float model, checked (:func:`_check_int8`) before the file appears. ``integer_only``
+    quantizes h-swish and h-sigmoid too (see the module's docstring)."""
     quantizer = xnnpack_quantizer()
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "mobile", _PURPOSE)
     model = model.eval()
     name = _name(model)
     prepared = prepare_for_inference(model, channels_last=False)
+    if integer_only:
+        integer_activations(prepared)
     captured = _torch_export(prepared, resolution, name).module()
     with warnings.catch_warnings(), _quiet_torch_logs():
         warnings.simplefilter("ignore")
@@ -115,6 +125,7 @@ def export_pte_int8(
     program = _torch_export(reference, resolution, name)
     meta = _metadata(model, resolution, metadata, "int8")
     meta["calibration_images"] = str(seen)
+    meta["integer_only"] = "true" if integer_only else "false"
     data = _lower(program, meta, name)
     method, _ = read_pte(data, "the exported int8 program")
     diff = _check_int8(method, model, reference, first)
@@ -141,6 +152,7 @@ def quantize_pte(
     calibration_images: int = 512,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    integer_only: bool = False,
 ) -> tuple[int, float]:
     """Write an int8 program of ``trained`` (a :class:`mobilenet.inference.Trained`) to
     ``out``, calibrated on ``calibration_images`` images of ``data`` drawn at random (all it
@@ -148,8 +160,9 @@ def quantize_pte(
     the program's max abs difference from the float model (see :func:`export_pte_int8`).
     """
     _require()  # before the calibration data is read
+    export = functools.partial(export_pte_int8, integer_only=integer_only)
     args = (trained, data, out, calibration_images, seed, progress)
-    return calibrated_export(export_pte_int8, *args)
+    return calibrated_export(export, *args)
 
 
 def read_pte(
