@@ -1,14 +1,16 @@
-"""torchvision transforms v2 pipelines for training and evaluation."""
+"""torchvision transforms v2 pipelines for training and evaluation (the evaluation
+pipeline itself is :meth:`.preprocess.Preprocess.transform`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from ..errors import MobileNetError
-from ..models.base import EvalConfig
+from .preprocess import Preprocess, ours
 
 __all__ = ["Augment", "eval_transform", "train_transform"]
 
@@ -34,7 +36,8 @@ def _auto_augment(name: str | None) -> list[v2.Transform]:
     raise MobileNetError(f"unknown auto-augment policy {name!r}")
 
 
-def train_transform(resolution: int, augment: Augment, config: EvalConfig) -> v2.Compose:
+def train_transform(resolution: int, augment: Augment, config: Any) -> v2.Compose:
+    """``config``: anything with ``mean`` and ``std`` (a model's ``eval_config``)."""
     steps: list[v2.Transform] = [
         v2.ToImage(),
         v2.RandomResizedCrop(
@@ -50,15 +53,16 @@ def train_transform(resolution: int, augment: Augment, config: EvalConfig) -> v2
     return v2.Compose(steps)
 
 
-def eval_transform(resolution: int, config: EvalConfig) -> v2.Compose:
-    """Resize to ``resolution / crop_pct`` and take the central ``resolution`` square."""
-    resize = round(resolution / config.crop_pct)
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(resolution),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(config.mean, config.std),
-        ]
-    )
+def eval_transform(resolution: int, config: Any) -> v2.Compose:
+    """The evaluation transform at ``resolution``: ``config`` a :class:`Preprocess` (its
+    settings at that size), or a model's ``eval_config`` (ours: the shorter side resized
+    to ``round(resolution / crop_pct)``, then the central ``resolution`` square)."""
+    if not isinstance(config, Preprocess):
+        config = ours(
+            resolution,
+            config.crop_pct,
+            mean=config.mean,
+            std=config.std,
+            interpolation=config.interpolation,
+        )
+    return config.at(resolution).transform()
