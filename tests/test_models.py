@@ -20,6 +20,11 @@ def test_registry_holds_every_variant():
         "mobilenet_v3_small",
         "mobilenet_v3_large_minimal",
         "mobilenet_v3_small_minimal",
+        "mobilenet_v4_conv_small",
+        "mobilenet_v4_conv_medium",
+        "mobilenet_v4_conv_large",
+        "mobilenet_v4_hybrid_medium",
+        "mobilenet_v4_hybrid_large",
     ]
 
 

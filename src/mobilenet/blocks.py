@@ -1,9 +1,16 @@
-"""The two building blocks of the MobileNet family.
+"""The building blocks of the MobileNet family.
 
 * :class:`DepthwiseSeparable` - MobileNetV1 (V1 Section 3.1, Figure 3): a 3x3 depthwise
   conv and a 1x1 pointwise conv, each followed by BatchNorm and ReLU6.
 * :class:`InvertedResidual` - MobileNetV2's bottleneck (V2 Table 1), which MobileNetV3
   reuses with squeeze-excite, 5x5 kernels and h-swish (V3 Section 5): one class for both.
+* :class:`UniversalInvertedBottleneck` - MobileNetV4's UIB (V4 Section 4.1, Figure 4):
+  IB, ConvNext-like, ExtraDW and FFN as one block with two optional depthwise convs.
+* :class:`FusedInvertedBottleneck` - the fused IB of V4's first stage: a full kxk conv
+  expands, a 1x1 conv projects.
+* :class:`MobileMQA` - V4's Mobile MQA (Section 4.2): multi-query attention with one
+  shared key/value head, keys and values optionally downsampled by a strided depthwise
+  conv.
 
 Every block records ``stride``; a block with stride 2 starts a new stage (a new output
 stride), which is how detection backbones and the memory-efficient executor find their
@@ -17,9 +24,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ActLayer, ConvBNAct, ResidualAdd, SqueezeExcite, make_divisible
+from .errors import MobileNetError
+from .layers import (
+    BN_EPS,
+    BN_MOMENTUM,
+    ActLayer,
+    ConvBNAct,
+    DotProductAttention,
+    LayerScale,
+    ResidualAdd,
+    SqueezeExcite,
+    make_divisible,
+)
 
-__all__ = ["DepthwiseSeparable", "InvertedResidual"]
+__all__ = [
+    "DepthwiseSeparable",
+    "FusedInvertedBottleneck",
+    "InvertedResidual",
+    "MobileMQA",
+    "MultiQueryAttention",
+    "UniversalInvertedBottleneck",
+]
 
 
 class DepthwiseSeparable(nn.Module):
@@ -87,6 +112,195 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.se(self.dw(self.expand(x))))
+        if self.add is not None:
+            out = self.add(x, out)
+        return out
+
+
+def _layer_scale(channels: int, init: float | None) -> nn.Module:
+    return LayerScale(channels, init) if init is not None else nn.Identity()
+
+
+class UniversalInvertedBottleneck(nn.Module):
+    """MobileNetV4's Universal Inverted Bottleneck (V4 Section 4.1, Figure 4).
+
+    ``dw_start`` kxk depthwise (BN, no activation; absent when ``start_dw_kernel`` is 0)
+    -> ``expand`` 1x1 (BN, act) -> ``dw_mid`` kxk depthwise (BN, act; absent when
+    ``mid_dw_kernel`` is 0) -> ``project`` 1x1 (BN, linear) -> ``layer_scale`` (hybrid
+    models) -> residual add when the stride is 1 and ``in == out``. The two optional
+    depthwise convs give the four instances of Figure 4: IB (middle only), ConvNext-like
+    (start only), ExtraDW (both) and FFN (neither). The stride sits on the middle
+    depthwise conv when there is one, else on the starting one (the reference code's
+    rule); an FFN cannot downsample.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        exp_channels: int,
+        out_channels: int,
+        start_dw_kernel: int = 0,
+        mid_dw_kernel: int = 3,
+        stride: int = 1,
+        act: ActLayer = nn.ReLU,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if stride > 1 and not (start_dw_kernel or mid_dw_kernel):
+            raise MobileNetError("a UIB without depthwise convs (an FFN) cannot have a stride")
+        self.stride = stride
+        self.out_channels = out_channels
+        self.use_residual = stride == 1 and in_channels == out_channels
+        start_stride = 1 if mid_dw_kernel else stride
+        # dw (extra, before the expansion): linear, as in the reference code
+        self.dw_start: nn.Module = nn.Identity()
+        if start_dw_kernel:
+            self.dw_start = ConvBNAct(
+                in_channels, in_channels, start_dw_kernel, start_stride, in_channels, None
+            )
+        # pw
+        self.expand = ConvBNAct(in_channels, exp_channels, 1, act=act)
+        # dw
+        self.dw_mid: nn.Module = nn.Identity()
+        if mid_dw_kernel:
+            self.dw_mid = ConvBNAct(
+                exp_channels, exp_channels, mid_dw_kernel, stride, exp_channels, act
+            )
+        # pw-linear
+        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
+        self.layer_scale = _layer_scale(out_channels, layer_scale)
+        self.add = ResidualAdd() if self.use_residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.dw_mid(self.expand(self.dw_start(x))))
+        out = self.layer_scale(out)
+        if self.add is not None:
+            out = self.add(x, out)
+        return out
+
+
+class FusedInvertedBottleneck(nn.Module):
+    """Fused IB (V4 Tables 11-14, first stage; EfficientNet-EdgeTPU's "fused MBConv"):
+    ``expand`` full kxk conv (stride s, BN, act) doing the expansion and the spatial
+    mixing at once -> ``project`` 1x1 (BN, linear) -> residual add when the stride is 1
+    and ``in == out``. Full convs are cheap on accelerators at high resolution, where
+    the channels are few."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        exp_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        act: ActLayer = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.stride = stride
+        self.out_channels = out_channels
+        self.expand = ConvBNAct(in_channels, exp_channels, kernel_size, stride, act=act)
+        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
+        self.add = ResidualAdd() if stride == 1 and in_channels == out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.expand(x))
+        if self.add is not None:
+            out = self.add(x, out)
+        return out
+
+
+class MultiQueryAttention(nn.Module):
+    """Multi-query attention on a feature map (V4 Section 4.2, Eq. 1-2).
+
+    ``heads`` query heads of ``key_dim`` channels each, all attending with one shared
+    key head (``key_dim``) and one shared value head (``value_dim``), which is what
+    makes it cheap in memory bandwidth on accelerators. Projections are 1x1 convs.
+    ``kv_stride`` 2 downsamples the map the keys and values are computed from with a
+    strided depthwise conv + BN (Spatial Reduction Attention); ``query_stride`` > 1
+    average-pools the queries (+ BN) and upsamples the output bilinearly. The attention
+    itself is a :class:`~mobilenet.layers.DotProductAttention` module, whose two matrix
+    products the cost model counts as ``attention``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        kv_stride: int = 1,
+        dw_kernel: int = 3,
+        query_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        value_dim = value_dim or key_dim
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.query_stride = query_stride
+        self.query_down: nn.Module = nn.Identity()
+        if query_stride > 1:
+            pool = nn.AvgPool2d(query_stride)
+            norm = nn.BatchNorm2d(in_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+            self.query_down = nn.Sequential(pool, norm)
+        self.query = nn.Conv2d(in_channels, heads * key_dim, 1, bias=False)
+        self.key_down = self._kv_down(in_channels, kv_stride, dw_kernel)
+        self.key = nn.Conv2d(in_channels, key_dim, 1, bias=False)
+        self.value_down = self._kv_down(in_channels, kv_stride, dw_kernel)
+        self.value = nn.Conv2d(in_channels, value_dim, 1, bias=False)
+        self.attention = DotProductAttention()
+        self.upsample: nn.Module = nn.Identity()
+        if query_stride > 1:
+            self.upsample = nn.Upsample(
+                scale_factor=query_stride, mode="bilinear", align_corners=False
+            )
+        self.output = nn.Conv2d(heads * value_dim, out_channels, 1, bias=False)
+
+    @staticmethod
+    def _kv_down(channels: int, stride: int, kernel: int) -> nn.Module:
+        if stride == 1:
+            return nn.Identity()
+        return ConvBNAct(channels, channels, kernel, stride, groups=channels, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query(self.query_down(x))  # [B, heads * key_dim, h, w]
+        b, _, h, w = q.shape
+        # [B, heads, L, key_dim] queries; [B, 1, P, dim] keys and values: one head, shared
+        q = q.reshape(b, self.heads, self.key_dim, h * w).transpose(-1, -2).contiguous()
+        k = self.key(self.key_down(x)).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        v = self.value(self.value_down(x)).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        out = self.attention(q, k, v)  # [B, heads, L, value_dim]
+        # heads stacked along channels, head-major (as the reference's reshape)
+        out = out.transpose(-1, -2).reshape(b, self.heads * self.value_dim, h, w)
+        return self.output(self.upsample(out))
+
+
+class MobileMQA(nn.Module):
+    """Mobile MQA block (V4 Section 4.2): BN (no activation) -> multi-query attention ->
+    ``layer_scale`` -> residual add of the block's input (stride 1, ``in == out``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int,
+        key_dim: int,
+        kv_stride: int = 1,
+        dw_kernel: int = 3,
+        query_stride: int = 1,
+        layer_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.stride = 1  # the block keeps the map's size (query pooling is undone)
+        self.out_channels = out_channels
+        self.norm = nn.BatchNorm2d(in_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.attn = MultiQueryAttention(
+            in_channels, out_channels, heads, key_dim, key_dim, kv_stride, dw_kernel, query_stride
+        )
+        self.layer_scale = _layer_scale(out_channels, layer_scale)
+        self.add = ResidualAdd() if in_channels == out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer_scale(self.attn(self.norm(x)))
         if self.add is not None:
             out = self.add(x, out)
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "BN_MOMENTUM",
     "ActLayer",
     "ConvBNAct",
+    "DotProductAttention",
+    "LayerScale",
     "ResidualAdd",
     "SqueezeExcite",
     "make_divisible",
@@ -123,3 +126,27 @@ def set_bn_eps(model: nn.Module, eps: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eps = eps
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (MobileNetV4 Section 4: the hybrid
+    models' UIB and Mobile MQA blocks), ``x * gamma`` with ``gamma`` initialised small
+    (1e-5 in the reference) so every block starts close to the identity."""
+
+    def __init__(self, channels: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class DotProductAttention(nn.Module):
+    """``softmax(Q K^T / sqrt(d)) V`` as a module (MobileNetV4 Section 4.2), so the cost
+    model counts its two matrix products (``Q K^T`` and ``A V``) as a layer of type
+    ``attention``. PyTorch's fused kernel computes it, as timm's attention does, so
+    outputs agree with timm's to the last bit; keys and values broadcast over the query
+    heads (multi-query attention: one shared key/value head)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)

@@ -1,7 +1,14 @@
 """The MobileNet model zoo. Importing this package registers every classifier and the
 checkpoint layouts they read (torchvision, timm, ours)."""
 
-from . import layouts, mobilenet_v1, mobilenet_v2, mobilenet_v3  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    layouts,
+    mobilenet_v1,
+    mobilenet_v2,
+    mobilenet_v3,
+    mobilenet_v4,
+    v4_layouts,
+)
 from .base import EvalConfig, FeatureInfo, MobileNet, ModelConfig
 from .pretrained import PRETRAINED, list_pretrained
 from .registry import (

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import BN_EPS, ActLayer, set_bn_eps
+from ..layers import BN_EPS, ActLayer, ConvBNAct, set_bn_eps
 
 __all__ = [
     "DeployedModel",
@@ -88,6 +88,19 @@ class HeadFC(nn.Module):
         return self.act(self.fc(x))
 
 
+class HeadConvBN(nn.Module):
+    """MobileNetV4's hidden head layer after pooling (the last row of each V4 architecture
+    table): a 1x1 conv without bias, BatchNorm and activation, on the pooled 1x1 map, so
+    BatchNorm folding and the cost model treat it as any other conv."""
+
+    def __init__(self, in_features: int, out_features: int, act: ActLayer) -> None:
+        super().__init__()
+        self.layer = ConvBNAct(in_features, out_features, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x[:, :, None, None]).flatten(1)
+
+
 class MobileNet(nn.Module):
     """A MobileNet: ``features`` (stem, blocks, last conv) -> pool -> [hidden fc] -> classifier.
 
@@ -108,6 +121,7 @@ class MobileNet(nn.Module):
         head_channels: int | None = None,
         head_act: ActLayer | None = None,
         eval_config: EvalConfig | None = None,
+        head_norm: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -118,7 +132,8 @@ class MobileNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         if head_channels is not None:
             assert head_act is not None
-            self.pre_logits: nn.Module = HeadFC(num_features, head_channels, head_act)
+            head = HeadConvBN if head_norm else HeadFC
+            self.pre_logits: nn.Module = head(num_features, head_channels, head_act)
             num_features = head_channels
         else:
             self.pre_logits = nn.Identity()

@@ -44,7 +44,9 @@ _LAYOUTS: list[Layout] = []
 
 
 def register_layout(layout: Layout) -> Layout:
-    """Make ``layout`` known to :func:`load_weights` (first registered, first tried)."""
+    """Make ``layout`` known to :func:`load_weights`: first registered, first tried, except
+    that a subclass's layouts come before its base classes' (MobileNetV4's timm layout
+    before that of the MobileNet classifiers it derives from)."""
     _LAYOUTS.append(layout)
     return layout
 
@@ -52,6 +54,7 @@ def register_layout(layout: Layout) -> Layout:
 def find_layout(state_dict: Tensors, family: type[nn.Module] | None = None) -> Layout:
     """The registered layout ``state_dict`` is written in (for ``family``, if given)."""
     candidates = [x for x in _LAYOUTS if family is None or issubclass(family, x.family)]
+    candidates.sort(key=lambda x: -len(x.family.__mro__))  # stable: most derived first
     for layout in candidates:
         if layout.matches(state_dict):
             return layout

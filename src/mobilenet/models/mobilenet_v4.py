@@ -1,0 +1,368 @@
+"""MobileNetV4 (Qin et al., ECCV 2024, arXiv 2404.10518).
+
+ImageNet-1k results (V4 Table 5; top-1 / MACs / params at the model's resolution):
+
+==================  ==========  ======  =====  ======
+model               resolution  top-1   MACs   params
+==================  ==========  ======  =====  ======
+MNv4-Conv-S         224         73.8%   0.2G   3.8M
+MNv4-Conv-M         256         79.9%   1.0G   9.2M
+MNv4-Hybrid-M       256         80.7%   1.2G   10.5M
+MNv4-Conv-L         384         82.9%   5.9G   31M
+MNv4-Hybrid-L       384         83.4%   7.2G   35.9M
+==================  ==========  ======  =====  ======
+
+Each architecture is declared as its table in the paper's appendix, one row per block
+(repeats written out), with the paper's columns: block, DW K1 (the depthwise conv before
+the expansion), DW K2 (the one after it), expanded dim, output dim, stride. Mobile MQA
+rows carry the attention's heads, key/value dim and key/value stride instead. The rows
+follow the authors' released reference (TF model garden), which timm reproduces: where
+the printed table and the released models differ (Conv-S's first two stages are plain
+conv-BN-ReLU layers, not fused IBs with a linear projection), the released models win,
+so that their checkpoints load. Every block other than a Conv2D row is a residual block
+when its stride is 1 and its input and output widths agree; the hybrid models add a
+layer scale (init 1e-5) to every UIB and MQA block.
+
+Width multiplier alpha, as in timm's ``mobilenetv4_*_035/050/075``: the output dims
+become ``make_divisible(out * alpha)``; the expansion keeps its ratio to the block's
+input, ``make_divisible(exp / in * in_alpha)``; the stem never drops below its width at
+alpha = 1 and the 1280-wide head layer is never scaled; attention heads and key dims are
+not scaled. The resolution multiplier only changes the input size: any side >= 32 works
+(the key/value downsampling of Mobile MQA rounds odd maps up).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import nn
+
+from ..blocks import FusedInvertedBottleneck, MobileMQA, UniversalInvertedBottleneck
+from ..layers import ActLayer, ConvBNAct, make_divisible
+from .base import EvalConfig, MobileNet, ModelConfig
+from .registry import register_model
+
+__all__ = [
+    "CONV_L",
+    "CONV_M",
+    "CONV_S",
+    "HYBRID_L",
+    "HYBRID_M",
+    "MobileNetV4",
+    "build_v4",
+]
+
+# The paper's block names. UIB instances (Section 4.1, Figure 4) by their depthwise convs:
+CONV = "Conv2D"  # full conv, BN, act (no residual)
+FUSED = "FusedIB"  # full kxk conv expands, 1x1 projects
+EXTRA_DW = "ExtraDW"  # DW K1 and DW K2
+IB = "IB"  # DW K2 only: MobileNetV2's inverted bottleneck
+CONVNEXT = "ConvNext"  # DW K1 only
+FFN = "FFN"  # no depthwise conv
+
+ACTIVATIONS: dict[str, ActLayer] = {"ReLU": nn.ReLU, "GELU": nn.GELU}
+
+
+class Block(NamedTuple):
+    """One convolutional row: block, DW K1, DW K2, expanded dim, output dim, stride.
+    A Conv2D or FusedIB row has its full conv's kernel in ``k1``."""
+
+    block: str
+    k1: int
+    k2: int
+    exp: int
+    out: int
+    s: int
+
+
+class MQA(NamedTuple):
+    """One Mobile MQA row (Section 4.2): heads, key (= value) dim, key/value stride,
+    output dim. The block keeps the map's size."""
+
+    heads: int
+    key_dim: int
+    kv_stride: int
+    out: int
+
+
+class Spec(NamedTuple):
+    stem: int  # Conv2D 3x3, stride 2
+    rows: tuple[Block | MQA, ...]
+    last: int  # Conv2D 1x1 (the last feature map)
+    head: int  # Conv2D 1x1 + BN on the pooled features
+    act: str
+    layer_scale: float | None  # hybrid models: 1e-5 on every UIB and MQA block
+    eval: EvalConfig
+
+
+def _eval(resolution: int, crop_pct: float = 0.95) -> EvalConfig:
+    # timm's eval settings of the released checkpoints: bicubic, 0.95 crop above 224.
+    return EvalConfig(resolution=resolution, crop_pct=crop_pct, interpolation="bicubic")
+
+
+B = Block
+# V4 Table 10: MNv4-Conv-S, 224x224x3 input.
+CONV_S = Spec(
+    stem=32,
+    rows=(
+        # block      k1 k2  exp  out  s
+        B(CONV, 3, 0, 32, 32, 2),  # 112 -> 56
+        B(CONV, 1, 0, 32, 32, 1),
+        B(CONV, 3, 0, 96, 96, 2),  # 56 -> 28
+        B(CONV, 1, 0, 64, 64, 1),
+        B(EXTRA_DW, 5, 5, 192, 96, 2),  # 28 -> 14
+        B(IB, 0, 3, 192, 96, 1),
+        B(IB, 0, 3, 192, 96, 1),
+        B(IB, 0, 3, 192, 96, 1),
+        B(IB, 0, 3, 192, 96, 1),
+        B(CONVNEXT, 3, 0, 384, 96, 1),
+        B(EXTRA_DW, 3, 3, 576, 128, 2),  # 14 -> 7
+        B(EXTRA_DW, 5, 5, 512, 128, 1),
+        B(IB, 0, 5, 512, 128, 1),
+        B(IB, 0, 5, 384, 128, 1),
+        B(IB, 0, 3, 512, 128, 1),
+        B(IB, 0, 3, 512, 128, 1),
+    ),
+    last=960,
+    head=1280,
+    act="ReLU",
+    layer_scale=None,
+    eval=_eval(224, 0.875),
+)
+
+# V4 Table 11: MNv4-Conv-M, 256x256x3 input.
+CONV_M = Spec(
+    stem=32,
+    rows=(
+        # block      k1 k2  exp   out  s
+        B(FUSED, 3, 0, 128, 48, 2),  # 128 -> 64
+        B(EXTRA_DW, 3, 5, 192, 80, 2),  # 64 -> 32
+        B(EXTRA_DW, 3, 3, 160, 80, 1),
+        B(EXTRA_DW, 3, 5, 480, 160, 2),  # 32 -> 16
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        B(EXTRA_DW, 3, 5, 640, 160, 1),
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        B(CONVNEXT, 3, 0, 640, 160, 1),
+        B(FFN, 0, 0, 320, 160, 1),
+        B(CONVNEXT, 3, 0, 640, 160, 1),
+        B(EXTRA_DW, 5, 5, 960, 256, 2),  # 16 -> 8
+        B(EXTRA_DW, 5, 5, 1024, 256, 1),
+        B(EXTRA_DW, 3, 5, 1024, 256, 1),
+        B(EXTRA_DW, 3, 5, 1024, 256, 1),
+        B(FFN, 0, 0, 1024, 256, 1),
+        B(CONVNEXT, 3, 0, 1024, 256, 1),
+        B(EXTRA_DW, 3, 5, 512, 256, 1),
+        B(EXTRA_DW, 5, 5, 1024, 256, 1),
+        B(FFN, 0, 0, 1024, 256, 1),
+        B(FFN, 0, 0, 1024, 256, 1),
+        B(CONVNEXT, 5, 0, 512, 256, 1),
+    ),
+    last=960,
+    head=1280,
+    act="ReLU",
+    layer_scale=None,
+    eval=_eval(256),
+)
+
+# V4 Table 12: MNv4-Hybrid-M, 256x256x3 input: Conv-M's stages with Mobile MQA
+# interleaved in the last two (keys and values downsampled 2x at stride 16).
+HYBRID_M = Spec(
+    stem=32,
+    rows=(
+        # block      k1 k2  exp   out  s      MQA(heads, key dim, kv stride, out)
+        B(FUSED, 3, 0, 128, 48, 2),  # 128 -> 64
+        B(EXTRA_DW, 3, 5, 192, 80, 2),  # 64 -> 32
+        B(EXTRA_DW, 3, 3, 160, 80, 1),
+        B(EXTRA_DW, 3, 5, 480, 160, 2),  # 32 -> 16
+        B(FFN, 0, 0, 320, 160, 1),
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        B(EXTRA_DW, 3, 5, 640, 160, 1),
+        MQA(4, 64, 2, 160),
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        MQA(4, 64, 2, 160),
+        B(CONVNEXT, 3, 0, 640, 160, 1),
+        MQA(4, 64, 2, 160),
+        B(EXTRA_DW, 3, 3, 640, 160, 1),
+        MQA(4, 64, 2, 160),
+        B(CONVNEXT, 3, 0, 640, 160, 1),
+        B(EXTRA_DW, 5, 5, 960, 256, 2),  # 16 -> 8
+        B(EXTRA_DW, 5, 5, 1024, 256, 1),
+        B(EXTRA_DW, 3, 5, 1024, 256, 1),
+        B(EXTRA_DW, 3, 5, 1024, 256, 1),
+        B(FFN, 0, 0, 512, 256, 1),
+        B(EXTRA_DW, 3, 5, 512, 256, 1),
+        B(FFN, 0, 0, 512, 256, 1),
+        B(FFN, 0, 0, 1024, 256, 1),
+        MQA(4, 64, 1, 256),
+        B(CONVNEXT, 3, 0, 1024, 256, 1),
+        MQA(4, 64, 1, 256),
+        B(EXTRA_DW, 5, 5, 1024, 256, 1),
+        MQA(4, 64, 1, 256),
+        B(CONVNEXT, 5, 0, 1024, 256, 1),
+        MQA(4, 64, 1, 256),
+        B(CONVNEXT, 5, 0, 1024, 256, 1),
+    ),
+    last=960,
+    head=1280,
+    act="ReLU",
+    layer_scale=1e-5,
+    eval=_eval(256),
+)
+
+# The stride-16 stage of Conv-L and Hybrid-L begins alike, and so does the stride-32 one.
+_L_STEM_ROWS = (
+    # block      k1 k2  exp  out  s
+    B(FUSED, 3, 0, 96, 48, 2),  # 192 -> 96
+    B(EXTRA_DW, 3, 5, 192, 96, 2),  # 96 -> 48
+    B(EXTRA_DW, 3, 3, 384, 96, 1),
+    B(EXTRA_DW, 3, 5, 384, 192, 2),  # 48 -> 24
+    B(EXTRA_DW, 3, 3, 768, 192, 1),
+    B(EXTRA_DW, 3, 3, 768, 192, 1),
+    B(EXTRA_DW, 3, 3, 768, 192, 1),
+    B(EXTRA_DW, 3, 5, 768, 192, 1),
+)
+_L_STAGE_5 = (
+    B(EXTRA_DW, 5, 5, 768, 512, 2),  # 24 -> 12
+    B(EXTRA_DW, 5, 5, 2048, 512, 1),
+    B(EXTRA_DW, 5, 5, 2048, 512, 1),
+    B(EXTRA_DW, 5, 5, 2048, 512, 1),
+    B(CONVNEXT, 5, 0, 2048, 512, 1),
+    B(EXTRA_DW, 5, 3, 2048, 512, 1),
+    B(CONVNEXT, 5, 0, 2048, 512, 1),
+    B(CONVNEXT, 5, 0, 2048, 512, 1),
+    B(EXTRA_DW, 5, 3, 2048, 512, 1),
+    B(EXTRA_DW, 5, 5, 2048, 512, 1),
+)
+
+# V4 Table 13: MNv4-Conv-L, 384x384x3 input.
+CONV_L = Spec(
+    stem=24,
+    rows=(
+        *_L_STEM_ROWS,
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(CONVNEXT, 3, 0, 768, 192, 1),
+        *_L_STAGE_5,
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+    ),
+    last=960,
+    head=1280,
+    act="ReLU",
+    layer_scale=None,
+    eval=_eval(384),
+)
+
+# V4 Table 14: MNv4-Hybrid-L, 384x384x3 input: Conv-L with Mobile MQA in the last two
+# stages, and GELU throughout.
+HYBRID_L = Spec(
+    stem=24,
+    rows=(
+        *_L_STEM_ROWS,
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        MQA(8, 48, 2, 192),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        MQA(8, 48, 2, 192),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        MQA(8, 48, 2, 192),
+        B(EXTRA_DW, 5, 3, 768, 192, 1),
+        MQA(8, 48, 2, 192),
+        B(CONVNEXT, 3, 0, 768, 192, 1),
+        *_L_STAGE_5,
+        MQA(8, 64, 1, 512),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+        MQA(8, 64, 1, 512),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+        MQA(8, 64, 1, 512),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+        MQA(8, 64, 1, 512),
+        B(CONVNEXT, 5, 0, 2048, 512, 1),
+    ),
+    last=960,
+    head=1280,
+    act="GELU",
+    layer_scale=1e-5,
+    eval=_eval(384),
+)
+
+
+class MobileNetV4(MobileNet):
+    """A MobileNetV4: the uniform :class:`MobileNet` API, with V4's head (1x1 conv, BN and
+    activation on the pooled features). Its own class so that checkpoint layouts written
+    for V4 are told apart from those of V1-V3."""
+
+
+def _block(
+    row: Block | MQA, in_ch: int, paper_in: int, out: int, act: ActLayer, scale: float | None
+) -> nn.Module:
+    if isinstance(row, MQA):
+        return MobileMQA(in_ch, out, row.heads, row.key_dim, row.kv_stride, layer_scale=scale)
+    exp = make_divisible(in_ch * row.exp / paper_in)
+    if row.block == CONV:
+        return ConvBNAct(in_ch, out, row.k1, row.s, act=act)
+    if row.block == FUSED:
+        return FusedInvertedBottleneck(in_ch, exp, out, row.k1, row.s, act)
+    return UniversalInvertedBottleneck(in_ch, exp, out, row.k1, row.k2, row.s, act, scale)
+
+
+def build_v4(
+    name: str, spec: Spec, width_mult: float, num_classes: int, dropout: float
+) -> MobileNetV4:
+    """A MobileNetV4 from its table, ``width_mult`` applied as the module docstring says."""
+    act = ACTIVATIONS[spec.act]
+    stem = max(spec.stem, make_divisible(spec.stem * width_mult))
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act)]
+    paper_in, in_ch = spec.stem, stem
+    for row in spec.rows:
+        out = make_divisible(row.out * width_mult)
+        layers.append(_block(row, in_ch, paper_in, out, act, spec.layer_scale))
+        paper_in, in_ch = row.out, out
+    layers.append(ConvBNAct(in_ch, make_divisible(spec.last * width_mult), 1, act=act))
+    config = ModelConfig(name, width_mult, num_classes, dropout)
+    return MobileNetV4(layers, config, spec.head, act, eval_config=spec.eval, head_norm=True)
+
+
+@register_model
+def mobilenet_v4_conv_small(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNetV4:
+    """MNv4-Conv-S (V4 Table 10), evaluated at 224."""
+    return build_v4("mobilenet_v4_conv_small", CONV_S, width_mult, num_classes, dropout)
+
+
+@register_model
+def mobilenet_v4_conv_medium(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNetV4:
+    """MNv4-Conv-M (V4 Table 11), evaluated at 256."""
+    return build_v4("mobilenet_v4_conv_medium", CONV_M, width_mult, num_classes, dropout)
+
+
+@register_model
+def mobilenet_v4_conv_large(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNetV4:
+    """MNv4-Conv-L (V4 Table 13), evaluated at 384."""
+    return build_v4("mobilenet_v4_conv_large", CONV_L, width_mult, num_classes, dropout)
+
+
+@register_model
+def mobilenet_v4_hybrid_medium(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNetV4:
+    """MNv4-Hybrid-M (V4 Table 12), evaluated at 256."""
+    return build_v4("mobilenet_v4_hybrid_medium", HYBRID_M, width_mult, num_classes, dropout)
+
+
+@register_model
+def mobilenet_v4_hybrid_large(
+    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+) -> MobileNetV4:
+    """MNv4-Hybrid-L (V4 Table 14), evaluated at 384."""
+    return build_v4("mobilenet_v4_hybrid_large", HYBRID_L, width_mult, num_classes, dropout)
