@@ -100,7 +100,7 @@ def test_timm_v3_output_stride_gives_identical_feature_maps(ref_name, ours, outp
     ref = timm.create_model(ref_name, features_only=True, output_stride=output_stride)
     ref.load_state_dict(full.state_dict(), strict=False)  # the classifier head left out
     model = create_model(ours, output_stride=output_stride)
-    load_weights(model, full.state_dict())
+    load_weights(model, full.state_dict(), origin=f"timm:{ref_name}")
     x = _image(97, 131)
     with torch.no_grad():
         expected, actual = ref.eval()(x), model.eval().feature_maps(x)

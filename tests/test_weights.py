@@ -76,7 +76,8 @@ def test_timm_state_dict_gives_identical_outputs(ref_name, ours, width, tmp_path
     path = tmp_path / "model.safetensors"  # as the Hugging Face hub ships timm weights
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     model = create_model(ours, width_mult=width)
-    assert load_weights(model, path) == "timm"
+    # A V3 state dict is the same for mobilenetv3_* and tf_mobilenetv3_*: the origin says.
+    assert load_weights(model, path, origin=f"timm:{ref_name}") == "timm"
     _assert_same_outputs(ref, model)
 
 
@@ -85,7 +86,7 @@ def test_any_number_of_classes(library):
     name = "mobilenet_v3_small" if library == "torchvision" else "mobilenetv3_small_100"
     ref = _reference(library, name, num_classes=17)
     model = create_model("mobilenet_v3_small", num_classes=17)
-    load_weights(model, ref.state_dict())
+    load_weights(model, ref.state_dict(), origin=f"{library}:{name}")
     _assert_same_outputs(ref, model, resolutions=(96,))
 
 
@@ -93,7 +94,8 @@ def test_source_batchnorm_epsilon_is_adopted():
     model = create_model("mobilenet_v3_large")
     load_weights(model, torchvision.models.mobilenet_v3_large().state_dict())
     assert model.features[0].bn.eps == 1e-3 and model.config.bn_eps == 1e-3
-    load_weights(model, timm.create_model("mobilenetv3_large_100").state_dict())
+    timm_v3 = timm.create_model("mobilenetv3_large_100").state_dict()
+    load_weights(model, timm_v3, origin="timm:mobilenetv3_large_100")
     assert model.features[0].bn.eps == 1e-5 and model.config.bn_eps == 1e-5
 
 

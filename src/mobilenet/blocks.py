@@ -54,11 +54,13 @@ class DepthwiseSeparable(nn.Module):
     ``Dk*Dk*M*N*Df*Df`` for a full convolution.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, padding: str = "symmetric"
+    ) -> None:
         super().__init__()
         self.stride = stride
         self.out_channels = out_channels
-        self.dw = ConvBNAct(in_channels, in_channels, 3, stride, groups=in_channels)
+        self.dw = ConvBNAct(in_channels, in_channels, 3, stride, in_channels, padding=padding)
         self.pw = ConvBNAct(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,8 @@ class InvertedResidual(nn.Module):
     BN, no activation: the linear bottleneck). The input is added back only when the
     stride is 1 and ``in == out``: no projection shortcut, no activation after the add.
     ``dilation`` > 1 makes the depthwise conv atrous (DeepLab; V2 Section 6.3, V3 Section
-    6.4); the 1x1 convs are unaffected.
+    6.4); the 1x1 convs are unaffected. ``padding`` is the depthwise conv's (see
+    :class:`~mobilenet.layers.ConvBNAct`): a 1x1 conv pads nothing either way.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class InvertedResidual(nn.Module):
         use_se: bool = False,
         act: ActLayer = nn.ReLU6,
         dilation: int = 1,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -99,7 +103,7 @@ class InvertedResidual(nn.Module):
             self.expand = nn.Identity()
         # dw
         self.dw = ConvBNAct(
-            exp_channels, exp_channels, kernel_size, stride, exp_channels, act, dilation
+            exp_channels, exp_channels, kernel_size, stride, exp_channels, act, dilation, padding
         )
         # V3 Section 5.3: SE squeezes to 1/4 of the expansion, rounded to a multiple of 8.
         if use_se:

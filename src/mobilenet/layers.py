@@ -5,6 +5,15 @@ BatchNorm defaults follow the TensorFlow reference implementations of the papers
 its own ``bn_eps``: checkpoints trained with another epsilon (torchvision's V2 and timm's
 models use PyTorch's 1e-5) set it when they are loaded, so their outputs are reproduced
 exactly.
+
+Padding: ``"symmetric"`` (PyTorch's, ``dilation * (kernel // 2)`` on every side: torchvision,
+timm) or ``"same"`` (TensorFlow's SAME, which the papers' authors trained with: as many
+outputs as ``ceil(size / stride)``, the extra pixel of an odd total after the input). With
+stride 1 the two coincide; with stride 2 on an even input SAME pads 0 before and 1 after a
+3x3 kernel (1 and 2 for 5x5), on an odd one 1 and 1 (2 and 2), so it is computed from the
+input's size in ``forward``. ``"keras"`` is SAME as computed for a size divisible by the
+stride, whatever the input: the fixed ``ZeroPadding2D(((0, 1), (0, 1)))`` that Keras'
+MobileNet (V1) puts before its stride-2 depthwise convolutions.
 """
 
 from __future__ import annotations
@@ -15,21 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MobileNetError
+
 __all__ = [
     "BN_EPS",
     "BN_MOMENTUM",
+    "PADDINGS",
     "ActLayer",
     "ConvBNAct",
     "DotProductAttention",
     "LayerScale",
     "ResidualAdd",
+    "SamePad",
     "SqueezeExcite",
     "make_divisible",
+    "same_padding",
     "set_bn_eps",
 ]
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+PADDINGS = ("symmetric", "same", "keras")
 
 ActLayer = Callable[[], nn.Module]
 """A zero-argument factory of an activation module, e.g. ``nn.ReLU6`` or ``nn.Hardswish``.
@@ -56,12 +71,43 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's SAME padding of one side of ``size``: (before, after).
+
+    ``ceil(size / stride)`` outputs; the padding they need, split evenly with the odd
+    pixel after the input.
+    """
+    span = (kernel - 1) * dilation + 1
+    total = max((-(-size // stride) - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+class SamePad(nn.Module):
+    """Zero padding as TensorFlow's SAME computes it, from the input's size (timm's
+    ``pad_same``): exact at any size, and traced into ONNX at the exported size."""
+
+    def __init__(self, kernel_size: int, stride: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s, d = self.kernel_size, self.stride, self.dilation
+        top, bottom = same_padding(x.shape[-2], k, s, d)
+        left, right = same_padding(x.shape[-1], k, s, d)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return x
+
+
 class ConvBNAct(nn.Module):
     """Conv2d (no bias) -> BatchNorm -> activation; ``act=None`` leaves it linear.
 
-    ``groups == in_channels == out_channels`` makes it a depthwise convolution. Padding is
-    ``dilation * (kernel_size // 2)`` on every side, as in torchvision and timm: a stride-1
-    conv keeps the map's size, dilated (atrous) or not.
+    ``groups == in_channels == out_channels`` makes it a depthwise convolution.
+    ``padding`` (see the module docstring): ``"symmetric"`` pads ``dilation * (kernel_size
+    // 2)`` on every side, as in torchvision and timm: a stride-1 conv keeps the map's size,
+    dilated (atrous) or not. ``"same"`` is TensorFlow's SAME: static and symmetric where it
+    does not depend on the input's size (stride 1), a :class:`SamePad` before an unpadded
+    conv where it does. ``"keras"``: Keras' fixed padding of a stride-2 conv.
     """
 
     def __init__(
@@ -73,6 +119,7 @@ class ConvBNAct(nn.Module):
         groups: int = 1,
         act: ActLayer | None = nn.ReLU6,
         dilation: int = 1,
+        padding: str = "symmetric",
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -87,10 +134,29 @@ class ConvBNAct(nn.Module):
             groups=groups,
             bias=False,
         )
+        self.pad: nn.Module | None = None
+        self.padding = "symmetric"
+        self.set_padding(padding)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = act() if act is not None else nn.Identity()
 
+    def set_padding(self, padding: str) -> None:
+        """Switch between the paddings of :data:`PADDINGS`; the weights are the same."""
+        if padding not in PADDINGS:
+            raise MobileNetError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        k, s, d = self.conv.kernel_size[0], self.conv.stride[0], self.conv.dilation[0]
+        self.padding, self.pad = padding, None
+        if padding == "symmetric" or (s == 1 and (k - 1) * d % 2 == 0):
+            self.conv.padding = (d * (k // 2),) * 2  # SAME at stride 1 is this too
+        elif padding == "same":
+            self.conv.padding, self.pad = (0, 0), SamePad(k, s, d)
+        else:  # "keras": SAME as for a size divisible by the stride, whatever the size
+            before, after = same_padding(s, k, s, d)
+            self.conv.padding, self.pad = (0, 0), nn.ZeroPad2d((before, after, before, after))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
         return self.act(self.bn(self.conv(x)))
 
 

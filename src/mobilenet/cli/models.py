@@ -31,10 +31,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("convert", help="convert a torchvision/timm checkpoint to safetensors")
-    p.add_argument("src", help="checkpoint: torchvision or timm state dict, or ours")
+    p = sub.add_parser(
+        "convert", help="convert a torchvision/timm/Keras checkpoint to our safetensors"
+    )
+    p.add_argument(
+        "src", help="checkpoint: torchvision or timm state dict, Keras .h5/.keras, or ours"
+    )
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--model", required=True, type=model_name(), help="model name")
+    p.add_argument(
+        "--from",
+        dest="origin",
+        metavar="LIBRARY:MODEL",
+        help="what the checkpoint was trained as, where its tensors cannot tell: "
+        "timm:tf_mobilenetv3_large_075 (TF padding) or timm:mobilenetv3_large_100",
+    )
     add_model_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -76,15 +87,27 @@ def cmd_cost(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..models import model_from_checkpoint
     from ..weights import find_layout, read_checkpoint, save_weights
+    from ..weights.layouts import with_origin
 
     state_dict, metadata = read_checkpoint(args.src)
-    model = model_from_checkpoint(args.model, state_dict, metadata, args.src, **model_kwargs(args))
-    source = find_layout(state_dict, type(model)).name
-    save_weights(model, args.dst, {"converted_from": source})
+    model = model_from_checkpoint(
+        args.model, state_dict, metadata, args.src, args.origin, **model_kwargs(args)
+    )
+    layout = find_layout(state_dict, type(model))
+    extra = {"converted_from": layout.name}
+    if args.origin:
+        extra["origin"] = args.origin
+    settings = layout.settings(state_dict, with_origin(metadata, args.origin), args.src)
+    if "preprocess" in settings:  # the authors' TF checkpoints: inputs in [-1, 1]
+        preprocess = {"crop_pct": 0.875, "interpolation": "bilinear", **settings["preprocess"]}
+        extra["preprocess"] = json.dumps(preprocess)
+    save_weights(model, args.dst, extra)
     cfg = model.config
+    build = ", Keras' build" if getattr(cfg, "keras", False) else ""
     print(
         f"wrote {args.dst}: {cfg.name} (width {cfg.width_mult}, {cfg.num_classes} classes, "
-        f"BatchNorm eps {cfg.bn_eps:g}) from a {source} checkpoint"
+        f"BatchNorm eps {cfg.bn_eps:g}, {getattr(cfg, 'padding', 'symmetric')} padding{build}) "
+        f"from a {layout.name} checkpoint"
     )
     return 0
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, MobileNetError
 from ..layers import BN_EPS, ActLayer, ConvBNAct, set_bn_eps
 
 __all__ = [
@@ -34,6 +35,12 @@ class ModelConfig:
     dropout: float = 0.2
     bn_eps: float = BN_EPS
     output_stride: int = 32  # 16 or 8: an atrous backbone (mobilenet.models.atrous)
+    # "symmetric" (PyTorch's, torchvision and timm) or "same" (TensorFlow's SAME: the
+    # authors' checkpoints, timm's tf_* models, Keras); see mobilenet.layers
+    padding: str = "symmetric"
+    # Keras applications' build of the family where it differs from ours (channel rounding,
+    # V1's fixed padding, V3's widths above 1): mobilenet.models.keras_layouts
+    keras: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +187,51 @@ class MobileNet(nn.Module):
         """Use the BatchNorm epsilon a checkpoint was trained with."""
         set_bn_eps(self, eps)
         self.config = ModelConfig(**{**self.config.to_dict(), "bn_eps": eps})
+
+    def set_padding(self, padding: str) -> None:
+        """Pad every conv as ``padding`` ("symmetric" or "same"); the weights are the same.
+
+        Keras' build (``keras=True``) pads as TensorFlow's SAME only (its V1 keeps Keras'
+        fixed padding before the stride-2 depthwise convs).
+        """
+        if padding not in ("symmetric", "same"):
+            raise MobileNetError(f"padding must be 'symmetric' or 'same', got {padding!r}")
+        if self.config.keras and padding != "same":
+            raise MobileNetError(f"{self.config.name} (keras=True) pads as TensorFlow's SAME only")
+        for module in self.modules():  # every ConvBNAct but Keras V1's fixed pads
+            settable = module is not self and hasattr(module, "set_padding")
+            if settable and module.padding != "keras":
+                module.set_padding(padding)
+        self.config = replace(self.config, padding=padding)
+
+    def check_settings(self, settings: Mapping[str, Any], source: str) -> None:
+        """Refuse, in one line, a checkpoint trained with settings this model cannot take.
+
+        ``settings`` are config values a checkpoint needs (``padding``, ``keras``); the
+        padding and the BatchNorm epsilon can be changed in place, the build cannot.
+        """
+        for key, value in settings.items():
+            current = getattr(self.config, key, value)
+            settable = key in ("bn_eps", "preprocess", "padding") and not (
+                key == "padding" and self.config.keras
+            )
+            if current != value and not settable:
+                raise CheckpointError(
+                    f"{source} needs {key}={value!r}, but this {self.config.name} has "
+                    f"{key}={current!r}: build it with "
+                    f"create_model({self.config.name!r}, {key}={value!r})"
+                )
+
+    def apply_settings(self, settings: Mapping[str, Any]) -> None:
+        """Take a checkpoint's settings (checked by :meth:`check_settings`): its padding,
+        BatchNorm epsilon and preprocessing (``{"mean": ..., "std": ...}``)."""
+        padding = settings.get("padding")
+        if padding is not None and padding != getattr(self.config, "padding", padding):
+            self.set_padding(padding)
+        if "bn_eps" in settings:
+            self.set_bn_eps(settings["bn_eps"])
+        if "preprocess" in settings:
+            self.eval_config = replace(self.eval_config, **settings["preprocess"])
 
 
 def _classifier(in_features: int, num_classes: int) -> nn.Module:

@@ -5,10 +5,19 @@
   dicts (the ``.pth`` files torchvision downloads, or ``model.state_dict()``);
 * timm: ``mobilenetv1_{100,125}``, ``mobilenetv2_{035,050,075,100,140}``,
   ``mobilenetv3_large_{075,100}``, ``mobilenetv3_small_{050,075,100}`` (``.pth``, ``.bin``
-  or the hub's ``model.safetensors``, or a timm training checkpoint).
+  or the hub's ``model.safetensors``, or a timm training checkpoint), and the authors' TF
+  checkpoints timm ported: ``tf_mobilenetv3_{large,small}_{075,100}``,
+  ``tf_mobilenetv3_{large,small}_minimal_100``.
 
 Each source trained with its own BatchNorm epsilon (torchvision's V3: 1e-3; torchvision's
-V2 and timm: PyTorch's default 1e-5); the layout says which, so outputs match exactly.
+V2 and timm: PyTorch's default 1e-5; timm's ``tf_*``: TF's 1e-3) and padding (TF "SAME"
+for ``tf_*``, PyTorch's symmetric padding for the rest); the layout says which, so outputs
+match exactly. A timm MobileNetV3 state dict has the same tensors whether it is
+``mobilenetv3_*`` or ``tf_*``: the caller's ``origin`` (``"timm:tf_mobilenetv3_large_075"``)
+or a timm model name in the file's path tells them apart; else only where one of the two
+exists at that size and width (``tf_mobilenetv3_large_minimal_100``,
+``mobilenetv3_small_050``). Any other is refused in one line rather than loaded with a
+padding it may not have been trained with.
 """
 
 from __future__ import annotations
@@ -20,15 +29,35 @@ import torch
 from torch import nn
 
 from ..blocks import DepthwiseSeparable, InvertedResidual
+from ..errors import CheckpointError
 from ..layers import ConvBNAct
-from ..weights import FORMAT, Layout, register_layout
+from ..weights import FORMAT, Layout, register_layout, saved_config
 from .base import MobileNet
 
-__all__ = ["conv_bn_key", "torchvision_block_key"]
+__all__ = ["TIMM_V3_MODELS", "conv_bn_key", "timm_v3_model", "torchvision_block_key"]
 
 StateDict = dict[str, torch.Tensor]
 PYTORCH_BN_EPS = 1e-5
 TORCHVISION_V3_BN_EPS = 1e-3
+TF_BN_EPS = 1e-3
+# Inputs scaled to [-1, 1] (TF "inception" preprocessing), as the authors' checkpoints expect.
+TF_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# timm's MobileNetV3 classifiers of the paper's tables (timm 1.0); tf_*: the authors' TF
+# checkpoints, ported with TF's padding and BatchNorm epsilon.
+TIMM_V3_MODELS = (
+    "mobilenetv3_large_075",
+    "mobilenetv3_large_100",
+    "mobilenetv3_small_050",
+    "mobilenetv3_small_075",
+    "mobilenetv3_small_100",
+    "tf_mobilenetv3_large_075",
+    "tf_mobilenetv3_large_100",
+    "tf_mobilenetv3_large_minimal_100",
+    "tf_mobilenetv3_small_075",
+    "tf_mobilenetv3_small_100",
+    "tf_mobilenetv3_small_minimal_100",
+)
+_TIMM_V3_NAME = re.compile(r"(tf_)?mobilenetv3_(large|small)(_minimal)?_\d{3}")
 
 
 def conv_bn_key(prefix: str, rest: str) -> str:
@@ -159,6 +188,65 @@ def _classes(*keys: str):
     return num_classes
 
 
+def _own_settings(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], name: str
+) -> dict[str, object]:
+    """Our files' padding and build, from their saved config (files from before these
+    fields existed were padded symmetrically)."""
+    saved = saved_config(metadata) or {}
+    return {"padding": saved.get("padding", "symmetric"), "keras": saved.get("keras", False)}
+
+
+def _timm_settings(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], name: str
+) -> dict[str, object]:
+    """PyTorch padding and BatchNorm eps, or, for the tf_* models, TF's (and their [-1, 1]
+    input scaling)."""
+    if "conv_head.bias" in state_dict and timm_v3_model(state_dict, metadata, name).startswith(
+        "tf_"
+    ):
+        return {"padding": "same", "bn_eps": TF_BN_EPS, "preprocess": TF_PREPROCESS}
+    return {"padding": "symmetric"}
+
+
+def timm_v3_model(
+    state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], name: str
+) -> str:
+    """The timm model a MobileNetV3 state dict was saved from, or at least whether it is a
+    ``tf_*`` one: from the caller's ``origin``, else a timm name in ``name`` (a path), else
+    the tensors where only one kind exists at their size; refused otherwise."""
+    origin = metadata.get("origin")
+    if origin is not None:
+        library, _, model = origin.partition(":")
+        if library != "timm" or not model:
+            raise CheckpointError(
+                f"{name} is a timm checkpoint; its origin must be 'timm:MODEL', got {origin!r}"
+            )
+        return model
+    if (found := _TIMM_V3_NAME.search(name)) is not None:
+        return found[0]
+    fits = _timm_v3_candidates(state_dict)
+    if fits and len({model.startswith("tf_") for model in fits}) == 1:
+        return fits[0]
+    kinds = " or ".join(fits) if fits else "mobilenetv3_* (PyTorch padding) or tf_mobilenetv3_*"
+    raise CheckpointError(
+        f"{name}: a timm MobileNetV3 state dict could be {kinds}, which its tensors do not "
+        "tell apart (PyTorch or TensorFlow padding); name it: origin='timm:MODEL' "
+        "(mobilenet convert --from timm:MODEL)"
+    )
+
+
+def _timm_v3_candidates(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The timm MobileNetV3 models with this state dict's size, variant and width."""
+    blocks = {m[0] for k in state_dict if (m := re.match(r"blocks\.\d+\.\d+\.", k))}
+    large = len(blocks) > 12  # 15 bnecks and the last conv; Small: 11 and 1
+    minimal = "" if any(".se." in k for k in state_dict) else "_minimal"
+    last = state_dict["conv_head.weight"].shape[1]  # 960 (Large) or 576 (Small) x width
+    width = round(100 * last / (960 if large else 576))
+    kind = f"mobilenetv3_{'large' if large else 'small'}{minimal}_{width:03d}"
+    return [model for model in TIMM_V3_MODELS if model.removeprefix("tf_") == kind]
+
+
 def _torchvision_bn_eps(state_dict: Mapping[str, torch.Tensor]) -> float:
     is_v3 = any(".block." in k for k in state_dict)
     return TORCHVISION_V3_BN_EPS if is_v3 else PYTORCH_BN_EPS
@@ -170,6 +258,7 @@ register_layout(
         MobileNet,
         matches=lambda sd: "features.0.conv.weight" in sd,
         num_classes=_classes("classifier.weight"),
+        settings=_own_settings,
     )
 )
 register_layout(
@@ -190,5 +279,6 @@ register_layout(
         num_classes=_classes("classifier.weight"),
         translate=_from_timm,
         bn_eps=lambda sd: PYTORCH_BN_EPS,
+        settings=_timm_settings,
     )
 )

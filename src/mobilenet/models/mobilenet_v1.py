@@ -18,6 +18,11 @@ conv MobileNet             71.7%   4866   29.3
 The width multiplier alpha thins every layer to ``make_divisible(c * alpha)`` channels;
 the resolution multiplier rho is just the input size (224, 192, 160, 128 or any size
 >= 32): the network is fully convolutional up to the global pool.
+
+``keras=True`` builds Keras' ``MobileNet`` (whose weights :mod:`.keras_layouts` reads): it
+thins to ``int(c * alpha)`` channels (the same as ours at alpha 0.25, 0.5, 0.75 and 1),
+pads the stem as TF's SAME and each stride-2 depthwise conv by a fixed
+``ZeroPadding2D(((0, 1), (0, 1)))``, which is SAME only where the map's side is even.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from ..blocks import DepthwiseSeparable
 from ..layers import ConvBNAct, make_divisible
 from .base import MobileNet, ModelConfig
+from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
 __all__ = ["V1_TABLE_1", "mobilenet_v1", "mobilenet_v1_conv"]
@@ -58,36 +64,54 @@ V1_TABLE_1 = (
 )
 
 
-def _build(name: str, depthwise: bool, width_mult: float, num_classes: int, dropout: float):
+def _build(
+    name: str,
+    depthwise: bool,
+    width_mult: float,
+    num_classes: int,
+    dropout: float,
+    padding: str | None = None,
+    keras: bool = False,
+) -> MobileNet:
+    padding = resolve_padding(padding, keras)
     layers: list[nn.Module] = []
     in_channels = 3
     for row in V1_TABLE_1:
-        out = make_divisible(row.out * width_mult)
+        out = int(row.out * width_mult) if keras else make_divisible(row.out * width_mult)
         if row.type == "conv":
-            layers.append(ConvBNAct(in_channels, out, 3, row.stride))
+            layers.append(ConvBNAct(in_channels, out, 3, row.stride, padding=padding))
         elif depthwise:
-            layers.append(DepthwiseSeparable(in_channels, out, row.stride))
+            dw_padding = "keras" if keras else padding
+            layers.append(DepthwiseSeparable(in_channels, out, row.stride, dw_padding))
         else:  # V1 Table 4: every depthwise separable layer as one full 3x3 convolution
-            layers.append(ConvBNAct(in_channels, out, 3, row.stride))
+            layers.append(ConvBNAct(in_channels, out, 3, row.stride, padding=padding))
         in_channels = out
-    config = ModelConfig(name, width_mult, num_classes, dropout)
-    return MobileNet(layers, config)
+    config = ModelConfig(name, width_mult, num_classes, dropout, padding=padding, keras=keras)
+    return MobileNet(layers, config, eval_config=KERAS_EVAL if keras else None)
 
 
 @register_model
 def mobilenet_v1(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.001
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.001,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV1 (V1 Table 1): 4,231,976 params and 568.7M MAdds at 1.0-224.
 
     Dropout 0.001 is the reference TF-Slim model's ``dropout_keep_prob=0.999``.
+    ``padding``: "symmetric" (default) or "same" (TF's); ``keras``: Keras' build.
     """
-    return _build("mobilenet_v1", True, width_mult, num_classes, dropout)
+    return _build("mobilenet_v1", True, width_mult, num_classes, dropout, padding, keras)
 
 
 @register_model
 def mobilenet_v1_conv(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.001
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.001,
+    padding: str | None = None,
 ) -> MobileNet:
     """V1 with full 3x3 convolutions instead of depthwise separable ones (V1 Table 4)."""
-    return _build("mobilenet_v1_conv", False, width_mult, num_classes, dropout)
+    return _build("mobilenet_v1_conv", False, width_mult, num_classes, dropout, padding)

@@ -11,10 +11,16 @@ Output stride 16 or 8 (V2 Section 6.3, DeepLab's convention, as timm's ``output_
 the 160-channel stage (and at 8 the 64-channel stage too) keeps stride 1 and the
 depthwise convs after its first block are dilated by 2 (then 4); see
 :mod:`mobilenet.models.atrous`.
+
+``padding="same"``: TF's SAME padding, as the authors' checkpoints were trained with.
+``keras=True`` builds Keras' ``MobileNetV2`` (whose weights :mod:`.keras_layouts` reads):
+SAME padding, and block widths ``make_divisible(int(c * alpha))`` (the same as ours at
+every alpha Keras publishes: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from torch import nn
@@ -23,6 +29,7 @@ from ..blocks import InvertedResidual
 from ..layers import ConvBNAct, make_divisible
 from .atrous import atrous_layout
 from .base import MobileNet, ModelConfig
+from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
 __all__ = ["V2_TABLE_2", "mobilenet_v2"]
@@ -55,22 +62,32 @@ V2_TABLE_2 = (
 
 @register_model
 def mobilenet_v2(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV2 (V2 Table 2): 3,504,872 params and 300.8M MAdds at 1.0-224."""
+    padding = resolve_padding(padding, keras)
     rows = [(row, row.s if i == 0 else 1) for row in V2_TABLE_2 for i in range(row.n)]
     # (stride, dilation) of the stem and of each block
     layout = atrous_layout([2] + [stride for _, stride in rows], output_stride)
     in_channels = make_divisible(STEM_CHANNELS * width_mult)
-    layers: list[nn.Module] = [ConvBNAct(3, in_channels, 3, stride=2)]
+    layers: list[nn.Module] = [ConvBNAct(3, in_channels, 3, stride=2, padding=padding)]
     for (row, _), (stride, dilation) in zip(rows, layout[1:], strict=True):
-        out = make_divisible(row.c * width_mult)
+        # Keras truncates c * alpha before rounding it
+        out = make_divisible(int(row.c * width_mult) if keras else row.c * width_mult)
         exp = in_channels * row.t
-        layers.append(InvertedResidual(in_channels, exp, out, 3, stride, dilation=dilation))
+        layers.append(
+            InvertedResidual(in_channels, exp, out, 3, stride, dilation=dilation, padding=padding)
+        )
         in_channels = out
     last = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
     layers.append(ConvBNAct(in_channels, last, 1))
     config = ModelConfig(
         "mobilenet_v2", width_mult, num_classes, dropout, output_stride=output_stride
     )
-    return MobileNet(layers, config)
+    config = replace(config, padding=padding, keras=keras)
+    return MobileNet(layers, config, eval_config=KERAS_EVAL if keras else None)

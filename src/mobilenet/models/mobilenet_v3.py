@@ -28,10 +28,21 @@ dilated, in DeepLab's convention (timm's ``output_stride``) for the classifiers,
 torchvision's (``dilated=True``, the block giving up its stride dilated too) for the
 segmentation models that load torchvision's checkpoints; see
 :mod:`mobilenet.models.atrous`.
+
+``padding="same"``: TF's SAME padding, as the authors' checkpoints (and timm's ``tf_*``
+ports of them) were trained with. ``keras=True`` builds Keras' ``MobileNetV3Large`` /
+``MobileNetV3Small`` (whose weights :mod:`.keras_layouts` reads): SAME padding and, where
+Keras differs from the TF reference, its widths: a 16-channel stem at any alpha, the last
+conv at ``make_divisible(6 * last block)``, the head layer scaled by alpha above 1 (all
+equal to ours at alpha <= 1 with Keras' published widths 0.75 and 1.0). Keras' built-in
+``Rescaling`` layer (``[0, 255] -> [-1, 1]``) is not part of the model: ours takes inputs
+in [-1, 1] (mean 0.5, std 0.5 on [0, 1] images), as Keras' models with
+``include_preprocessing=False`` do.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 from torch import nn
@@ -40,6 +51,7 @@ from ..blocks import InvertedResidual
 from ..layers import ActLayer, ConvBNAct, make_divisible
 from .atrous import atrous_layout
 from .base import MobileNet, ModelConfig
+from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
 __all__ = [
@@ -146,63 +158,125 @@ def build_v3(
     minimal: bool,
     output_stride: int = 32,
     whole_stage: bool = False,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """A MobileNetV3 from a table (``minimal``: no SE, ReLU only, 3x3 kernels only), at
-    ``output_stride`` (``whole_stage``: torchvision's dilation convention)."""
+    ``output_stride`` (``whole_stage``: torchvision's dilation convention), padded as
+    ``padding`` ("symmetric" or "same"), or Keras' build (``keras``)."""
+    padding = resolve_padding(padding, keras)
 
     def act(nl: str) -> ActLayer:
         return nn.ReLU if minimal else ACTIVATIONS[nl]
 
     # (stride, dilation) of the stem and of each bneck
     layout = atrous_layout([2] + [row.s for row in spec.bnecks], output_stride, whole_stage)
-    stem = max(spec.stem, make_divisible(spec.stem * width_mult))
-    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act(HS))]
+    stem = spec.stem if keras else max(spec.stem, make_divisible(spec.stem * width_mult))
+    layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act(HS), padding=padding)]
     paper_in, in_channels = spec.stem, stem
     for row, (stride, dilation) in zip(spec.bnecks, layout[1:], strict=True):
         exp = make_divisible(in_channels * row.exp / paper_in)
         out = make_divisible(row.out * width_mult)
         kernel = 3 if minimal else row.k
         use_se = row.se and not minimal
+        block_act = act(row.nl)
         layers.append(
-            InvertedResidual(in_channels, exp, out, kernel, stride, use_se, act(row.nl), dilation)
+            InvertedResidual(
+                in_channels, exp, out, kernel, stride, use_se, block_act, dilation, padding
+            )
         )
         paper_in, in_channels = row.out, out
-    layers.append(ConvBNAct(in_channels, make_divisible(spec.last * width_mult), 1, act=act(HS)))
-    config = ModelConfig(name, width_mult, num_classes, dropout, output_stride=output_stride)
-    return MobileNet(layers, config, head_channels=spec.head, head_act=act(HS))
+    if keras:  # Keras: 6x the last block's width, and a head widened above alpha 1
+        last = make_divisible(in_channels * spec.last / paper_in)
+        head = make_divisible(spec.head * width_mult) if width_mult > 1 else spec.head
+    else:
+        last, head = make_divisible(spec.last * width_mult), spec.head
+    layers.append(ConvBNAct(in_channels, last, 1, act=act(HS)))
+    config = ModelConfig(
+        name, width_mult, num_classes, dropout, output_stride=output_stride, padding=padding
+    )
+    config = replace(config, keras=keras)
+    eval_config = KERAS_EVAL if keras else None
+    return MobileNet(layers, config, head, act(HS), eval_config)
 
 
 @register_model
 def mobilenet_v3_large(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV3-Large (V3 Table 1): 5,483,032 params and 216.6M MAdds at 1.0-224."""
     name = "mobilenet_v3_large"
-    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, False, output_stride)
+    return build_v3(
+        name,
+        V3_LARGE,
+        width_mult,
+        num_classes,
+        dropout,
+        False,
+        output_stride,
+        False,
+        padding,
+        keras,
+    )
 
 
 @register_model
 def mobilenet_v3_small(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV3-Small (V3 Table 2): 2,542,856 params and 56.5M MAdds at 1.0-224."""
     name = "mobilenet_v3_small"
-    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, False, output_stride)
+    return build_v3(
+        name,
+        V3_SMALL,
+        width_mult,
+        num_classes,
+        dropout,
+        False,
+        output_stride,
+        False,
+        padding,
+        keras,
+    )
 
 
 @register_model
 def mobilenet_v3_large_minimal(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV3-Large minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_large_minimal"
-    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, True, output_stride)
+    return build_v3(
+        name, V3_LARGE, width_mult, num_classes, dropout, True, output_stride, False, padding, keras
+    )
 
 
 @register_model
 def mobilenet_v3_small_minimal(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2, output_stride: int = 32
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    padding: str | None = None,
+    keras: bool = False,
 ) -> MobileNet:
     """MobileNetV3-Small minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_small_minimal"
-    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, True, output_stride)
+    return build_v3(
+        name, V3_SMALL, width_mult, num_classes, dropout, True, output_stride, False, padding, keras
+    )

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import MobileNetError
 from ..weights import find_layout, load_weights, read_checkpoint, saved_config
+from ..weights.layouts import with_origin
 
 __all__ = [
     "TASKS",
@@ -113,7 +114,11 @@ def _check_num_classes(num_classes: Any) -> None:
 
 
 def create_model(
-    name: str, weights: str | Path | None = None, sha256: str | None = None, **kwargs: Any
+    name: str,
+    weights: str | Path | None = None,
+    sha256: str | None = None,
+    origin: str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model: a classifier, or a model of another task (see
     :func:`list_models` with ``task=None``).
@@ -125,8 +130,11 @@ def create_model(
             checkpoint (see :func:`mobilenet.models.pretrained.list_pretrained`). When given
             and ``num_classes`` is not, the number of classes is taken from the checkpoint.
         sha256: the expected SHA-256 (or a prefix of it) of a URL's file.
+        origin: what a foreign checkpoint was trained as, where its tensors cannot tell
+            (``"timm:tf_mobilenetv3_large_075"``); see :func:`mobilenet.load_weights`.
         **kwargs: the builder's options: ``width_mult``, ``num_classes``, ``dropout``,
-            ``output_stride`` (8, 16 or 32: an atrous backbone), ``aux_loss``, ...
+            ``output_stride`` (8, 16 or 32: an atrous backbone), ``padding`` ("symmetric"
+            or "same": TensorFlow's), ``keras`` (Keras' build), ``aux_loss``, ...
     """
     model_task(name)  # registers the model's family, or refuses an unknown name
     if "width_mult" in kwargs:
@@ -138,7 +146,7 @@ def create_model(
 
     path = resolve_weights(weights, sha256)
     state_dict, metadata = read_checkpoint(path)
-    return model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs)
+    return model_from_checkpoint(name, state_dict, metadata, str(path), origin, **kwargs)
 
 
 def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -155,13 +163,15 @@ def model_from_checkpoint(
     state_dict: dict[str, torch.Tensor],
     metadata: Mapping[str, str],
     source_name: str = "checkpoint",
+    origin: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` to fit a checkpoint already read, and load it.
 
     Our own files supply their saved config (width, classes, dropout, a detector's input
     size ...) as defaults; for other checkpoints the number of classes is read from the
-    classifier. ``kwargs`` override both.
+    classifier, and the settings the checkpoint needs (TF padding, Keras' build) from its
+    layout (and ``origin``, see :func:`mobilenet.load_weights`). ``kwargs`` override both.
 
     The saved config is checked like the builder's arguments, and the model is sized on
     the ``meta`` device before it is built: a file whose config asks for an absurd model
@@ -187,7 +197,13 @@ def model_from_checkpoint(
     if "width_mult" in kwargs:
         kwargs["width_mult"] = check_width_mult(kwargs["width_mult"])
     _check_num_classes(kwargs.get("num_classes"))
-    kwargs.setdefault("num_classes", find_layout(state_dict).num_classes(state_dict))
+    metadata = with_origin(metadata, origin)
+    layout = find_layout(state_dict)
+    kwargs.setdefault("num_classes", layout.num_classes(state_dict))
+    accepted = _options(_REGISTRY[name])
+    for key, value in layout.settings(state_dict, metadata, source_name).items():
+        if key not in ("bn_eps", "preprocess") and (accepted is None or key in accepted):
+            kwargs.setdefault(key, value)  # built as the checkpoint needs
     _check_fits(name, kwargs, state_dict, source_name)
     model = _build(name, kwargs)
     load_weights(model, state_dict, source_name=source_name, metadata=metadata)

@@ -21,12 +21,15 @@ def fit_state_dict(
     source: str,
     saved: Mapping[str, Any] | None = None,
     bn_eps: float | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> None:
     """Load ``state_dict`` (already in the model's own names) into ``model``.
 
     ``saved`` is the config stored with one of our own files: it must name the same model,
     and its BatchNorm epsilon wins over ``bn_eps`` (the epsilon the source trained with).
     The fit is checked before anything is copied: on any mismatch the model is untouched.
+    ``settings`` (config values the checkpoint needs, e.g. ``{"padding": "same"}``) go
+    through the model's ``check_settings`` first and its ``apply_settings`` last.
     """
     config = getattr(model, "config", None)
     if saved is not None and config is not None:
@@ -35,6 +38,15 @@ def fit_state_dict(
                 f"{name} holds {saved['name']} (width {saved.get('width_mult')}), not {config.name}"
             )
         bn_eps = saved.get("bn_eps", bn_eps)
+    if settings:
+        check = getattr(model, "check_settings", None)
+        if check is None:
+            shown = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+            raise CheckpointError(
+                f"{name} ({source} layout) needs {shown}, which a {type(model).__name__} "
+                "cannot take"
+            )
+        check(settings, name)
     check_fits(model, state_dict, name, source)
     check_values(model, state_dict, name)
     own = model.state_dict()
@@ -43,6 +55,8 @@ def fit_state_dict(
     model.load_state_dict({**state_dict, **missing_counters}, strict=True)
     if bn_eps is not None:
         model.set_bn_eps(bn_eps)  # type: ignore[operator]
+    if settings:
+        model.apply_settings(settings)  # type: ignore[operator]
 
 
 def check_fits(model: nn.Module, state_dict: StateDict, name: str, source: str) -> None:

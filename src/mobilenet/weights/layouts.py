@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,14 @@ from ..errors import CheckpointError
 from .fit import fit_state_dict
 from .io import FORMAT, PathLike, StateDict, read_state_dict, saved_config
 
-__all__ = ["Layout", "find_layout", "infer_num_classes", "load_weights", "register_layout"]
+__all__ = [
+    "Layout",
+    "find_layout",
+    "infer_num_classes",
+    "load_weights",
+    "register_layout",
+    "with_origin",
+]
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -38,6 +46,12 @@ class Layout:
     num_classes: Callable[[Tensors], int]  # outputs of the checkpoint's classifier
     translate: Callable[[StateDict, nn.Module], StateDict] = _same
     bn_eps: Callable[[Tensors], float | None] = lambda state_dict: None
+    # Config values the checkpoint was trained with, from its tensors, its metadata (with
+    # the caller's "origin") and its name: {"padding": "same", "bn_eps": 1e-3, ...}. The
+    # model takes them or refuses the checkpoint (its check_settings / apply_settings).
+    settings: Callable[[Tensors, Mapping[str, str], str], Mapping[str, Any]] = (
+        lambda state_dict, metadata, name: {}
+    )
 
 
 _LAYOUTS: list[Layout] = []
@@ -76,6 +90,7 @@ def load_weights(
     checkpoint: PathLike | Tensors,
     source_name: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    origin: str | None = None,
 ) -> str:
     """Load a checkpoint into ``model`` in place; returns the name of its layout.
 
@@ -85,16 +100,29 @@ def load_weights(
     unexpected and mis-shaped tensors when it does not fit; the model is then left
     untouched. Each source trained with its own BatchNorm epsilon; loading sets it, so
     outputs match the source exactly.
+
+    ``origin`` names what a foreign checkpoint was trained as where its tensors cannot
+    tell (``"timm:tf_mobilenetv3_large_075"``: TensorFlow padding, not PyTorch's); the
+    settings it implies (padding, BatchNorm epsilon) are set on the model, or the
+    checkpoint is refused in one line if the model cannot take them.
     """
     state_dict, metadata, name = read_state_dict(checkpoint, source_name, metadata)
+    metadata = with_origin(metadata, origin)
     layout = find_layout(state_dict, type(model))
     saved = saved_config(metadata) if layout.name == FORMAT else None
+    settings = dict(layout.settings(state_dict, metadata, name))
     fit_state_dict(
         model,
         layout.translate(state_dict, model),
         name,
         layout.name,
         saved=saved,
-        bn_eps=layout.bn_eps(state_dict),
+        bn_eps=settings.pop("bn_eps", layout.bn_eps(state_dict)),
+        settings=settings,
     )
     return layout.name
+
+
+def with_origin(metadata: Mapping[str, str], origin: str | None) -> Mapping[str, str]:
+    """``metadata`` with the caller's ``origin`` (see :func:`load_weights`), if any."""
+    return {**metadata, "origin": origin} if origin else metadata
