@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.imagenet import default_classes
+from .data.preprocess import Preprocess
 from .errors import CheckpointError, MobileNetError
 from .models import MobileNet, ModelConfig
 from .models.base import DeployedModel
@@ -31,6 +33,23 @@ class Trained:
     classes: list[str]
     resolution: int
     path: Path | None = None  # the weights file it came from
+    preprocess: Preprocess | None = None  # None: ours, from the model's eval_config
+
+    def eval_preprocess(self) -> Preprocess:
+        """The preprocessing to feed the model with, at its input resolution."""
+        from .data.published import model_preprocess
+
+        if self.preprocess is not None:
+            return self.preprocess.at(self.resolution)
+        return model_preprocess(self.model, self.resolution)
+
+
+def saved_preprocess(metadata: Mapping[str, str], path: Path, res: int) -> Preprocess | None:
+    """The preprocessing a file keeps under ``preprocess`` (None when it keeps none), at
+    its input size ``res``; damaged metadata is one line naming the file."""
+    if "preprocess" not in metadata:
+        return None
+    return Preprocess.from_json(metadata["preprocess"], str(path), res).at(res)
 
 
 def saved_classes(metadata: Mapping[str, str], path: Path) -> list[str] | None:
@@ -89,11 +108,12 @@ def load_onnx(path: Path, resolution: int | None) -> Trained:
         config = ModelConfig(**json.loads(metadata["config"]))
     except (ValueError, TypeError) as e:  # not JSON, not an object, unknown fields
         raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
-    classes = saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    classes = saved_classes(metadata, path) or default_classes(config.num_classes)
     res = saved_resolution(metadata, path)
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    return Trained(OnnxModel(session, config), classes, res, path)
+    preprocess = saved_preprocess(metadata, path, res)
+    return Trained(OnnxModel(session, config), classes, res, path, preprocess)
 
 
 class Pt2Model(DeployedModel):
@@ -165,7 +185,7 @@ def _exported_settings(
         raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
     if model is not None and model != config.name:
         raise MobileNetError(f"{path} holds {config.name}, not {model}")
-    classes = saved_classes(metadata, path) or [str(i) for i in range(config.num_classes)]
+    classes = saved_classes(metadata, path) or default_classes(config.num_classes)
     res = saved_resolution(metadata, path)
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
@@ -177,7 +197,8 @@ def load_pt2(path: Path, model: str | None, resolution: int | None) -> Trained:
 
     program, metadata = read_pt2(path)
     config, classes, res = _exported_settings(metadata, path, model, resolution)
-    return Trained(Pt2Model(program, config, res), classes, res, path)
+    preprocess = saved_preprocess(metadata, path, res)
+    return Trained(Pt2Model(program, config, res), classes, res, path, preprocess)
 
 
 def load_pte(path: Path, model: str | None, resolution: int | None) -> Trained:
@@ -189,7 +210,7 @@ def load_pte(path: Path, model: str | None, resolution: int | None) -> Trained:
     run, metadata = read_pte(path)
     config, classes, res = _exported_settings(metadata, path, model, resolution)
     pte = PteModel(run, config, res, int(metadata["max_batch"]), metadata.get("dtype", ""))
-    return Trained(pte, classes, res, path)
+    return Trained(pte, classes, res, path, saved_preprocess(metadata, path, res))
 
 
 def load_tflite(path: Path, model: str | None, resolution: int | None) -> Trained:
@@ -199,7 +220,7 @@ def load_tflite(path: Path, model: str | None, resolution: int | None) -> Traine
     run, metadata = read_tflite(path, threads=torch.get_num_threads())
     config, classes, res = _exported_settings(metadata, path, model, resolution)
     tflite = TfliteModel(run, config, res, TFLITE_SLICE, metadata.get("dtype", ""))
-    return Trained(tflite, classes, res, path)
+    return Trained(tflite, classes, res, path, saved_preprocess(metadata, path, res))
 
 
 def load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int | None) -> Trained:
@@ -210,5 +231,5 @@ def load_int8(state_dict, metadata: dict[str, str], path: Path, resolution: int 
     model = int8_from_checkpoint(state_dict, metadata, str(path))
     if resolution is not None and resolution != res:
         raise MobileNetError(f"{path} takes {res}x{res} images, not {resolution}")
-    classes = classes or [str(i) for i in range(model.num_classes)]
-    return Trained(model, classes, res, path)
+    classes = classes or default_classes(model.num_classes)
+    return Trained(model, classes, res, path, saved_preprocess(metadata, path, res))

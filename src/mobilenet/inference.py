@@ -10,9 +10,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import builtin_splits, eval_transform, load_rgb
+from .data import builtin_splits, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
+from .data.imagenet import check_imagenet_folder, default_classes, imagenet_wnids, is_imagenet
 from .data.images import require_regular_file
+from .data.published import model_preprocess
 from .deployed import (
     OnnxModel,
     Pt2Model,
@@ -86,9 +88,9 @@ def load_trained(
     net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
     classes = saved_classes(metadata, path)
     if classes is None or len(classes) != net.num_classes:
-        classes = [str(i) for i in range(net.num_classes)]
+        classes = default_classes(net.num_classes)  # ImageNet's names for 1,000 classes
     res = resolution or saved_resolution(metadata, path, net.eval_config.resolution)
-    return Trained(net, classes, res, path)
+    return Trained(net, classes, res, path, model_preprocess(net, res))
 
 
 def evaluate_on(
@@ -99,18 +101,22 @@ def evaluate_on(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Top-1, top-5 and loss on a folder (class names matched) or a built-in dataset."""
+    from .data.shards import eval_set, is_shards
     from .train.distributed import Distributed, resolve_device
     from .train.evaluate import evaluate
 
-    transform = eval_transform(trained.resolution, trained.model.eval_config)
-    from .data.shards import eval_set, is_shards
-
+    transform = trained.eval_preprocess().transform()
+    # An ImageNet model's classes are matched by WordNet id (n01440764/, ...): a folder
+    # with some of the 1,000 still gives each image its index among all 1,000.
+    classes = imagenet_wnids() if is_imagenet(trained.classes) else trained.classes
     if data in BUILTIN:
         dataset = builtin_splits(data, transform, transform).val
     elif is_shards(data):
-        dataset = eval_set(data, transform, trained.classes)
+        dataset = eval_set(data, transform, classes)
     elif Path(data).is_dir():
-        dataset = ImageFolder(data, transform, classes=trained.classes)
+        if classes is not trained.classes:
+            check_imagenet_folder(data)
+        dataset = ImageFolder(data, transform, classes=classes)
     else:
         raise MobileNetError(
             f"data not found: {data} (an image folder, or one of: {', '.join(BUILTIN)})"
@@ -235,7 +241,10 @@ def _cached_export(trained: Trained, engine: str, suffix: str, export) -> nn.Mod
     name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}{suffix}"
     path = cache_dir() / suffix[1:] / name
     if not path.is_file():
-        metadata = {"classes": json.dumps(trained.classes)}
+        metadata = {
+            "classes": json.dumps(trained.classes),
+            "preprocess": trained.eval_preprocess().to_json(),
+        }
         export(trained.model, path, trained.resolution, metadata=metadata)
     return load_trained(str(path), resolution=trained.resolution).model
 
@@ -245,7 +254,7 @@ def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "au
     """The ``top`` classes of each image, with probabilities, and the engine that ran them
     (``auto`` chooses by measurement: the name says which). Unreadable images raise."""
     check_image_files(images)
-    transform = eval_transform(trained.resolution, trained.model.eval_config)
+    transform = trained.eval_preprocess().transform()
     batch = []
     for image in images:
         try:

@@ -19,6 +19,7 @@ from .args import (
     resolution_hw,
     width,
 )
+from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess
 
 __all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
 
@@ -53,6 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--resolution", type=resolution_hw, default=None, help="input size: N, or HxW (onnx)"
     )
     p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
+    add_preprocess_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -148,6 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
     if args.weights and args.num_classes is not None:
         raise MobileNetError("--num-classes applies without --weights: the file has its classes")
+    _check_preprocess_flags(args)
     if model_task(args.model) == "detection":
         return _export_detector(args)
     if model_task(args.model) == "segmentation" and args.format != "onnx":
@@ -162,6 +165,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         # Checked on the meta device, before a byte is allocated.
         check_memory(meta_model(args.model, **model_kwargs(args)), resolution, *_EXPORT_CHECK)
         model = create_model(args.model, **model_kwargs(args))
+        if model_task(args.model) == "classification":
+            metadata = _preprocess_metadata(args, model, resolution)
     if args.format == "onnx":
         diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET, metadata)
         checked = "ONNX Runtime"
@@ -213,7 +218,32 @@ def _load_for_export(args: argparse.Namespace):
     if trained.model.config.name != args.model:
         raise MobileNetError(f"{args.weights} holds {trained.model.config.name}, not {args.model}")
     check_memory(trained.model, trained.resolution, *_EXPORT_CHECK)
-    return trained.model, trained.resolution, {"classes": json.dumps(trained.classes)}
+    trained = apply_preprocess(args, trained)  # kept in the file, said in one line
+    metadata = {"classes": json.dumps(trained.classes), "preprocess": trained.preprocess.to_json()}
+    return trained.model, trained.resolution, metadata
+
+
+def _check_preprocess_flags(args: argparse.Namespace) -> None:
+    """Refuse preprocessing flags where nothing would keep them."""
+    given = [
+        flag for dest, (_, flag) in PREPROCESS_FLAGS.items() if getattr(args, dest) is not None
+    ]
+    if not given:
+        return
+    if model_task(args.model) != "classification":
+        raise MobileNetError(f"{given[0]} applies to classification models, not {args.model}")
+    if args.format == "torchscript":
+        raise MobileNetError(f"{given[0]}: a TorchScript file keeps no metadata; use --format pt2")
+
+
+def _preprocess_metadata(args: argparse.Namespace, model, resolution: int) -> dict[str, str]:
+    """The preprocessing a randomly initialised classifier's file keeps: ours, or the
+    command line's."""
+    from ..data.published import model_preprocess
+    from ..deployed import Trained
+
+    trained = Trained(model, [], resolution, preprocess=model_preprocess(model, resolution))
+    return {"preprocess": apply_preprocess(args, trained).preprocess.to_json()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from .args import (
     seed,
     width,
 )
+from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess
 
 __all__ = ["add_detect_alias", "add_parsers"]
 
@@ -45,6 +46,7 @@ TASK_FLAGS = {
     "min_score": ("detection", "--min-score"),
     "draw": (("detection", "segmentation"), "--out"),
     "aux_loss": ("segmentation", "--aux-loss"),
+    **PREPROCESS_FLAGS,
 }
 
 
@@ -138,6 +140,7 @@ def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
     c.add_argument("--resolution", type=resolution, default=None, help="input size")
     c.add_argument("--workers", type=non_negative_int, default=None, help="default 0")
     c.add_argument("--device", default=None, help="default: cpu")
+    add_preprocess_args(p)
 
 
 def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
@@ -161,6 +164,7 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
     d.add_argument("--min-score", type=finite_float, default=None, help="report above (0.5)")
     d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn "
                    "(segmentation: for the masks and overlays)")  # fmt: skip
+    add_preprocess_args(p)
 
 
 # --------------------------------------------------------------------------- which task
@@ -334,7 +338,7 @@ def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "
 
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
     check_memory(trained.model, trained.resolution, batch, what, device=device)
-    return trained
+    return apply_preprocess(args, trained)  # says which preprocessing, in one line
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

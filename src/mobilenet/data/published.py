@@ -24,9 +24,17 @@ from pathlib import PurePath
 from typing import Any
 
 from ..errors import MobileNetError
-from .preprocess import Preprocess
+from .preprocess import Preprocess, ours
 
-__all__ = ["KNOWN", "TIMM_DEFAULTS", "TORCHVISION_FILES", "checkpoint_preprocess", "known"]
+__all__ = [
+    "KNOWN",
+    "TIMM_DEFAULTS",
+    "TORCHVISION_FILES",
+    "attach_preprocess",
+    "checkpoint_preprocess",
+    "known",
+    "model_preprocess",
+]
 
 _TIMM_RA: dict[str, Any] = {"crop_pct": 0.875, "interpolation": "bicubic"}
 _HALF: dict[str, Any] = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -125,3 +133,33 @@ def checkpoint_preprocess(
     if name is None and layout in ("torchvision", "keras"):
         name = layout
     return KNOWN[name] if name is not None else default
+
+
+def model_preprocess(model: Any, resolution: int | None = None) -> Preprocess:
+    """The preprocessing to evaluate ``model`` with: the one it was loaded with
+    (``model.preprocess``, set by ``create_model(name, weights=...)``), else ours from its
+    ``eval_config``; at ``resolution`` when given."""
+    found = getattr(model, "preprocess", None)
+    if not isinstance(found, Preprocess):
+        config = getattr(model, "eval_config", None)
+        if config is None:  # a model without its own settings: ours at their defaults
+            return ours(resolution or 224)
+        found = ours(
+            resolution or config.resolution,
+            config.crop_pct,
+            mean=config.mean,
+            std=config.std,
+            interpolation=config.interpolation,
+        )
+    return found if resolution is None else found.at(resolution)
+
+
+def attach_preprocess(model: Any, metadata: Mapping[str, str], source: str, layout: str) -> None:
+    """Set ``model.preprocess`` to the checkpoint's (see :func:`checkpoint_preprocess`)."""
+    saved = metadata.get("resolution", "")
+    resolution = int(saved) if saved.isdigit() and int(saved) > 0 else None
+    default = model_preprocess(model, resolution)
+    config = model.config
+    model.preprocess = checkpoint_preprocess(
+        metadata, source, layout, config.name, config.width_mult, default
+    )

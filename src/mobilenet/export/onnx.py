@@ -123,8 +123,9 @@ def export_onnx(
     A classifier's output is its logits; a segmentation model's is the ``"out"`` entry of
     its dict, ``[N, classes, H, W]`` logits at the input size (the graph's upsampling
     targets the exported size). The file's metadata holds the model config, the task, the
-    input size (``resolution``: ``224``, or ``1024x2048`` when not square) and any
-    ``metadata`` given (e.g. class names), so ``mobilenet eval`` can use it alone.
+    input size (``resolution``: ``224``, or ``1024x2048`` when not square), the evaluation
+    preprocessing (``model.preprocess``, when the model has one) and any ``metadata``
+    given (e.g. class names), so ``mobilenet eval`` can use it alone.
     """
     for module in ("onnx", "onnxruntime"):  # before any work
         require(module, "deploy", "ONNX export")
@@ -162,6 +163,9 @@ def _model_metadata(model: nn.Module, resolution: int | Sequence[int]) -> dict[s
     meta = {"resolution": size_text(resolution), "task": getattr(model, "task", "classification")}
     if config is not None:
         meta["config"] = json.dumps(config.to_dict())
+    preprocess = getattr(model, "preprocess", None)  # a classifier loaded from a checkpoint
+    if preprocess is not None and not callable(preprocess):  # (a detector's is a method)
+        meta["preprocess"] = preprocess.at(resolution).to_json()
     return meta
 
 

@@ -97,7 +97,9 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         classes = json.dumps(trained.classes)
-        export_onnx(trained.model, fp32, trained.resolution, metadata={"classes": classes})
+        preprocess = trained.eval_preprocess().to_json()
+        float_meta = {"classes": classes, "preprocess": preprocess}
+        export_onnx(trained.model, fp32, trained.resolution, metadata=float_meta)
         metadata = {
             **read_metadata(onnx_session(fp32)),
             "precision": "int8",

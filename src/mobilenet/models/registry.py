@@ -206,7 +206,12 @@ def model_from_checkpoint(
             kwargs.setdefault(key, value)  # built as the checkpoint needs
     _check_fits(name, kwargs, state_dict, source_name)
     model = _build(name, kwargs)
-    load_weights(model, state_dict, source_name=source_name, metadata=metadata)
+    layout = load_weights(model, state_dict, source_name=source_name, metadata=metadata)
+    if getattr(model, "task", None) == "classification":
+        from ..data.published import attach_preprocess
+
+        # The preprocessing the weights were evaluated with: ``model.preprocess``.
+        attach_preprocess(model, metadata, source_name, layout)
     return model
 
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import builtin_splits, eval_transform, folder_splits, train_transform
+from ..data import builtin_splits, folder_splits, train_transform
 from ..data.datasets import BUILTIN, Split
+from ..data.preprocess import Preprocess
+from ..data.published import model_preprocess
 from ..errors import MobileNetError
 from ..limits import check_memory, meta_model
 from ..models import MobileNet, create_model
@@ -101,7 +103,9 @@ class ClassificationTask:
         # The model first: its evaluation config sets the transforms; then a classifier
         # for the data's classes.
         model = build_model(cfg) if self.model is None else self.model
-        split = _datasets(cfg, model)
+        # What validation and the saved weights' "preprocess" metadata use: ours.
+        self.preprocess = model_preprocess(model, cfg.recipe.resolution)
+        split = _datasets(cfg, model, self.preprocess)
         cfg.classes = split.classes
         model.reset_classifier(len(split.classes))
         if split.val is not None:
@@ -137,6 +141,7 @@ class ClassificationTask:
         metadata = {
             "classes": json.dumps(cfg.classes),
             "resolution": str(cfg.recipe.resolution),
+            "preprocess": self.preprocess.to_json(),
             "epoch": str(epoch),
             "data": cfg.data,
         }
@@ -205,13 +210,13 @@ def _check_config(cfg: TrainConfig) -> None:
         raise MobileNetError(f"pretrained checkpoint not found: {cfg.pretrained}")
 
 
-def _datasets(cfg: TrainConfig, model: MobileNet) -> Split:
+def _datasets(cfg: TrainConfig, model: MobileNet, preprocess: Preprocess) -> Split:
     from ..data.shards import eval_set, is_shards, shard_splits
 
     # Transforms follow from the model's own evaluation config (mean, std, crop ratio).
     res, aug = cfg.recipe.resolution, cfg.recipe.augment
     train_tf = train_transform(res, aug, model.eval_config)
-    eval_tf = eval_transform(res, model.eval_config)
+    eval_tf = preprocess.transform()
     if cfg.data in BUILTIN:
         return builtin_splits(cfg.data, train_tf, eval_tf)
     if is_shards(cfg.data):

@@ -130,7 +130,8 @@ def save_weights(
     model: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write the model's weights as safetensors, its config (``model.config.to_dict()``)
-    as metadata; atomically.
+    and its evaluation preprocessing (``model.preprocess``, when it has one) as metadata;
+    atomically.
 
     The file is serialised in memory and written by Python, so a full disk or a read-only
     folder is one :class:`~mobilenet.MobileNetError` line, not an error of the library's
@@ -140,5 +141,9 @@ def save_weights(
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = model.config.to_dict()  # type: ignore[operator]
     meta = {"format": FORMAT, "config": json.dumps(config), **(metadata or {})}
+    # A classifier's mobilenet.data.preprocess.Preprocess (a detector's is a method).
+    to_json = getattr(getattr(model, "preprocess", None), "to_json", None)
+    if callable(to_json) and "preprocess" not in meta:
+        meta["preprocess"] = to_json()  # how the weights were evaluated
     write_bytes(path, save(tensors, metadata=meta))
     return path
