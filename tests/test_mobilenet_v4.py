@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mobilenet import create_model, list_models, load_weights, save_weights
+from mobilenet import cost, create_model, list_models, load_weights, save_weights
 from mobilenet.blocks import MobileMQA, UniversalInvertedBottleneck
 from mobilenet.errors import MobileNetError
 from mobilenet.models.mobilenet_v4 import MobileNetV4
@@ -162,3 +162,44 @@ def test_query_downsampling_keeps_the_map_size():
 def test_ffn_cannot_downsample():
     with pytest.raises(MobileNetError, match="FFN"):
         UniversalInvertedBottleneck(16, 32, 16, 0, 0, stride=2)
+
+
+# name, resolution, params, MAdds (M, one decimal), of which attention; paper (V4 Table 5)
+COSTS = [
+    ("mobilenet_v4_conv_small", 224, 3_774_024, 186.0, 0),  # 3.8M / 0.2G
+    ("mobilenet_v4_conv_medium", 256, 9_715_512, 1080.2, 0),  # 9.2M / 1.0G
+    ("mobilenet_v4_conv_large", 384, 32_590_864, 6376.2, 0),  # 31M / 5.9G
+    ("mobilenet_v4_hybrid_medium", 256, 11_074_648, 1271.2, 41_943_040),  # 10.5M / 1.2G
+    ("mobilenet_v4_hybrid_large", 384, 37_764_624, 7711.9, 339_738_624),  # 35.9M / 7.2G
+]
+
+
+@pytest.mark.parametrize(("name", "resolution", "params", "madds_m", "attention"), COSTS)
+def test_golden_params_and_madds(name, resolution, params, madds_m, attention):
+    c = cost(name, resolution)
+    assert c.params == params  # timm's count of the same architecture, to the parameter
+    assert round(c.madds / 1e6, 1) == madds_m
+    assert c.by_type["attention"]["madds"] == attention
+
+
+def test_attention_madds_by_hand():
+    # 4 heads of 64 over a 16x16 map, keys and values from the 8x8 map of a stride-2 dw conv
+    block = MobileMQA(160, 160, heads=4, key_dim=64, kv_stride=2)
+    layers = cost(_Features(block), 16).layers
+    (attention,) = [layer for layer in layers if layer.type == "attention"]
+    assert attention.madds == 4 * 256 * 64 * (64 + 64)  # Q K^T and A V
+    convs = {layer.name.removeprefix("block.attn."): layer.madds for layer in layers}
+    assert convs["query"] == 256 * 160 * 256 and convs["key"] == 64 * 160 * 64
+    assert convs["output"] == 256 * 256 * 160
+
+
+class _Features(nn.Module):
+    """A 160-channel feature map from an image, for costing one block on its own."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 160, 1)
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x))

@@ -2,9 +2,13 @@
 
 Conventions (all three papers): MAdds are the multiply-accumulates of convolutions and
 fully connected layers only; BatchNorm, activations, pooling and residual additions are
-free. A convolution producing ``N x Ho x Wo`` from ``M / groups`` input channels per
-group with a ``k x k`` kernel costs ``k*k*(M/groups)*N*Ho*Wo``; a linear layer
-``in * out``. Parameters are all parameters (BatchNorm included), so they agree with
+free. MobileNetV4's attention (V4 Section 4.2) adds the two matrix products of
+``softmax(Q K^T) V`` as layers of type ``attention``: ``heads * L * P * (key_dim +
+value_dim)`` for ``L`` queries and ``P`` keys; its Q, K, V and output projections are
+1x1 convs and count as such (the softmax, like any activation, is free). A convolution
+producing ``N x Ho x Wo`` from ``M / groups`` input channels per group with a ``k x k``
+kernel costs ``k*k*(M/groups)*N*Ho*Wo``; a linear layer ``in * out``. Parameters are all
+parameters (BatchNorm included), so they agree with
 ``sum(p.numel() for p in model.parameters())``.
 
 Everything is computed from shapes alone: the graph is traced and its shapes propagated on
@@ -25,6 +29,7 @@ costs 4x what it cost after a stride 2.
 
 Golden figures at 224 (1000 classes): V1 4,231,976 params / 568.7M MAdds;
 V2 3,504,872 / 300.8M; V3-Large 5,483,032 / 216.6M; V3-Small 2,542,856 / 56.5M.
+MobileNetV4 at its own resolution: see docs/mobilenet_v4.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TypeAlias
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -55,7 +61,7 @@ __all__ = [
     "layer_type",
 ]
 
-LAYER_TYPES = ("conv1x1", "depthwise", "conv", "linear", "norm")
+LAYER_TYPES = ("conv1x1", "depthwise", "conv", "linear", "norm", "attention")
 MIN_RESOLUTION = 32
 Resolution: TypeAlias = int | tuple[int, int]  # square side, or (height, width)
 
@@ -136,7 +142,8 @@ def _input_size(resolution: Resolution, strict: bool) -> tuple[int, int]:
 
 
 def layer_type(module: nn.Module) -> str | None:
-    """The cost category of a module: conv1x1, depthwise, conv (full kxk), linear, norm."""
+    """The cost category of a module: conv1x1, depthwise, conv (full kxk), linear, norm.
+    (The sixth, ``attention``, is a function call in the traced graph: see :func:`cost`.)"""
     if isinstance(module, nn.Conv2d):
         if module.groups > 1 and module.groups == module.in_channels:
             return "depthwise"
@@ -146,6 +153,19 @@ def layer_type(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "norm"
     return None
+
+
+def _attention(node: fx.Node, wrapped: bool) -> LayerCost:
+    """The cost of one ``scaled_dot_product_attention`` call (traced through the
+    :class:`~mobilenet.layers.DotProductAttention` module that makes it)."""
+    # q [B, heads, L, key_dim], k [B, 1 or heads, P, key_dim] -> Q K^T [B, heads, L, P]
+    # (q.numel() * P MAdds), then A V -> [B, heads, L, value_dim] (output.numel() * P)
+    q, k = (arg.meta["tensor_meta"].shape for arg in node.args[:2])
+    output = node.meta["tensor_meta"].shape
+    stack = list(node.meta.get("nn_module_stack", {}))
+    name = stack[-1] if stack else node.name
+    name = name.removeprefix("model.") if wrapped else name
+    return LayerCost(name, "attention", tuple(output), 0, (q.numel() + output.numel()) * k[-2])
 
 
 def _madds(module: nn.Module, output: torch.Size) -> int:
@@ -176,6 +196,8 @@ def cost(model: nn.Module | str, resolution: Resolution = 224) -> Cost:
     modules = dict(graph_module.named_modules())
     layers: list[LayerCost] = []
     for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            layers.append(_attention(node, wrapped))
         if node.op != "call_module":
             continue
         module = modules[node.target]
