@@ -180,3 +180,22 @@ def test_export_keeps_the_preprocessing(imagenet_run, tmp_path, capsys):
     assert trained.classes == imagenet_names()
     assert main(["export", *args[1:], "--format", "torchscript", "--crop-pct", "0.9"]) == 2
     assert "TorchScript file keeps no metadata" in capsys.readouterr().err
+
+
+def test_timm_files_take_their_default_tag_and_tf_ones_inception_scaling(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    cases = [("mobilenetv2_100", "mobilenet_v2", "mobilenetv2_100.ra_in1k")]
+    cases.append(("tf_mobilenetv3_small_100", "mobilenet_v3_small", None))
+    for arch, ours, tag in cases:
+        path = tmp_path / f"{arch}.safetensors"
+        save_file(timm.create_model(arch).state_dict(), path)
+        origin = {"origin": f"timm:{arch}"} if arch.startswith("tf_") else {}
+        p = mobilenet.create_model(ours, weights=str(path), **origin).preprocess
+        if tag is not None:
+            assert p == KNOWN[tag]
+        else:  # the authors' TF weights: inputs in [-1, 1], as timm's pretrained_cfg says
+            cfg = timm.models.get_pretrained_cfg(arch)
+            assert (p.mean, p.std, p.interpolation) == (cfg.mean, cfg.std, cfg.interpolation)
+            assert p.crop_pct == cfg.crop_pct

@@ -118,13 +118,19 @@ def checkpoint_preprocess(
     model: str,
     width_mult: float,
     default: Preprocess,
+    settings: Mapping[str, Any] | None = None,
 ) -> Preprocess:
     """The preprocessing a checkpoint was evaluated with, first found of: its metadata
-    (``"preprocess"``); torchvision's file name; the default tag of a timm layout; the
-    layout's library (torchvision, Keras); else ``default`` (ours)."""
+    (``"preprocess"``); what its layout says of it (``settings``, the ``"preprocess"`` of
+    ``Layout.settings``: the authors' TF checkpoints take [-1, 1]); torchvision's file
+    name; the default tag of a timm layout; the layout's library (torchvision, Keras);
+    else ``default`` (ours)."""
     res = default.resolution
     if "preprocess" in metadata:
         return Preprocess.from_json(metadata["preprocess"], source, res)
+    if settings is not None:
+        given = {"crop_pct": 0.875, "name": f"{layout} (TF)", **settings}
+        return Preprocess.from_dict(given, res)
     name = TORCHVISION_FILES.get(PurePath(source).name)
     if name is None and layout == "timm":
         name = TIMM_DEFAULTS.get((model, round(width_mult, 4)))
@@ -154,12 +160,19 @@ def model_preprocess(model: Any, resolution: int | None = None) -> Preprocess:
     return found if resolution is None else found.at(resolution)
 
 
-def attach_preprocess(model: Any, metadata: Mapping[str, str], source: str, layout: str) -> None:
-    """Set ``model.preprocess`` to the checkpoint's (see :func:`checkpoint_preprocess`)."""
+def attach_preprocess(
+    model: Any,
+    metadata: Mapping[str, str],
+    source: str,
+    layout: str,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """Set ``model.preprocess`` to the checkpoint's (see :func:`checkpoint_preprocess`);
+    ``settings``: what the layout says of it."""
     saved = metadata.get("resolution", "")
     resolution = int(saved) if saved.isdigit() and int(saved) > 0 else None
     default = model_preprocess(model, resolution)
     config = model.config
     model.preprocess = checkpoint_preprocess(
-        metadata, source, layout, config.name, config.width_mult, default
+        metadata, source, layout, config.name, config.width_mult, default, settings
     )

@@ -201,17 +201,18 @@ def model_from_checkpoint(
     layout = find_layout(state_dict)
     kwargs.setdefault("num_classes", layout.num_classes(state_dict))
     accepted = _options(_REGISTRY[name])
-    for key, value in layout.settings(state_dict, metadata, source_name).items():
+    settings = layout.settings(state_dict, metadata, source_name)
+    for key, value in settings.items():
         if key not in ("bn_eps", "preprocess") and (accepted is None or key in accepted):
             kwargs.setdefault(key, value)  # built as the checkpoint needs
     _check_fits(name, kwargs, state_dict, source_name)
     model = _build(name, kwargs)
-    layout = load_weights(model, state_dict, source_name=source_name, metadata=metadata)
+    loaded = load_weights(model, state_dict, source_name=source_name, metadata=metadata)
     if getattr(model, "task", None) == "classification":
         from ..data.published import attach_preprocess
 
         # The preprocessing the weights were evaluated with: ``model.preprocess``.
-        attach_preprocess(model, metadata, source_name, layout)
+        attach_preprocess(model, metadata, source_name, loaded, settings.get("preprocess"))
     return model
 
 
