@@ -1,7 +1,8 @@
 """The MobileNet model zoo. Importing this package registers every classifier and the
-checkpoint layouts they read (torchvision, timm, ours)."""
+checkpoint layouts they read (torchvision, timm, Keras, ours)."""
 
 from . import (  # noqa: F401  (registration)
+    keras_layouts,
     layouts,
     mobilenet_v1,
     mobilenet_v2,

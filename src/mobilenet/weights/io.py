@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import write_bytes
+from .keras import keras_kind, read_keras
 
 __all__ = [
     "FORMAT",
@@ -40,10 +41,13 @@ FORMAT = "mobilenet"  # metadata["format"] of our safetensors files
 
 
 def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
-    """Read a state dict and its metadata from safetensors or a (weights-only) pickle."""
+    """Read a state dict and its metadata from safetensors, a (weights-only) pickle or a
+    Keras file (:mod:`.keras`: legacy ``.h5``, ``.weights.h5``, ``.keras``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if keras_kind(path) is not None:  # Keras .h5, .weights.h5 or .keras
+        return read_keras(path)
     if _is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -111,9 +111,13 @@ def load_weights(
     layout = find_layout(state_dict, type(model))
     saved = saved_config(metadata) if layout.name == FORMAT else None
     settings = dict(layout.settings(state_dict, metadata, name))
+    try:
+        translated = layout.translate(state_dict, model)
+    except CheckpointError as e:  # a translator says which model the checkpoint holds
+        raise CheckpointError(f"{name}: {e}") from None
     fit_state_dict(
         model,
-        layout.translate(state_dict, model),
+        translated,
         name,
         layout.name,
         saved=saved,
