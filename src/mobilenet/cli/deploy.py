@@ -218,6 +218,8 @@ def _load_for_export(args: argparse.Namespace):
     if trained.model.config.name != args.model:
         raise MobileNetError(f"{args.weights} holds {trained.model.config.name}, not {args.model}")
     check_memory(trained.model, trained.resolution, *_EXPORT_CHECK)
+    if args.format == "torchscript":  # the file keeps no metadata: no preprocessing to name
+        return trained.model, trained.resolution, {}
     trained = apply_preprocess(args, trained)  # kept in the file, said in one line
     metadata = {"classes": json.dumps(trained.classes), "preprocess": trained.preprocess.to_json()}
     return trained.model, trained.resolution, metadata
