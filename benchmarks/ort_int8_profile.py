@@ -1,0 +1,123 @@
+"""Where ONNX Runtime's time goes, float32 against int8, operator type by operator type.
+
+The deploy issue asks for V3-Large int8 at <= 0.6x its float32 time (batch 1, 1 thread).
+This script says how far the int8 graph's parts are from that: it exports the model,
+quantizes it as ``mobilenet quantize --format onnx`` does (integer-only h-swish, padded
+depthwise channels; calibrated on 8 random images, which does not change the time), and
+runs both files with ONNX Runtime's profiler, then sums the kernel time per operator type.
+The convolutions' own ratio (int8 QLinearConv against float32 Conv, whose NCHWc kernels
+carry the fused activations) and the int8 time of everything else say where the gap is:
+int8 reaches 0.6x of float32 only when the other int8 operators fit in what is left of
+0.6x the float32 time after the int8 convolutions (``other_int8_budget_us``).
+
+    OMP_NUM_THREADS=1 python benchmarks/ort_int8_profile.py [--model mobilenet_v3_large]
+
+writes ``benchmarks/ort_int8_profile.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobilenet import create_model
+from mobilenet.bench import cpu, machine
+from mobilenet.bench_engines import ort_session
+from mobilenet.export import export_onnx
+from mobilenet.export.quantize import quantize_file
+from mobilenet.machine import load_snapshot, others_since
+
+CONVS = {"Conv", "QLinearConv", "FusedConv"}
+
+
+def profile(path: Path, x: np.ndarray, calls: int) -> dict[str, float]:
+    """Microseconds per call of each operator type, from ONNX Runtime's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(calls):
+        session.run(None, {"images": x})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    total: Counter = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            total[event["args"]["op_name"]] += event["dur"]
+    return {op: round(us / calls, 1) for op, us in total.most_common()}
+
+
+def timed(paths: dict[str, Path], x: np.ndarray, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per call of each file, in interleaved rounds (no profiler)."""
+    sessions = {name: ort_session(path, 1, spin=True) for name, path in paths.items()}
+    for session in sessions.values():
+        session.run(None, {"images": x})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                session.run(None, {"images": x})
+            times[name].append(1000 * (time.perf_counter() - start) / calls)
+    return {name: round(statistics.median(t), 3) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v3_large")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=15)
+    default_json = Path(__file__).with_name("ort_int8_profile.json")
+    parser.add_argument("--json", type=Path, default=default_json)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
+    start = load_snapshot()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
+        export_onnx(create_model(args.model).eval(), paths["fp32"], 224)
+        calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))
+        quantize_file(paths["fp32"], paths["int8"], calibration)
+        median_ms = timed(paths, x, args.rounds, 20)
+        ops = {name: profile(path, x, args.calls) for name, path in paths.items()}
+    conv = {name: sum(us for op, us in o.items() if op in CONVS) for name, o in ops.items()}
+    total = {name: sum(o.values()) for name, o in ops.items()}
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine(),
+        "cpu": cpu(),
+        "model": args.model,
+        "batch": 1,
+        "threads": 1,
+        "median_ms": median_ms,
+        "int8_over_fp32": round(median_ms["int8"] / median_ms["fp32"], 3),
+        "kernel_us": ops,
+        "conv_us": conv,
+        "conv_int8_over_fp32": round(conv["int8"] / conv["fp32"], 3),
+        "other_int8_us": round(total["int8"] - conv["int8"], 1),
+        "other_int8_budget_us": round(0.6 * total["fp32"] - conv["int8"], 1),
+        "busy_other_cores": others_since(start),
+    }
+    print(f"{args.model}: fp32 {median_ms['fp32']:.2f} ms, int8 {median_ms['int8']:.2f} ms "
+          f"({record['int8_over_fp32']:.3f}x); convolutions alone {conv['int8']:.0f} / "
+          f"{conv['fp32']:.0f} us ({record['conv_int8_over_fp32']:.3f}x); others busy "
+          f"{record['busy_other_cores']} cores")  # fmt: skip
+    for name, o in ops.items():
+        print(f"  {name}: " + ", ".join(f"{op} {us:.0f}" for op, us in list(o.items())[:8]))
+    args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
