@@ -144,15 +144,13 @@ def _convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def calibration_dataset(trained, data: str) -> Dataset:
-    """The images to calibrate or fine-tune on, with the model's evaluation transform.
-
-    A built-in dataset gives its training split (never the held-out one); a folder is read
-    with the model's class names.
-    """
-    from ..data import builtin_splits, eval_transform
+    """The images to calibrate or fine-tune on, preprocessed as ``eval`` does (ranges
+    observed on other inputs would not fit): a built-in dataset's training split (never
+    the held-out one), or a folder read with the model's class names."""
+    from ..data import builtin_splits
     from ..data.datasets import BUILTIN, ImageFolder
 
-    transform = eval_transform(trained.resolution, trained.model.eval_config)
+    transform = trained.eval_preprocess().transform()
     if data in BUILTIN:
         return builtin_splits(data, transform, transform).train
     if Path(data).is_dir():
