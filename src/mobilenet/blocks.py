@@ -184,7 +184,7 @@ class UniversalInvertedBottleneck(nn.Module):
 
 
 class FusedInvertedBottleneck(nn.Module):
-    """Fused IB (V4 Tables 11-14, first stage; EfficientNet-EdgeTPU's "fused MBConv"):
+    """Fused IB (the V4 models' first stages; EfficientNet-EdgeTPU's "fused MBConv"):
     ``expand`` full kxk conv (stride s, BN, act) doing the expansion and the spatial
     mixing at once -> ``project`` 1x1 (BN, linear) -> residual add when the stride is 1
     and ``in == out``. Full convs are cheap on accelerators at high resolution, where

@@ -1,6 +1,7 @@
 """MobileNetV4 (Qin et al., ECCV 2024, arXiv 2404.10518).
 
-ImageNet-1k results (V4 Table 5; top-1 / MACs / params at the model's resolution):
+ImageNet-1k results (the paper's ImageNet table; top-1 / MACs / params at the model's
+resolution):
 
 ==================  ==========  ======  =====  ======
 model               resolution  top-1   MACs   params
@@ -101,7 +102,7 @@ def _eval(resolution: int, crop_pct: float = 0.95) -> EvalConfig:
 
 
 B = Block
-# V4 Table 10: MNv4-Conv-S, 224x224x3 input.
+# MNv4-Conv-S, the paper's appendix architecture table, 224x224x3 input.
 CONV_S = Spec(
     stem=32,
     rows=(
@@ -130,7 +131,7 @@ CONV_S = Spec(
     eval=_eval(224, 0.875),
 )
 
-# V4 Table 11: MNv4-Conv-M, 256x256x3 input.
+# MNv4-Conv-M, the paper's appendix architecture table, 256x256x3 input.
 CONV_M = Spec(
     stem=32,
     rows=(
@@ -165,8 +166,8 @@ CONV_M = Spec(
     eval=_eval(256),
 )
 
-# V4 Table 12: MNv4-Hybrid-M, 256x256x3 input: Conv-M's stages with Mobile MQA
-# interleaved in the last two (keys and values downsampled 2x at stride 16).
+# MNv4-Hybrid-M, the paper's appendix architecture table, 256x256x3 input: Conv-M's
+# stages with Mobile MQA interleaved in the last two (keys and values downsampled 2x at stride 16).
 HYBRID_M = Spec(
     stem=32,
     rows=(
@@ -235,7 +236,7 @@ _L_STAGE_5 = (
     B(EXTRA_DW, 5, 5, 2048, 512, 1),
 )
 
-# V4 Table 13: MNv4-Conv-L, 384x384x3 input.
+# MNv4-Conv-L, the paper's appendix architecture table, 384x384x3 input.
 CONV_L = Spec(
     stem=24,
     rows=(
@@ -258,8 +259,8 @@ CONV_L = Spec(
     eval=_eval(384),
 )
 
-# V4 Table 14: MNv4-Hybrid-L, 384x384x3 input: Conv-L with Mobile MQA in the last two
-# stages, and GELU throughout.
+# MNv4-Hybrid-L, the paper's appendix architecture table, 384x384x3 input: Conv-L with
+# Mobile MQA in the last two stages, and GELU throughout.
 HYBRID_L = Spec(
     stem=24,
     rows=(
@@ -332,7 +333,7 @@ def build_v4(
 def mobilenet_v4_conv_small(
     width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
 ) -> MobileNetV4:
-    """MNv4-Conv-S (V4 Table 10), evaluated at 224."""
+    """MNv4-Conv-S (the paper's appendix table), evaluated at 224."""
     return build_v4("mobilenet_v4_conv_small", CONV_S, width_mult, num_classes, dropout)
 
 
@@ -340,7 +341,7 @@ def mobilenet_v4_conv_small(
 def mobilenet_v4_conv_medium(
     width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
 ) -> MobileNetV4:
-    """MNv4-Conv-M (V4 Table 11), evaluated at 256."""
+    """MNv4-Conv-M (the paper's appendix table), evaluated at 256."""
     return build_v4("mobilenet_v4_conv_medium", CONV_M, width_mult, num_classes, dropout)
 
 
@@ -348,7 +349,7 @@ def mobilenet_v4_conv_medium(
 def mobilenet_v4_conv_large(
     width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
 ) -> MobileNetV4:
-    """MNv4-Conv-L (V4 Table 13), evaluated at 384."""
+    """MNv4-Conv-L (the paper's appendix table), evaluated at 384."""
     return build_v4("mobilenet_v4_conv_large", CONV_L, width_mult, num_classes, dropout)
 
 
@@ -356,7 +357,7 @@ def mobilenet_v4_conv_large(
 def mobilenet_v4_hybrid_medium(
     width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
 ) -> MobileNetV4:
-    """MNv4-Hybrid-M (V4 Table 12), evaluated at 256."""
+    """MNv4-Hybrid-M (the paper's appendix table), evaluated at 256."""
     return build_v4("mobilenet_v4_hybrid_medium", HYBRID_M, width_mult, num_classes, dropout)
 
 
@@ -364,5 +365,5 @@ def mobilenet_v4_hybrid_medium(
 def mobilenet_v4_hybrid_large(
     width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
 ) -> MobileNetV4:
-    """MNv4-Hybrid-L (V4 Table 14), evaluated at 384."""
+    """MNv4-Hybrid-L (the paper's appendix table), evaluated at 384."""
     return build_v4("mobilenet_v4_hybrid_large", HYBRID_L, width_mult, num_classes, dropout)
