@@ -71,6 +71,37 @@ def test_recipes_follow_the_papers():
             recipe.lr = 1.0  # type: ignore[misc]
 
 
+def test_v4_recipe_follows_the_authors_config():
+    # TF model garden, imagenet_mobilenetv4_conv_small_tpu.yaml (V4 Table 5's Conv-S)
+    v4 = RECIPES["mobilenet_v4"]
+    assert (v4.optimizer, v4.adam_betas, v4.adam_eps) == ("adamw", (0.6, 0.999), 1e-6)
+    assert (v4.lr, v4.lr_batch, v4.weight_decay, v4.norm_weight_decay) == (0.002, 4096, 0.01, False)
+    assert (v4.schedule, v4.warmup_epochs, v4.epochs, v4.min_lr_ratio) == ("cosine", 5, 9600, 0)
+    assert (v4.label_smoothing, v4.dropout, v4.ema_decay) == (0.1, 0.3, 0.9999)
+    assert v4.bn_momentum == pytest.approx(1 - 0.95)  # TF's decay 0.95
+    assert v4.augment.auto_augment == "randaugment" and v4.augment.hflip == 0.5
+    demo = RECIPES["mobilenet_v4-demo"]
+    for field in ("optimizer", "adam_betas", "adam_eps", "weight_decay", "label_smoothing"):
+        assert getattr(demo, field) == getattr(v4, field), field
+    assert demo.dropout == v4.dropout and demo.augment.hflip == 0
+    assert demo.scaled_lr(64) == pytest.approx(0.002)
+    opt = build_optimizer(create_model("mobilenet_v4_conv_small", width_mult=0.35), v4, 0.002)
+    assert isinstance(opt, torch.optim.AdamW)
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.6, 0.999), 1e-6, 0.01)
+    assert opt.param_groups[1]["weight_decay"] == 0  # none on BatchNorm
+
+
+def test_randaugment_transform():
+    from mobilenet.data.transforms import Augment, train_transform
+    from mobilenet.models.base import EvalConfig
+
+    tf = train_transform(32, Augment(auto_augment="randaugment"), EvalConfig())
+    assert any(type(t).__name__ == "RandAugment" for t in tf.transforms)
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    assert tf(image).shape == (3, 32, 32)
+
+
 def test_get_recipe_overrides_and_errors():
     r = get_recipe("paper-v2", epochs=3, batch_size=None)
     assert r.epochs == 3 and r.batch_size == RECIPES["paper-v2"].batch_size

@@ -22,7 +22,7 @@ class Augment:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception-style crop (Szegedy et al.)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    auto_augment: str | None = None  # "trivialaugment" | "autoaugment" | None
+    auto_augment: str | None = None  # "trivialaugment" | "autoaugment" | "randaugment"
     random_erasing: float = 0.0
 
 
@@ -33,6 +33,8 @@ def _auto_augment(name: str | None) -> list[v2.Transform]:
         return [v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)]
     if name == "autoaugment":
         return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, InterpolationMode.BILINEAR)]
+    if name == "randaugment":  # Cubuk et al. 2020: 2 ops at magnitude 9 (MobileNetV4's)
+        return [v2.RandAugment(2, 9, interpolation=InterpolationMode.BILINEAR)]
     raise MobileNetError(f"unknown auto-augment policy {name!r}")
 
 

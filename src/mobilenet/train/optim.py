@@ -108,7 +108,9 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr, momentum=recipe.momentum, nesterov=True, weight_decay=wd)
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr, weight_decay=wd)
+        return torch.optim.AdamW(
+            groups, lr, betas=recipe.adam_betas, eps=recipe.adam_eps, weight_decay=wd
+        )
     raise MobileNetError(f"unknown optimizer {recipe.optimizer!r}")
 
 
