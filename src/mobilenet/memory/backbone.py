@@ -13,10 +13,11 @@ from collections.abc import Collection, Sequence
 
 from torch import Tensor, nn
 
-from ..blocks import InvertedResidual
+from ..blocks import FusedInvertedBottleneck, InvertedResidual, UniversalInvertedBottleneck
 from ..errors import MobileNetError
 from ..layers import ConvBNAct
 from .ops import _Block, _Ledger, _Stem
+from .v4 import v4_layer
 
 __all__ = ["DEFAULT_BAND_ROWS", "TILE_STRIDE", "backbone_segments", "check_arguments"]
 
@@ -27,7 +28,7 @@ DEFAULT_BAND_ROWS = 16
 class _Segment(nn.Module):
     """Consecutive layers run band by band: only the last layer's output is whole."""
 
-    def __init__(self, layers: Sequence[_Stem | _Block], band_rows: int | None) -> None:
+    def __init__(self, layers: Sequence[nn.Module], band_rows: int | None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.band_rows = band_rows if len(layers) > 1 else None
@@ -108,17 +109,18 @@ class _Segment(nn.Module):
 def check_arguments(
     features: Sequence[nn.Module], name: str, splits: int, band_rows: int | None
 ) -> None:
-    """Refuse layers without inverted residual blocks, and ``splits`` or ``band_rows`` out
-    of range (``splits`` at most the channels of the smallest expansion)."""
-    blocks = [layer for layer in features if isinstance(layer, InvertedResidual)]
-    if not blocks:
+    """Refuse layers without inverted residual blocks (V2/V3's, V4's UIB and fused IB), and
+    ``splits`` or ``band_rows`` out of range (``splits`` at most the channels of the
+    smallest expansion)."""
+    expansions = [_expansion(layer) for layer in features]
+    if not any(expansions):
         raise MobileNetError(
             f"{name} has no inverted residual blocks: the memory-efficient executor "
-            "(V2 Section 5.1) needs a V2 or V3 model"
+            "(V2 Section 5.1) needs a V2, V3 or V4 model"
         )
     if not isinstance(splits, int) or isinstance(splits, bool) or splits <= 0:
         raise MobileNetError(f"splits must be a positive integer, got {splits!r}")
-    smallest = min(block.dw.conv.in_channels for block in blocks)
+    smallest = min(c for c in expansions if c)
     if splits > smallest:
         raise MobileNetError(
             f"splits={splits} is more than the {smallest} channels of {name}'s smallest "
@@ -128,6 +130,15 @@ def check_arguments(
         not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows <= 0
     ):
         raise MobileNetError(f"band_rows must be a positive integer, got {band_rows!r}")
+
+
+def _expansion(layer: nn.Module) -> int:
+    """The channels of a block's expansion (0 for a layer that is no inverted bottleneck)."""
+    if isinstance(layer, InvertedResidual):
+        return layer.dw.conv.in_channels
+    if isinstance(layer, UniversalInvertedBottleneck | FusedInvertedBottleneck):
+        return layer.expand.conv.out_channels
+    return 0
 
 
 def backbone_segments(
@@ -143,10 +154,12 @@ def backbone_segments(
     output must exist whole, which end the tiled segment if they fall inside it."""
     layers = _layers(stem, body, name, splits)
     # The leading layers at output stride < TILE_STRIDE, and the first block to reach it,
-    # form the tiled segment (it stops before any squeeze-excite: SE needs whole maps).
+    # form the tiled segment (it stops before any squeeze-excite: SE needs whole maps; and
+    # before V4's UIB and Mobile MQA blocks, which run whole).
     stride, tiled = 1, 0
     for layer in layers:
-        if stride >= TILE_STRIDE or (isinstance(layer, _Block) and layer.se is not None):
+        whole = isinstance(layer, _Block) and layer.se is not None
+        if stride >= TILE_STRIDE or whole or not getattr(layer, "tiles", True):
             break
         stride *= layer.window.stride
         tiled += 1
@@ -156,15 +169,18 @@ def backbone_segments(
     return segments
 
 
-def _layers(
-    stem: nn.Module, body: Sequence[nn.Module], name: str, splits: int
-) -> list[_Stem | _Block]:
-    """The executor's layers for the folded model's stem and blocks."""
+def _layers(stem: nn.Module, body: Sequence[nn.Module], name: str, splits: int) -> list[nn.Module]:
+    """The executor's layers for the folded model's stem and blocks (V4's: see
+    :mod:`mobilenet.memory.v4`)."""
     if not isinstance(stem, ConvBNAct):
         raise MobileNetError(f"{name}'s first layer must be a conv, not {type(stem).__name__}")
-    layers: list[_Stem | _Block] = [_Stem(stem)]
+    layers: list[nn.Module] = [_Stem(stem)]
     for layer in body:
-        if not isinstance(layer, InvertedResidual):
+        if isinstance(layer, InvertedResidual):
+            layers.append(_Block(layer, splits))
+            continue
+        v4 = v4_layer(layer, splits)
+        if v4 is None:
             raise MobileNetError(f"unsupported layer {type(layer).__name__} in {name}")
-        layers.append(_Block(layer, splits))
+        layers.append(v4)
     return layers

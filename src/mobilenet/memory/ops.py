@@ -75,7 +75,10 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "relu6": nn.ReLU6,
     "hardswish": nn.Hardswish,
+    "gelu": nn.GELU,  # MobileNetV4's hybrid models
 }
+
+_GELU_CHUNK = 1 << 14  # elements: GELU has no in-place kernel; 64 KiB temporaries
 
 
 def _act_(kind: str, x: Tensor) -> Tensor:
@@ -85,6 +88,12 @@ def _act_(kind: str, x: Tensor) -> Tensor:
         return x.relu_()
     if kind == "hardswish":
         return F.hardswish(x, inplace=True)
+    if kind == "gelu":  # in place, a chunk at a time (x is contiguous)
+        flat = x.view(-1)
+        for i in range(0, flat.numel(), _GELU_CHUNK):
+            chunk = flat[i : i + _GELU_CHUNK]
+            chunk.copy_(F.gelu(chunk))
+        return x
     return x
 
 
