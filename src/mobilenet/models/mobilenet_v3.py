@@ -211,18 +211,8 @@ def mobilenet_v3_large(
 ) -> MobileNet:
     """MobileNetV3-Large (V3 Table 1): 5,483,032 params and 216.6M MAdds at 1.0-224."""
     name = "mobilenet_v3_large"
-    return build_v3(
-        name,
-        V3_LARGE,
-        width_mult,
-        num_classes,
-        dropout,
-        False,
-        output_stride,
-        False,
-        padding,
-        keras,
-    )
+    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, minimal=False, **options)
 
 
 @register_model
@@ -236,18 +226,8 @@ def mobilenet_v3_small(
 ) -> MobileNet:
     """MobileNetV3-Small (V3 Table 2): 2,542,856 params and 56.5M MAdds at 1.0-224."""
     name = "mobilenet_v3_small"
-    return build_v3(
-        name,
-        V3_SMALL,
-        width_mult,
-        num_classes,
-        dropout,
-        False,
-        output_stride,
-        False,
-        padding,
-        keras,
-    )
+    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, minimal=False, **options)
 
 
 @register_model
@@ -261,9 +241,8 @@ def mobilenet_v3_large_minimal(
 ) -> MobileNet:
     """MobileNetV3-Large minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_large_minimal"
-    return build_v3(
-        name, V3_LARGE, width_mult, num_classes, dropout, True, output_stride, False, padding, keras
-    )
+    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, minimal=True, **options)
 
 
 @register_model
@@ -277,6 +256,5 @@ def mobilenet_v3_small_minimal(
 ) -> MobileNet:
     """MobileNetV3-Small minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_small_minimal"
-    return build_v3(
-        name, V3_SMALL, width_mult, num_classes, dropout, True, output_stride, False, padding, keras
-    )
+    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, minimal=True, **options)
