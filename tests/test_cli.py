@@ -47,6 +47,23 @@ def test_cost_options(capsys):
     assert "4,231,976" in table and "568.7M" in table and "94.86%" in table
 
 
+def test_cost_of_v4_at_each_models_own_resolution(capsys):
+    # V4 Table 5: Conv-S at 224, Conv-M and Hybrid-M at 256, the large models at 384.
+    own = {"conv_small": 224, "conv_medium": 256, "hybrid_medium": 256}
+    own |= {"conv_large": 384, "hybrid_large": 384}
+    assert main(["cost", "--all", "--json"]) == 0
+    rows = {row["model"]: row for row in json.loads(capsys.readouterr().out)}
+    for variant, resolution in own.items():
+        assert rows[f"mobilenet_v4_{variant}"]["resolution"] == resolution
+    assert rows["mobilenet_v2"]["resolution"] == rows["mobilenet_v3_small"]["resolution"] == 224
+    assert round(rows["mobilenet_v4_conv_medium"]["madds"] / 1e6, 1) == 1080.2
+    assert main(["cost", "mobilenet_v4_conv_large"]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line.split()[:3] == ["mobilenet_v4_conv_large", "1", "384"] and "6,376.2M" in line
+    assert main(["cost", "mobilenet_v4_conv_large", "--resolution", "224", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resolution"] == 224  # as asked
+
+
 def test_cost_all_is_fast(capsys):
     # The command's own work, timed in-process: the interpreter and `import torch` add
     # about 2 s on top when it runs as `mobilenet cost --all`, which is checked end to end

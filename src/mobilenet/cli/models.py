@@ -25,7 +25,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="one row per registered classifier")
     add_model_args(p)
     p.add_argument(
-        "--resolution", type=resolution_hw, default=224, help="input size: N or HxW (>= 32)"
+        "--resolution",
+        type=resolution_hw,
+        help="input size: N or HxW (>= 32; default: each model's own, 224 for V1-V3, "
+        "V4's 224/256/384 as its paper table)",
     )
     p.add_argument("--per-layer", action="store_true", help="also list every layer")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -68,7 +71,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         raise MobileNetError("give a model name or --all (not both)")
     names = list_models() if args.all else [args.model]
     # Built on the meta device: shapes only, so any width and resolution costs nothing.
-    costs = [cost(meta_model(name, **model_kwargs(args)), args.resolution) for name in names]
+    models = [meta_model(name, **model_kwargs(args)) for name in names]
+    costs = [cost(m, args.resolution or _default_resolution(m)) for m in models]
     if args.json:
         dicts = [c.to_dict(per_layer=args.per_layer) for c in costs]
         print(json.dumps(dicts if args.all else dicts[0], indent=2))
@@ -110,6 +114,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"from a {layout.name} checkpoint"
     )
     return 0
+
+
+def _default_resolution(model: object) -> int:
+    """The model's own evaluation size (MobileNetV4's Conv-M and Hybrid-M 256, the large
+    ones 384: V4 Table 5), 224 for a model that names none."""
+    return getattr(getattr(model, "eval_config", None), "resolution", 224)
 
 
 # --------------------------------------------------------------------------- tables
