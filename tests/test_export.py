@@ -11,13 +11,36 @@ from mobilenet import MobileNetError, create_model, list_models, save_weights
 from mobilenet.blocks import MobileMQA
 from mobilenet.cli import main
 from mobilenet.export import export_onnx, fold_batchnorm, onnx_session, prepare_for_inference
+from mobilenet.export.prepare import attention_norm_foldable
 
 from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 
 
 def _unfoldable(model: torch.nn.Module) -> int:
-    """BatchNorms with no conv before them to fold into: Mobile MQA's pre-norm (V4)."""
-    return sum(isinstance(m, MobileMQA) for m in model.modules())
+    """BatchNorms with no conv before them and none after them to fold into exactly: the
+    pre-norm of V4's Mobile MQA blocks whose keys and values are downsampled first."""
+    mqa = [m for m in model.modules() if isinstance(m, MobileMQA)]
+    return sum(not attention_norm_foldable(m) for m in mqa)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v4_hybrid_medium", "mobilenet_v4_hybrid_large"])
+def test_attention_pre_norm_folded_into_the_projections(name):
+    model = _model(name, width_mult=0.75 if "large" in name else 1.0)
+    blocks = [m for m in model.modules() if isinstance(m, MobileMQA)]
+    # V4 Section 4.2: keys and values downsampled (kv_stride 2) at output stride 16, not at
+    # 32, where the projections read the pre-norm directly.
+    foldable = [attention_norm_foldable(m) for m in blocks]
+    assert foldable == [False] * 4 + [True] * 4
+    folded = fold_batchnorm(__import__("copy").deepcopy(model))
+    norms = [m.norm for m in folded.modules() if isinstance(m, MobileMQA)]
+    assert [isinstance(n, torch.nn.Identity) for n in norms] == foldable
+    for block in [m for m in folded.modules() if isinstance(m, MobileMQA)][4:]:
+        assert all(getattr(block.attn, p).bias is not None for p in ("query", "key", "value"))
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected, actual = model(x), folded(x)
+    assert expected.std() > 0.5
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)  # as every fold
 
 
 def _model(name: str, **kwargs):

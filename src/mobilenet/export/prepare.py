@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..blocks import MobileMQA
 from ..layers import ConvBNAct
 
 __all__ = [
     "IntegerHardsigmoid",
     "IntegerHardswish",
+    "attention_norm_foldable",
     "fold_batchnorm",
     "integer_activations",
     "prepare_for_inference",
@@ -26,13 +28,51 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     In eval mode ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
     ``b' = (b - m) * g / sqrt(v + eps) + beta``: exact up to float rounding, and one
-    memory pass fewer per layer.
+    memory pass fewer per layer. A Mobile MQA block's pre-norm, which no conv precedes, is
+    folded forward into the query, key and value projections where they read it directly
+    (:func:`attention_norm_foldable`).
     """
     for module in model.modules():
         if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
             module.conv = fuse_conv_bn_eval(module.conv, module.bn)
             module.bn = nn.Identity()
+        elif isinstance(module, MobileMQA) and attention_norm_foldable(module):
+            _fold_attention_norm(module)
     return model
+
+
+def attention_norm_foldable(block: MobileMQA) -> bool:
+    """Whether a Mobile MQA block's pre-norm (V4 Section 4.2: BatchNorm with no conv before
+    it) folds exactly into the convs after it: when the query, key and value 1x1
+    projections read it directly. Where the keys and values are downsampled first (a
+    strided depthwise conv, ``kv_stride`` 2), its zero padding sees the normalised map's
+    border, which no change of the conv's weights reproduces: that norm stays, as it does
+    where the queries are average-pooled (and BatchNorm'd again) first."""
+    attn = block.attn
+    readers = (attn.query_down, attn.key_down, attn.value_down)
+    return isinstance(block.norm, nn.BatchNorm2d) and all(
+        isinstance(m, nn.Identity) for m in readers
+    )
+
+
+def _fold_attention_norm(block: MobileMQA) -> None:
+    """Fold the pre-norm ``BN(x) = s * x + t`` into each 1x1 projection ``W`` that reads it:
+    ``W (s * x + t) = (W diag(s)) x + W t``, a conv with a bias; the norm becomes the
+    identity. Exact up to float rounding, in eval mode (running statistics)."""
+    norm, attn = block.norm, block.attn
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    with torch.no_grad():
+        for name in ("query", "key", "value"):
+            conv: nn.Conv2d = getattr(attn, name)
+            weight = conv.weight.detach()
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True)
+            folded = folded.to(weight.device, weight.dtype)
+            folded.weight.copy_(weight * scale.view(1, -1, 1, 1))
+            bias = weight.flatten(1) @ shift
+            folded.bias.copy_(bias if conv.bias is None else bias + conv.bias)
+            setattr(attn, name, folded)
+    block.norm = nn.Identity()
 
 
 def prepare_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
