@@ -338,9 +338,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engines = args.engines.split(",") if args.engines else list(ENGINES)
     engines = [e.strip() for e in engines if e.strip()]
     square = not isinstance(args.resolution, tuple)
+    requested = engines
     engines = check_engines(
         engines, args.model, args.width_mult, bool(args.engines), args.batch, square
     )
+    left_out = [e for e in requested if e not in engines]
+    if left_out:  # e.g. torchvision-eager for a model torchvision lacks (MobileNetV4)
+        print(f"note: left out, not applicable here: {', '.join(left_out)}", file=sys.stderr)
     cfg = BenchConfig(
         args.model, args.width_mult, args.batch, args.resolution, args.threads, args.rounds,
         args.iterations,
