@@ -19,7 +19,7 @@ from .args import (
     resolution_hw,
     width,
 )
-from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess
+from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess, say_preprocess
 
 __all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
 
@@ -165,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         # Checked on the meta device, before a byte is allocated.
         check_memory(meta_model(args.model, **model_kwargs(args)), resolution, *_EXPORT_CHECK)
         model = create_model(args.model, **model_kwargs(args))
-        if model_task(args.model) == "classification":
+        if model_task(args.model) == "classification" and args.format != "torchscript":
             metadata = _preprocess_metadata(args, model, resolution)
     if args.format == "onnx":
         diff = export_onnx(model, args.out, resolution, args.opset or DEFAULT_OPSET, metadata)
@@ -191,6 +191,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {args.out}: {model.config.name} at {size}, {batch}; "
         f"{checked} vs PyTorch max abs difference {diff:.2e}"
     )
+    if "preprocess" in metadata:  # after the write: a refused export stays one error line
+        from ..data.preprocess import Preprocess
+
+        say_preprocess(Preprocess.from_json(metadata["preprocess"], args.out))
     if args.format == "torchscript":
         # After the write, not before: a refused export stays one error line.
         print(
@@ -220,7 +224,7 @@ def _load_for_export(args: argparse.Namespace):
     check_memory(trained.model, trained.resolution, *_EXPORT_CHECK)
     if args.format == "torchscript":  # the file keeps no metadata: no preprocessing to name
         return trained.model, trained.resolution, {}
-    trained = apply_preprocess(args, trained)  # kept in the file, said in one line
+    trained = apply_preprocess(args, trained, say=False)  # kept in the file, said after it
     metadata = {"classes": json.dumps(trained.classes), "preprocess": trained.preprocess.to_json()}
     return trained.model, trained.resolution, metadata
 
@@ -245,7 +249,7 @@ def _preprocess_metadata(args: argparse.Namespace, model, resolution: int) -> di
     from ..deployed import Trained
 
     trained = Trained(model, [], resolution, preprocess=model_preprocess(model, resolution))
-    return {"preprocess": apply_preprocess(args, trained).preprocess.to_json()}
+    return {"preprocess": apply_preprocess(args, trained, say=False).preprocess.to_json()}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -12,7 +12,13 @@ from typing import Any
 from ..errors import MobileNetError
 from .args import finite_float, positive_float, positive_int
 
-__all__ = ["PREPROCESS_FLAGS", "add_preprocess_args", "apply_preprocess", "preprocess_of"]
+__all__ = [
+    "PREPROCESS_FLAGS",
+    "add_preprocess_args",
+    "apply_preprocess",
+    "preprocess_of",
+    "say_preprocess",
+]
 
 # dest -> (task, flag): refused for the other tasks' models, which would ignore them.
 PREPROCESS_FLAGS = {
@@ -82,9 +88,15 @@ def preprocess_of(args: argparse.Namespace, base: Any) -> Any:
     return replace(chosen.replace(**given), name=f"{chosen.name} with {flags}")
 
 
-def apply_preprocess(args: argparse.Namespace, trained: Any) -> Any:
+def apply_preprocess(args: argparse.Namespace, trained: Any, say: bool = True) -> Any:
     """``trained`` with the preprocessing of the command line; says which in one line
-    (on stderr: stdout keeps the results, JSON included)."""
+    (on stderr: stdout keeps the results, JSON included) unless ``say`` is False."""
     trained.preprocess = preprocess_of(args, trained.eval_preprocess())
-    print(f"preprocess {trained.preprocess.describe()}", file=sys.stderr, flush=True)
+    if say:
+        say_preprocess(trained.preprocess)
     return trained
+
+
+def say_preprocess(preprocess: Any) -> None:
+    """The one line that names the preprocessing a command used, on stderr."""
+    print(f"preprocess {preprocess.describe()}", file=sys.stderr, flush=True)
