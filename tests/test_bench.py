@@ -194,3 +194,14 @@ def test_classifier_only_engines_are_left_out_or_refused_for_other_inputs():
         check_engines(["eager", "litert"], "mobilenet_v2", 1.0, explicit=True, square=False)
     with pytest.raises(MobileNetError, match="torch-int8 runs square classifiers only, not seg"):
         check_engines(["torch-int8"], "lraspp_mobilenet_v3_small", 1.0, explicit=True)
+
+
+def test_engines_left_out_are_named_in_one_line(capsys):
+    # torchvision has no MobileNetV4: its engine is left out, and the note says so.
+    args = ["bench", "mobilenet_v4_conv_small", "--width-mult", "0.5", "--resolution", "32"]
+    args += ["--rounds", "1", "--iterations", "1", "--engines", "eager,torchvision-eager"]
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [row["engine"] for row in json.loads(captured.out)["engines"]] == ["eager"]
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: left out, not applicable here: torchvision-eager"]
