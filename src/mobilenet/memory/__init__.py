@@ -9,7 +9,8 @@ The package holds three things:
   with the analytic peak of its schedule and the paper's bound. Its layers (the stem and
   the block, band by band and group by group, atrous or not, the convolution geometry,
   the in-place activations and the ledger that replays the allocations) are in
-  :mod:`~mobilenet.memory.ops`.
+  :mod:`~mobilenet.memory.ops`; MobileNetV4's (UIB, fused IB, Mobile MQA) in
+  :mod:`~mobilenet.memory.v4`.
 * :mod:`~mobilenet.memory.segmentation`: :class:`MemoryEfficientSegmenter`, the same for
   LR-ASPP and DeepLabv3 (what :func:`memory_efficient` builds for a segmentation model),
   with the heads and the banded bilinear upsampling in :mod:`~mobilenet.memory.heads`.

@@ -193,8 +193,9 @@ def memory_efficient(
     model: nn.Module, splits: int = 4, band_rows: int | None = DEFAULT_BAND_ROWS
 ) -> MemoryEfficientMobileNet | MemoryEfficientSegmenter:
     """The memory-efficient executor of V2 Section 5.1 for an inverted-residual network:
-    a V2 or V3 classifier (atrous or not), or a segmentation model on one (LR-ASPP,
-    DeepLabv3; see :mod:`mobilenet.memory.segmentation`).
+    a V2 or V3 classifier (atrous or not), a V4 classifier (UIB, fused IB and Mobile MQA
+    blocks: :mod:`mobilenet.memory.v4` says what its peak becomes), or a segmentation
+    model on V2 or V3 (LR-ASPP, DeepLabv3; see :mod:`mobilenet.memory.segmentation`).
 
     ``splits`` is the paper's t: the number of channel groups each block's expansion is
     computed in. ``band_rows`` is the height, in output rows, of the bands the leading
