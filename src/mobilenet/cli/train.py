@@ -25,7 +25,7 @@ from .args import (
     seed,
     width,
 )
-from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess
+from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess, say_preprocess
 
 __all__ = ["add_detect_alias", "add_parsers"]
 
@@ -338,7 +338,7 @@ def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "
 
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
     check_memory(trained.model, trained.resolution, batch, what, device=device)
-    return apply_preprocess(args, trained)  # says which preprocessing, in one line
+    return apply_preprocess(args, trained, say=False)  # said once it has run
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -355,6 +355,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_on(
         trained, args.data, args.batch_size or 64, args.workers or 0, args.device or "cpu"
     )
+    say_preprocess(trained.preprocess)  # after the run: a refused one stays one error line
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -400,6 +401,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     trained = _classifier(args, 1, "the prediction")
     results = predict(trained, args.images, args.top or 5, args.engine or "auto")
+    say_preprocess(trained.preprocess)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
