@@ -118,7 +118,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _default_resolution(model: object) -> int:
     """The model's own evaluation size (MobileNetV4's Conv-M and Hybrid-M 256, the large
-    ones 384: V4 Table 5), 224 for a model that names none."""
+    ones 384: the paper's ImageNet table), 224 for a model that names none."""
     return getattr(getattr(model, "eval_config", None), "resolution", 224)
 
 

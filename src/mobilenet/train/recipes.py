@@ -133,7 +133,7 @@ RECIPES: dict[str, Recipe] = {
     # MobileNetV4-Conv-S on ImageNet-1k. The paper points to the authors' released code
     # (V4 footnote 1, TF model garden); its training config for Conv-S
     # (official/vision/configs/experiments/image_classification/
-    # imagenet_mobilenetv4_conv_small_tpu.yaml, "Top-1 Acc: 73.8%", V4 Table 5's figure)
+    # imagenet_mobilenetv4_conv_small_tpu.yaml, "Top-1 Acc: 73.8%", the paper's figure)
     # gives every default here: AdamW (beta1 0.6, epsilon 1e-6, decoupled weight decay
     # 0.01, none on BatchNorm), learning rate 0.002 for a global batch of 4096, linear
     # warm-up over 1,560 steps (5 epochs of 312.8 steps) then cosine decay to zero over
