@@ -1,5 +1,5 @@
 """Record ``mobilenet bench mobilenet_v4_conv_small``: every engine that takes MobileNetV4
-(V4 Table 5's Conv-S at 224), batch 1, 1 thread, interleaved rounds, into
+(Conv-S at its 224), batch 1, 1 thread, interleaved rounds, into
 benchmarks/v4_bench.json and the table into benchmarks/v4_bench.txt. The table's header
 names the CPU, its ISA features and the cores other processes kept busy during the run;
 compare the ratios between engines, which one interleaved run measures alike.
