@@ -84,7 +84,15 @@ def test_int8_export_is_close_to_its_reference(tmp_path):
     # Full-integer: the file itself takes int8 images (the runner quantizes them).
     from ai_edge_litert.interpreter import Interpreter
 
-    assert Interpreter(model_path=str(path)).get_input_details()[0]["dtype"] == np.int8
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    # h-swish and h-sigmoid quantized: no float HARD_SWISH between DEQUANTIZE and QUANTIZE.
+    operators = {d["op_name"] for d in interpreter._get_ops_details()}
+    assert "HARD_SWISH" not in operators and "LOGISTIC" not in operators
+    # A file of fixed batch 1: a larger batch runs image by image, with the same results.
+    assert metadata["batch"] == "1"
+    x = batches[1][:3]
+    torch.testing.assert_close(run(x), torch.cat([run(x[i : i + 1]) for i in range(3)]))
 
 
 def test_int8_without_images_is_refused(tmp_path):

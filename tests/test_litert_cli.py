@@ -90,7 +90,8 @@ def test_quantize_to_tflite_and_evaluate(tmp_path, capsys):
     args = ["quantize", "--weights", weights, "--data", "digits", "--out", str(out)]
     assert main([*args, "--calibration-images", "32"]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
-    assert "full-integer LiteRT model, calibrated on 32 images of digits" in said
+    assert "full-integer LiteRT model, batch 1 (larger batches run image by image), " in said
+    assert "calibrated on 32 images of digits" in said
     trained = load_trained(str(out))
     assert isinstance(trained.model, TfliteModel) and trained.model.precision == "int8"
     metrics = cli_json(capsys, "eval", "--weights", str(out), "--data", "digits")

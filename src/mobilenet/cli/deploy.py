@@ -285,7 +285,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         used, diff = quantize_tflite(trained, args.data, args.out, images, progress=log)
         out = args.out
         how = (
-            f"full-integer LiteRT model, calibrated on {used} images of {args.data}; "
+            f"full-integer LiteRT model, batch 1 (larger batches run image by image), "
+            f"calibrated on {used} images of {args.data}; "
             f"max abs difference from the float model {diff:.2e}"
         )
     else:

@@ -24,7 +24,15 @@ weights per output channel, int8 activations), calibrated on the caller's images
 converter makes it full-integer, input and output included: the file takes int8 images
 and gives int8 logits, with their scale and zero point in the file; the runner of
 :func:`read_tflite` quantizes and dequantizes, so callers pass float images either way.
-It is checked against the quantized PyTorch reference it came from.
+It is checked against the quantized PyTorch reference it came from. The quantizer has no
+h-swish: left as they are, V3's h-swish and h-sigmoid run in float between a DEQUANTIZE
+and a QUANTIZE, and the int8 file ran slower than the float32 one. Written as add, clamp
+and multiply (:func:`mobilenet.export.prepare.integer_activations`, the same function)
+they are quantized too, and mobilenet_v3_large's int8 file runs in about half the time
+(``benchmarks/litert_int8.py``). The converter then fixes the batch of the RESHAPEs it
+adds around those multiplications at 1, so the interpreter cannot resize the batch of an
+int8 file: its metadata says ``batch`` 1, and the runner of :func:`read_tflite` runs a
+larger batch image by image (a phone classifies one image at a time anyway).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from ..fileio import read_bytes, write_bytes
 from .executorch import INT8_SLACK, _name, _quiet_native_stderr
 from .int8 import calibrated_export, observe
 from .onnx import _check, _model_metadata
-from .prepare import prepare_for_inference
+from .prepare import integer_activations, prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
 
 __all__ = [
@@ -63,6 +71,7 @@ __all__ = [
 FORMAT = "mobilenet-tflite"
 META_NAME = "mobilenet"  # our entry in the flatbuffer's metadata table
 LAYOUT = "NCHW"  # the file's input: (batch, 3, resolution, resolution)
+FIXED_BATCH = "1"  # the metadata "batch" of a file whose batch cannot be resized
 
 _PURPOSE = "LiteRT export (.tflite)"
 _RUN_PURPOSE = "running a LiteRT model (.tflite)"
@@ -107,7 +116,7 @@ def export_tflite_int8(
 
     model = model.eval()
     name = _name(model)
-    prepared = prepare_for_inference(model, channels_last=False)
+    prepared = integer_activations(prepare_for_inference(model, channels_last=False))
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
     )
@@ -121,6 +130,7 @@ def export_tflite_int8(
     flat = _convert(reference, resolution, name, config, litert_torch)
     meta = _metadata(model, resolution, metadata, "int8")
     meta["calibration_images"] = str(seen)
+    meta["batch"] = FIXED_BATCH  # see the module's docstring
     data = _with_metadata(flat, meta)
     run, _ = read_tflite(data, "the exported int8 model", threads=1)
     diff = _check_int8(run, model, reference, first)
@@ -149,9 +159,10 @@ def read_tflite(
     source: str | Path | bytes, name: str = "", threads: int | None = None
 ) -> tuple[Runner, dict[str, str]]:
     """A runner of a ``.tflite`` written by this module (float NCHW image batch in,
-    float logits out, any batch size) and its metadata; anything else, or a damaged file,
-    is one error. ``threads`` is the interpreter's thread count (LiteRT's Python
-    interpreter takes one when it is None). The runner is not thread-safe."""
+    float logits out, any batch size: image by image for a file of fixed batch 1) and its
+    metadata; anything else, or a damaged file, is one error. ``threads`` is the
+    interpreter's thread count (LiteRT's Python interpreter takes one when it is None).
+    The runner is not thread-safe."""
     interpreter_module = require("ai_edge_litert.interpreter", "litert", _RUN_PURPOSE)
     if threads is not None and threads < 1:
         raise MobileNetError(f"threads must be at least 1, not {threads}")
@@ -173,16 +184,19 @@ def read_tflite(
     shapes = [[int(n) for n in d["shape"][1:]] for d in inputs]
     if len(outputs) != 1 or shapes != [[3, resolution, resolution]]:
         raise MobileNetError(f"{what}: its input is not one {LAYOUT} image batch")
-    return _runner(interpreter, inputs[0], outputs[0], what), metadata
+    fixed = metadata.get("batch") == FIXED_BATCH
+    return _runner(interpreter, inputs[0], outputs[0], what, fixed), metadata
 
 
-def _runner(interpreter: Any, image: dict, logits: dict, what: str) -> Runner:
+def _runner(interpreter: Any, image: dict, logits: dict, what: str, fixed: bool) -> Runner:
     shape = [int(n) for n in image["shape"][1:]]
     batch = [int(image["shape"][0])]
 
     def run(images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or list(images.shape[1:]) != shape or images.shape[0] < 1:
             raise MobileNetError(f"{what} takes batches of {'x'.join(map(str, shape))} images")
+        if fixed and len(images) > 1:  # a batch the file cannot take: image by image
+            return torch.cat([run(one) for one in images.split(1)])
         x = images.detach().to(torch.float32).contiguous().numpy()
         try:
             if len(x) != batch[0]:  # the interpreter plans its memory again
