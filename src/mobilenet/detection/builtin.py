@@ -12,15 +12,12 @@ holds out).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..data.datasets import BUILTIN
+from ..data.digit_scenes import write_digit_splits
 from ..errors import MobileNetError
 from .data import ANNOTATIONS
 
@@ -28,8 +25,6 @@ __all__ = ["BUILTIN_DETECTION", "dataset_root", "make_mnist_det"]
 
 BUILTIN_DETECTION = ("mnist-det",)
 MNIST_DET_VERSION = 2  # bump when the generator changes: the cache folder is keyed on it
-TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry",
-            "coffee", "rocket")  # fmt: skip
 IMAGE_SIZE = 320
 DIGIT_SIZES = (40, 128)  # pixels of a digit's 28x28 cell, log-uniform
 TRAIN_IMAGES, VAL_IMAGES = 10_000, 500  # v1: 4,000 training images (overfitted in 12 epochs)
@@ -65,43 +60,14 @@ def make_mnist_det(
     Deterministic for a given ``seed``; written into a temporary folder and renamed, so
     an interrupted run leaves nothing half-made.
     """
-    root = Path(root)
-    digits, labels = BUILTIN["mnist"][0]()
-    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
-    digits, labels = digits[order, 0].numpy(), labels[order].numpy()
-    held_out = BUILTIN["mnist"][1]  # the classification task's held-out digits
-    textures = _textures()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        parts = {
-            "train": (train_images, slice(0, len(digits) - held_out), seed),
-            "val": (val_images, slice(len(digits) - held_out, None), seed + 1),
-        }
-        for split, (count, pool, split_seed) in parts.items():
-            rng = np.random.default_rng(split_seed)
-            _write_split(tmp / split, count, digits[pool], labels[pool], textures, rng)
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
-def _textures() -> list[np.ndarray]:
-    from ..extras import require
-
-    skimage_data = require("skimage.data", "detection", "the mnist-det dataset")
-
-    out = []
-    for name in TEXTURES:
-        image = getattr(skimage_data, name)()
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        out.append(np.ascontiguousarray(image[..., :3]))
-    return out
+    return write_digit_splits(
+        Path(root),
+        "the mnist-det dataset",
+        (train_images, val_images),
+        seed,
+        lambda digits: digits[:, 0],
+        _write_split,
+    )
 
 
 def _write_split(

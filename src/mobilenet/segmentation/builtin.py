@@ -19,8 +19,6 @@ overlap little: at most 10% of the smaller square). No pixel is 255.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.datasets import BUILTIN
+from ..data.digit_scenes import write_digit_splits
 from ..errors import MobileNetError
 from .data import CLASSES_FILE, palette
 
@@ -36,8 +34,6 @@ __all__ = ["BUILTIN_SEGMENTATION", "dataset_root", "make_mnist_seg"]
 
 BUILTIN_SEGMENTATION = ("mnist-seg",)
 MNIST_SEG_VERSION = 1  # bump when the generator changes: the cache folder is keyed on it
-TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry",
-            "coffee", "rocket")  # fmt: skip
 IMAGE_SIZE = 128
 DIGIT_SIZES = (40, 96)  # pixels of a digit's 28x28 cell, log-uniform
 DIGITS_PER_IMAGE = (1, 4)  # tried; fewer where a digit finds no free place
@@ -76,48 +72,15 @@ def make_mnist_seg(
     Deterministic for a given ``seed``; written into a temporary folder and renamed, so
     an interrupted run leaves nothing half-made.
     """
-    root = Path(root)
-    digits, labels = BUILTIN["mnist"][0]()
-    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
-    digits, labels = bold(digits[order]).numpy(), labels[order].numpy()
-    held_out = BUILTIN["mnist"][1]  # the classification task's held-out digits
-    textures = _textures()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        parts = {
-            "train": (train_images, slice(0, len(digits) - held_out), seed),
-            "val": (val_images, slice(len(digits) - held_out, None), seed + 1),
-        }
-        for split, (count, pool, split_seed) in parts.items():
-            rng = np.random.default_rng(split_seed)
-            _write_split(tmp / split, count, digits[pool], labels[pool], textures, rng)
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return write_digit_splits(
+        Path(root), "the mnist-seg dataset", (train_images, val_images), seed, bold, _write_split
+    )
 
 
 def bold(digits: torch.Tensor) -> torch.Tensor:
     """MNIST digits ``[N, 1, 28, 28]`` (uint8) with strokes one pixel thicker on each side:
     a 3x3 maximum filter, so the masks of a stride-8 network's size are not hairlines."""
     return F.max_pool2d(digits.float(), 3, stride=1, padding=1)[:, 0].to(torch.uint8)
-
-
-def _textures() -> list[np.ndarray]:
-    from ..extras import require
-
-    skimage_data = require("skimage.data", "detection", "the mnist-seg dataset")
-    out = []
-    for name in TEXTURES:
-        image = getattr(skimage_data, name)()
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        out.append(np.ascontiguousarray(image[..., :3]))
-    return out
 
 
 def _write_split(
