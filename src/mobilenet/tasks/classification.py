@@ -60,10 +60,7 @@ class TrainConfig:
         return d
 
     def run(self) -> RunConfig:
-        return RunConfig(
-            self.out, self.recipe, self.lr, self.seed, self.workers, self.device, self.amp,
-            self.channels_last, self.eval_every, self.resume, self.progress,
-        )  # fmt: skip
+        return RunConfig.of(self, self.recipe, self.lr, self.channels_last)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..models import create_model
 from ..train.distributed import Distributed
 from ..train.engine import RunConfig, Setup, fit
 from ..train.plot import Panel, plot_panels
-from ..train.recipes import Recipe
+from ..train.recipes import Recipe, dense_recipe
 
 __all__ = ["DetectTrainConfig", "DetectTrainResult", "DetectionTask", "train_detector"]
 
@@ -66,26 +66,10 @@ class DetectTrainConfig:
         return d
 
     def recipe(self) -> Recipe:
-        return Recipe(
-            name="ssdlite",
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 0.0),
-            lr_batch=self.batch_size,  # the rate is given for the batch used
-            weight_decay=self.weight_decay,
-            norm_weight_decay=False,
-            schedule="cosine",
-            warmup_epochs=self.warmup_epochs,
-            ema_decay=self.ema_decay,
-            resolution=self.image_size,
-        )
+        return dense_recipe("ssdlite", self, DEFAULT_LR, self.image_size)
 
     def run(self) -> RunConfig:
-        return RunConfig(
-            self.out, self.recipe(), None, self.seed, self.workers, self.device, self.amp,
-            True, self.eval_every, self.resume, self.progress,
-        )  # fmt: skip
+        return RunConfig.of(self, self.recipe())
 
 
 @dataclass

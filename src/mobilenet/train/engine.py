@@ -66,6 +66,18 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
 
+    @classmethod
+    def of(
+        cls, task_config: Any, recipe: Recipe, lr: float | None = None, channels_last: bool = True
+    ) -> RunConfig:
+        """The engine's settings of a task's training config: its ``out``, ``seed``,
+        ``workers``, ``device``, ``amp``, ``eval_every``, ``resume`` and ``progress``."""
+        c = task_config
+        return cls(
+            c.out, recipe, lr, c.seed, c.workers, c.device, c.amp, channels_last,
+            c.eval_every, c.resume, c.progress,
+        )  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         """The settings but the recipe (``config.json`` holds it on its own)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "recipe"}

@@ -14,7 +14,7 @@ from typing import Any
 from ..data.transforms import Augment
 from ..errors import MobileNetError
 
-__all__ = ["RECIPES", "Recipe", "get_recipe"]
+__all__ = ["RECIPES", "Recipe", "dense_recipe", "get_recipe"]
 
 
 @dataclass(frozen=True)
@@ -202,3 +202,28 @@ def get_recipe(name: str, **overrides: Any) -> Recipe:
     if unknown:
         raise MobileNetError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
     return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def dense_recipe(
+    name: str, config: Any, default_lr: dict[str, float], resolution: int, **extra: Any
+) -> Recipe:
+    """The recipe of a detection or segmentation run (``config`` holds its ``epochs``,
+    ``batch_size``, ``optimizer``, ``lr``, ``weight_decay``, ``warmup_epochs`` and
+    ``ema_decay``): the learning rate given for the batch used (``default_lr`` of the
+    optimizer when ``lr`` is None), cosine schedule, no weight decay on norms."""
+    lr = config.lr if config.lr is not None else default_lr.get(config.optimizer, 0.0)
+    return Recipe(
+        name=name,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        lr=lr,
+        lr_batch=config.batch_size,
+        weight_decay=config.weight_decay,
+        norm_weight_decay=False,
+        schedule="cosine",
+        warmup_epochs=config.warmup_epochs,
+        ema_decay=config.ema_decay,
+        resolution=resolution,
+        **extra,
+    )
