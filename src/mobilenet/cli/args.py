@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..cost import MAX_RESOLUTION, MIN_RESOLUTION, check_resolution
@@ -15,6 +16,7 @@ from ..models.registry import check_width_mult
 __all__ = [
     "Parser",
     "add_model_args",
+    "dense_task_config",
     "finite_float",
     "is_main_process",
     "model_kwargs",
@@ -167,3 +169,32 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def is_main_process() -> bool:
     """False in the other processes of a torchrun group (only rank 0 prints results)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# The training flags detection and segmentation share (None: the config's default).
+DENSE_FLAGS = (
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "ema_decay",
+    "flip",
+)  # fmt: skip
+
+
+def dense_task_config(config_class: type, args: argparse.Namespace, **given: Any) -> Any:
+    """A detection or segmentation training config (``config_class``) of ``mobilenet
+    train``'s arguments: the settings every run has, the shared flags and the task's own
+    ``given``, each given flag overriding the config's default."""
+    flags = {name: getattr(args, name) for name in DENSE_FLAGS}
+    return config_class(
+        model=args.model,
+        data=args.data,
+        out=Path(args.out),
+        width_mult=args.width_mult,
+        val_data=args.val_data,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        amp=args.amp,
+        resume=args.resume,
+        progress=not args.quiet,
+        **{k: v for k, v in {**flags, **given}.items() if v is not None},
+    )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from ..errors import MobileNetError
+from .args import dense_task_config
 
 __all__ = ["eval_segmenter", "segment", "segmentation_config", "trained_line"]
 
@@ -23,33 +23,7 @@ def segmentation_config(args: argparse.Namespace):
 
     size = args.resolution  # an int: a square crop; or (height, width)
     crop = (size, size) if isinstance(size, int) else None if size is None else tuple(size)
-    given: dict[str, Any] = {
-        "crop_size": crop,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs,
-        "ema_decay": args.ema_decay,
-        "flip": args.flip,
-        "aux_loss": args.aux_loss,
-    }
-    return SegTrainConfig(
-        model=args.model,
-        data=args.data,
-        out=Path(args.out),
-        width_mult=args.width_mult,
-        val_data=args.val_data,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        progress=not args.quiet,
-        **{k: v for k, v in given.items() if v is not None},
-    )
+    return dense_task_config(SegTrainConfig, args, crop_size=crop, aux_loss=args.aux_loss)
 
 
 def trained_line(args: argparse.Namespace) -> tuple[Any, str]:

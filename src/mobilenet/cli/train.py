@@ -15,6 +15,7 @@ from ..errors import MobileNetError
 from ..limits import check_memory
 from ..models import model_task
 from .args import (
+    dense_task_config,
     finite_float,
     is_main_process,
     model_name,
@@ -292,36 +293,15 @@ def _classification_config(args: argparse.Namespace):
 def _detection_config(args: argparse.Namespace):
     from ..tasks.detection import DetectTrainConfig
 
-    given = {
-        "image_size": args.resolution,
-        "min_scale": args.min_scale,
-        "max_scale": args.max_scale,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs,
-        "ema_decay": args.ema_decay,
-        "focal": args.focal,
-        "augment": args.augment,
-        "cache": args.cache,
-        "flip": args.flip,
-    }
-    return DetectTrainConfig(
-        model=args.model,
-        data=args.data,
-        out=Path(args.out),
-        width_mult=args.width_mult,
-        val_data=args.val_data,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        progress=not args.quiet,
-        **{k: v for k, v in given.items() if v is not None},
+    return dense_task_config(
+        DetectTrainConfig,
+        args,
+        image_size=args.resolution,
+        min_scale=args.min_scale,
+        max_scale=args.max_scale,
+        focal=args.focal,
+        augment=args.augment,
+        cache=args.cache,
     )
 
 
