@@ -70,13 +70,19 @@ def _load(task: str | None = None) -> None:
             importlib.import_module(package)
 
 
+TASK_ORDER = ("classification", "detection", "segmentation")
+
+
 def list_models(task: str | None = "classification") -> list[str]:
     """Names of the registered models of ``task`` (None: every task), in registration
     order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small;
     segmentation models LR-ASPP and DeepLabv3."""
     if task != "classification":
         _load(task)
-    return [name for name in _REGISTRY if task is None or _TASKS[name] == task]
+    names = [name for name in _REGISTRY if task is None or _TASKS[name] == task]
+    # By task first: the families register when first imported, in whatever order.
+    order = {kind: i for i, kind in enumerate(TASK_ORDER)}
+    return sorted(names, key=lambda name: order.get(_TASKS[name], len(order)))
 
 
 def model_task(name: str) -> str:
