@@ -171,12 +171,18 @@ def calibration_batches(
         yield batch
 
 
-def calibration_count(dataset: Dataset, images: int, data: str = "the data") -> int:
-    """How many images calibration uses: ``images``, or all ``dataset`` holds when that is
-    fewer (calibrating on what there is beats refusing). An empty dataset is refused."""
+def calibration_count(
+    dataset: Dataset,
+    images: int,
+    data: str = "the data",
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """How many images calibration uses: ``images``, or all there are (``progress`` is told)."""
     available = len(dataset)  # type: ignore[arg-type]
     if available == 0:
         raise MobileNetError(f"no calibration images in {data}")
+    if available < images and progress:
+        progress(f"{data} holds {available} images: calibrating on all {available}")
     return min(images, available)
 
 
@@ -204,9 +210,7 @@ def calibrated_export(
     """``export_int8`` of ``trained`` calibrated on ``calibration_images`` random images of
     ``data`` (all, when fewer: ``progress`` is told); the images used, the max abs diff."""
     dataset = calibration_dataset(trained, data)
-    used = calibration_count(dataset, calibration_images, data)
-    if used < calibration_images and progress:
-        progress(f"{data} holds {used} images: calibrating on all {used}")
+    used = calibration_count(dataset, calibration_images, data, progress)
     batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
     metadata = {"classes": json.dumps(trained.classes)}
     diff = export_int8(trained.model, batches, out, trained.resolution, metadata)
@@ -231,9 +235,7 @@ def quantize_torch(
     dataset = calibration_dataset(trained, data)
     generator = torch.Generator().manual_seed(seed)
     if method == "ptq":
-        used = calibration_count(dataset, calibration_images, data)
-        if used < calibration_images and progress:
-            progress(f"{data} holds {used} images: calibrating on all {used}")
+        used = calibration_count(dataset, calibration_images, data, progress)
         batches = calibration_batches(dataset, used, generator)
         return quantize_model(trained.model, batches, trained.resolution)
     with _x86_backend():

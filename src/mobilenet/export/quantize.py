@@ -91,9 +91,7 @@ def quantize_onnx(
         require(module, "deploy", "ONNX quantization")
     out = Path(out)
     dataset = calibration_dataset(trained, data)  # a bad --data is refused before the export
-    used = calibration_count(dataset, calibration_images, data)
-    if used < calibration_images and progress:
-        progress(f"{data} holds {used} images: calibrating on all {used}")
+    used = calibration_count(dataset, calibration_images, data, progress)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         classes = json.dumps(trained.classes)
