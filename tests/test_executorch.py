@@ -189,6 +189,8 @@ def test_quantize_to_pte_calibrates_on_the_data_and_checks_before_the_write(int8
     run, metadata = read_pte(out)
     assert metadata["dtype"] == "int8" and metadata["calibration_images"] == "40"
     assert json.loads(metadata["classes"]) == CLASSES and metadata["resolution"] == str(RES)
+    # The preprocessing it was calibrated with, which eval and predict then use.
+    assert json.loads(metadata["preprocess"])["resolution"] == RES
     assert sorted(p.name for p in out.parent.iterdir()) == ["int8.pte", "w.safetensors"]
     assert run(torch.randn(2, 3, RES, RES)).shape == (2, 10)
 

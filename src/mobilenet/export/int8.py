@@ -212,9 +212,9 @@ def calibrated_export(
     dataset = calibration_dataset(trained, data)
     used = calibration_count(dataset, calibration_images, data, progress)
     batches = calibration_batches(dataset, used, torch.Generator().manual_seed(seed))
-    metadata = {"classes": json.dumps(trained.classes)}
-    diff = export_int8(trained.model, batches, out, trained.resolution, metadata)
-    return used, diff
+    classes, preprocess = json.dumps(trained.classes), trained.eval_preprocess().to_json()
+    metadata = {"classes": classes, "preprocess": preprocess}  # as it was calibrated
+    return used, export_int8(trained.model, batches, out, trained.resolution, metadata)
 
 
 def quantize_torch(
