@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,16 @@ def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its pickle-protocol notes are not the user's to act on
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad or unsafe pickle
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):  # and torch's advice to unpickle
+            reason = "it is not a weights-only pickle, and nothing else is unpickled"
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (safetensors, or a PyTorch state dict "
-            f"loadable with weights_only=True): {first_line}"
+            f"{path}: not a readable checkpoint (safetensors, a Keras .h5/.keras file, or a "
+            f"PyTorch state dict loadable with weights_only=True): {reason}"
         ) from None
     return _unwrap(obj, path), {}
 
