@@ -162,3 +162,20 @@ def test_same_padding_exports_to_onnx(size, tmp_path):
 
     model = randomize_bn(create_model("mobilenet_v3_small", width_mult=0.5, padding="same"))
     assert export_onnx(model.eval(), tmp_path / "m.onnx", resolution=size) <= 1e-4
+
+
+def test_same_padded_models_are_costed_and_traced():
+    # The cost model (and the memory check eval, predict and export run first) traces the
+    # model with torch.fx, which cannot branch on the input's size.
+    from mobilenet import cost
+    from mobilenet.cost import activation_memory
+
+    same = create_model("mobilenet_v3_small", padding="same")
+    symmetric = create_model("mobilenet_v3_small")
+    for size in (224, 225):
+        assert cost(same, size).madds == cost(symmetric, size).madds
+        assert activation_memory(same, size).peak > activation_memory(symmetric, size).peak
+    traced = torch.fx.symbolic_trace(same.eval())
+    x = torch.randn(1, 3, 225, 225)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), same(x), rtol=0, atol=0)

@@ -91,12 +91,21 @@ class SamePad(nn.Module):
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, d = self.kernel_size, self.stride, self.dilation
-        top, bottom = same_padding(x.shape[-2], k, s, d)
-        left, right = same_padding(x.shape[-1], k, s, d)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return x
+        return F.pad(x, same_pad(x.shape, self.kernel_size, self.stride, self.dilation))
+
+
+def same_pad(
+    shape: torch.Size, kernel: int, stride: int, dilation: int = 1
+) -> tuple[int, int, int, int]:
+    """``F.pad``'s (left, right, top, bottom) for TF's SAME padding of an NCHW ``shape``."""
+    top, bottom = same_padding(shape[-2], kernel, stride, dilation)
+    left, right = same_padding(shape[-1], kernel, stride, dilation)
+    return left, right, top, bottom
+
+
+# One call in an FX graph (the cost model's, FX quantization's): symbolic tracing cannot
+# branch on a size it does not know, and the padding depends on the input's size.
+torch.fx.wrap("same_pad")
 
 
 class ConvBNAct(nn.Module):
