@@ -199,3 +199,10 @@ def test_timm_files_take_their_default_tag_and_tf_ones_inception_scaling(tmp_pat
             cfg = timm.models.get_pretrained_cfg(arch)
             assert (p.mean, p.std, p.interpolation) == (cfg.mean, cfg.std, cfg.interpolation)
             assert p.crop_pct == cfg.crop_pct
+
+
+def test_quantize_calibrates_on_an_ilsvrc_folder(imagenet_run, tmp_path):
+    out = tmp_path / "int8.safetensors"
+    args = ["quantize", "--weights", str(imagenet_run / "in1k.safetensors"), "--data",
+            str(imagenet_run / "val"), "--calibration-images", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0 and out.is_file()

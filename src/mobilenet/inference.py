@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .data import builtin_splits, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
-from .data.imagenet import check_imagenet_folder, default_classes, imagenet_wnids, is_imagenet
+from .data.imagenet import check_imagenet_folder, default_classes, folder_classes
 from .data.images import require_regular_file
 from .data.published import model_preprocess
 from .deployed import (
@@ -108,7 +108,7 @@ def evaluate_on(
     transform = trained.eval_preprocess().transform()
     # An ImageNet model's classes are matched by WordNet id (n01440764/, ...): a folder
     # with some of the 1,000 still gives each image its index among all 1,000.
-    classes = imagenet_wnids() if is_imagenet(trained.classes) else trained.classes
+    classes = folder_classes(trained.classes)
     if data in BUILTIN:
         dataset = builtin_splits(data, transform, transform).val
     elif is_shards(data):

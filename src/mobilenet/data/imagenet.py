@@ -22,6 +22,7 @@ __all__ = [
     "IMAGENET_CLASSES",
     "check_imagenet_folder",
     "default_classes",
+    "folder_classes",
     "imagenet_names",
     "imagenet_wnids",
     "is_imagenet",
@@ -53,6 +54,12 @@ def default_classes(num_classes: int) -> list[str]:
     if num_classes == IMAGENET_CLASSES:
         return imagenet_names()
     return [str(i) for i in range(num_classes)]
+
+
+def folder_classes(classes: list[str]) -> list[str]:
+    """The class folder names a model's data is read with: ImageNet's WordNet ids for an
+    ImageNet-1k model (``n01440764/`` ..., in the 1,000 classes' order), else its classes."""
+    return imagenet_wnids() if is_imagenet(classes) else classes
 
 
 def is_imagenet(classes: Sequence[str]) -> bool:

@@ -147,14 +147,14 @@ def calibration_dataset(trained, data: str) -> Dataset:
     """The images to calibrate or fine-tune on, preprocessed as ``eval`` does (ranges
     observed on other inputs would not fit): a built-in dataset's training split (never
     the held-out one), or a folder read with the model's class names."""
-    from ..data import builtin_splits
-    from ..data.datasets import BUILTIN, ImageFolder
+    from ..data.datasets import BUILTIN, ImageFolder, builtin_splits
+    from ..data.imagenet import folder_classes
 
     transform = trained.eval_preprocess().transform()
     if data in BUILTIN:
         return builtin_splits(data, transform, transform).train
     if Path(data).is_dir():
-        return ImageFolder(data, transform, classes=trained.classes)
+        return ImageFolder(data, transform, classes=folder_classes(trained.classes))
     raise MobileNetError(
         f"data not found: {data} (an image folder, or one of: {', '.join(BUILTIN)})"
     )
