@@ -91,7 +91,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..models import model_from_checkpoint
     from ..weights import find_layout, read_checkpoint, save_weights
-    from ..weights.layouts import with_origin
 
     state_dict, metadata = read_checkpoint(args.src)
     model = model_from_checkpoint(
@@ -101,10 +100,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     extra = {"converted_from": layout.name}
     if args.origin:
         extra["origin"] = args.origin
-    settings = layout.settings(state_dict, with_origin(metadata, args.origin), args.src)
-    if "preprocess" in settings:  # the authors' TF checkpoints: inputs in [-1, 1]
-        preprocess = {"crop_pct": 0.875, "interpolation": "bilinear", **settings["preprocess"]}
-        extra["preprocess"] = json.dumps(preprocess)
+    # The file keeps the checkpoint's preprocessing (model.preprocess, set on loading:
+    # [-1, 1] for the authors' TF checkpoints).
     save_weights(model, args.dst, extra)
     cfg = model.config
     build = ", Keras' build" if getattr(cfg, "keras", False) else ""

@@ -38,11 +38,11 @@ from ..errors import CheckpointError
 from ..layers import ConvBNAct, SqueezeExcite
 from ..weights import Layout, register_layout
 from .base import MobileNet
+from .padding import TF_PREPROCESS
 
 __all__ = ["KERAS_BN_EPS", "keras_family", "keras_layer_name"]
 
 KERAS_BN_EPS = 1e-3
-TF_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # pixels in [-1, 1]
 StateDict = dict[str, torch.Tensor]
 Tensors = Mapping[str, torch.Tensor]
 # The layer that identifies each application, and its classifier.

@@ -33,6 +33,7 @@ from ..errors import CheckpointError
 from ..layers import ConvBNAct
 from ..weights import FORMAT, Layout, register_layout, saved_config
 from .base import MobileNet
+from .padding import TF_PREPROCESS
 
 __all__ = ["TIMM_V3_MODELS", "conv_bn_key", "timm_v3_model", "torchvision_block_key"]
 
@@ -41,7 +42,6 @@ PYTORCH_BN_EPS = 1e-5
 TORCHVISION_V3_BN_EPS = 1e-3
 TF_BN_EPS = 1e-3
 # Inputs scaled to [-1, 1] (TF "inception" preprocessing), as the authors' checkpoints expect.
-TF_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 # timm's MobileNetV3 classifiers of the paper's tables (timm 1.0); tf_*: the authors' TF
 # checkpoints, ported with TF's padding and BatchNorm epsilon.
 TIMM_V3_MODELS = (

@@ -12,13 +12,14 @@ from __future__ import annotations
 from ..errors import MobileNetError
 from .base import EvalConfig
 
-__all__ = ["KERAS_EVAL", "MODEL_PADDINGS", "resolve_padding"]
+__all__ = ["KERAS_EVAL", "MODEL_PADDINGS", "TF_PREPROCESS", "resolve_padding"]
 
 MODEL_PADDINGS = ("symmetric", "same")
 
 # Keras applications' inputs: pixels scaled to [-1, 1] (mean 0.5, std 0.5 on [0, 1]); V3's
 # built-in Rescaling layer does the same to [0, 255] pixels, so ours takes [-1, 1] inputs.
-KERAS_EVAL = EvalConfig(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+TF_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # the TF checkpoints' too
+KERAS_EVAL = EvalConfig(**TF_PREPROCESS)
 
 
 def resolve_padding(padding: str | None, keras: bool = False) -> str:
