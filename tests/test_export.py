@@ -164,3 +164,15 @@ def test_predict_engines_agree_and_the_onnx_file_is_cached(tmp_path, capsys):
     stamp = cached[0].stat().st_mtime_ns
     assert main(["predict", "--weights", str(weights), str(image), "--resolution", "64"]) == 0
     assert cached[0].stat().st_mtime_ns == stamp  # exported once, reused
+
+
+def test_export_format_follows_the_suffix_and_a_contradiction_is_refused(tmp_path, capsys):
+    base = ["export", "--model", "mobilenet_v1_conv", "--width-mult", "0.25", "--resolution", "32"]
+    bad = tmp_path / "m.onnx"
+    assert main([*base, "--format", "pt2", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == "mobilenet export: error: --format pt2 writes a .pt2 file, not m.onnx\n"
+    assert not bad.exists()
+    # No --format: the suffix names it (a .pt2 file holds a torch.export program).
+    assert main([*base, "--out", str(tmp_path / "m.pt2")]) == 0
+    assert "torch.export vs PyTorch" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess,
 __all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
 
 # quantize --format -> the file it writes; eval and predict tell the formats by the suffix
+EXPORT_SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "pte": ".pte", "tflite": ".tflite"}
 QUANTIZE_SUFFIXES = {"torch": ".safetensors", "onnx": ".onnx", "pte": ".pte", "tflite": ".tflite"}
 # Flags of one quantization method: dest -> (method, flag).
 _METHOD_FLAGS = {
@@ -44,8 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         choices=["onnx", "pt2", "pte", "tflite", "torchscript"],
-        default="onnx",
-        help="pt2: torch.export program; pte: ExecuTorch program (XNNPACK, batch 1 to 8, "
+        default=None,
+        help="default: from --out (.onnx, .pt2, .pte, .tflite), else onnx. pt2: "
+        "torch.export program; pte: ExecuTorch program (XNNPACK, batch 1 to 8, "
         'pip install "mobilenet[mobile]"); tflite: LiteRT model (pip install '
         '"mobilenet[litert]"); torchscript: deprecated, use pt2',
     )
@@ -145,6 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript, input_size
     from ..export.pt2 import export_pt2
 
+    args.format = _export_format(args)
     batch = "dynamic batch"
     if args.opset is not None and args.format != "onnx":
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
@@ -296,6 +299,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"evaluate it with `mobilenet eval --weights {out} --data ...`"
     )
     return 0
+
+
+def _export_format(args: argparse.Namespace) -> str:
+    """The format ``export`` writes: ``--format``, else the one the suffix of ``--out``
+    names, else ONNX; a suffix that names another format than ``--format`` is refused
+    (eval and predict read a file by its suffix)."""
+    suffix = Path(args.out).suffix
+    implied = next((f for f, s in EXPORT_SUFFIXES.items() if s == suffix), None)
+    if args.format and implied not in (None, args.format):
+        raise MobileNetError(
+            f"--format {args.format} writes a {EXPORT_SUFFIXES.get(args.format, '.pt')} "
+            f"file, not {Path(args.out).name}"
+        )
+    return args.format or implied or "onnx"
 
 
 def _quantize_format(args: argparse.Namespace) -> str:
