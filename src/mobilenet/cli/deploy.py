@@ -147,13 +147,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export.onnx import DEFAULT_OPSET, export_onnx, export_torchscript, input_size
     from ..export.pt2 import export_pt2
 
-    args.format = _export_format(args)
+    args.format = _export_format(args)  # a contradicting suffix is refused below
     batch = "dynamic batch"
     if args.opset is not None and args.format != "onnx":
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
     if args.weights and args.num_classes is not None:
         raise MobileNetError("--num-classes applies without --weights: the file has its classes")
     _check_preprocess_flags(args)
+    _check_export_suffix(args)
     if model_task(args.model) == "detection":
         return _export_detector(args)
     if model_task(args.model) == "segmentation" and args.format != "onnx":
@@ -301,18 +302,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _implied_format(out: str) -> str | None:
+    suffix = Path(out).suffix
+    return next((f for f, s in EXPORT_SUFFIXES.items() if s == suffix), None)
+
+
 def _export_format(args: argparse.Namespace) -> str:
     """The format ``export`` writes: ``--format``, else the one the suffix of ``--out``
-    names, else ONNX; a suffix that names another format than ``--format`` is refused
-    (eval and predict read a file by its suffix)."""
-    suffix = Path(args.out).suffix
-    implied = next((f for f, s in EXPORT_SUFFIXES.items() if s == suffix), None)
-    if args.format and implied not in (None, args.format):
+    names, else ONNX."""
+    return args.format or _implied_format(args.out) or "onnx"
+
+
+def _check_export_suffix(args: argparse.Namespace) -> None:
+    """Refuse an ``--out`` whose suffix names another format than the one written (eval
+    and predict read a file by its suffix)."""
+    if _implied_format(args.out) not in (None, args.format):
         raise MobileNetError(
             f"--format {args.format} writes a {EXPORT_SUFFIXES.get(args.format, '.pt')} "
             f"file, not {Path(args.out).name}"
         )
-    return args.format or implied or "onnx"
 
 
 def _quantize_format(args: argparse.Namespace) -> str:
