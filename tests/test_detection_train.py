@@ -73,7 +73,8 @@ def test_unified_commands_follow_the_model(tmp_path, capsys):
 
     weights = str(run / "best.safetensors")
     # eval and predict read the task from the checkpoint: no --model, no `detect`
-    assert main(["eval", "--weights", weights, "--data", str(root), "--json"]) == 0
+    assert main(["eval", "--weights", weights, "--data", str(root), "--json",
+                 "--device", "cpu", "--workers", "0"]) == 0  # fmt: skip
     assert {"map", "map_50", "map_75"} <= set(json.loads(capsys.readouterr().out))
     assert main(["predict", "--weights", weights, str(root / "1.png"), "--json"]) == 0
     assert "detections" in json.loads(capsys.readouterr().out)[0]

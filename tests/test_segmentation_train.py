@@ -74,7 +74,9 @@ def test_unified_commands_follow_the_model(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics["iou"]) == {"c0", "c1", "c2"} and metrics["images"] == 8
     assert metrics["miou"] == pytest.approx(summary["best_val_miou"], abs=1e-4)
-    assert main(["eval", "--weights", weights, "--data", str(root)]) == 0
+    # eval runs on --device with --workers, as a classifier's does
+    assert main(["eval", "--weights", weights, "--data", str(root), "--device", "cpu",
+                 "--workers", "0"]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "mIoU" in text and "pixel accuracy" in text and "c2" in text
 
@@ -181,3 +183,11 @@ def test_eval_and_predict_refuse_bad_input_in_one_line(args, message, segmenter,
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()  # nothing written before every input is checked
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_on_a_missing_cuda_device_is_one_line(segmenter, tmp_path, capsys):
+    args = ["eval", "--weights", segmenter, "--data", str(tmp_path), "--device", "cuda"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is available" in err and len(err.strip().splitlines()) == 1, err

@@ -298,3 +298,36 @@ def test_an_image_that_fails_to_decode_is_skipped_and_reported(tmp_path, capsys)
     assert main([*args, *QUICK[:4], "--batch-size", "8", "--workers", "0", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "1 unreadable image(s) skipped: a/0.jpg" in err
+
+
+def test_a_cuda_index_beyond_the_machine_is_one_line(monkeypatch):
+    """torchrun with more processes than GPUs gives rank 1 cuda:1 on a one-GPU machine."""
+    from mobilenet.errors import MobileNetError
+    from mobilenet.train.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    with pytest.raises(
+        MobileNetError, match=r"cuda:1: this machine has 1 CUDA device\(s\) \(torchrun"
+    ):
+        resolve_device("cuda", local_rank=1)
+    with pytest.raises(MobileNetError, match="cuda:3: this machine has 1"):
+        resolve_device("cuda:3")
+
+
+def test_a_step_the_scaler_skips_still_advances_the_schedule_quietly(recwarn):
+    """Under --amp the GradScaler skips a step whose gradients overflowed; the schedule
+    moves on (as torchvision's and timm's references do) without PyTorch's warning."""
+    from mobilenet.train.distributed import Distributed
+    from mobilenet.train.state import State
+
+    model = torch.nn.Linear(2, 1)
+    dist = Distributed(0, 1, 0, torch.device("cpu"))
+    state = State(model, get_recipe("demo"), 0.1, True, False, dist, steps=4)
+    before = model.weight.detach().clone()
+    loss = model(torch.ones(1, 2)).sum() * float("inf")  # overflowing gradients
+    state.step(loss)
+    assert torch.equal(model.weight, before)  # the scaler skipped the optimizer step
+    assert state.scheduler.last_epoch == 1
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]

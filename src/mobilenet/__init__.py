@@ -1,4 +1,4 @@
-"""mobilenet: the MobileNet family (V1, V2, V3), built as the papers describe them.
+"""mobilenet: the MobileNet family (V1 to V4), built as the papers describe them.
 
 >>> import mobilenet
 >>> model = mobilenet.create_model("mobilenet_v2", width_mult=0.5, num_classes=10)

@@ -31,7 +31,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="mobilenet",
-        description="The MobileNet family (V1, V2, V3), as the papers describe it.",
+        description="The MobileNet family (V1 to V4), as the papers describe it.",
     )
     parser.add_argument("--version", action="version", version=f"mobilenet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

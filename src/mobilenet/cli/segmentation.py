@@ -41,9 +41,11 @@ def trained_line(args: argparse.Namespace) -> tuple[Any, str]:
 
 def eval_segmenter(args: argparse.Namespace) -> int:
     from ..segmentation.predict import evaluate_on, load_segmenter
+    from ..train.distributed import resolve_device
 
     trained = load_segmenter(args.weights, args.model)
-    metrics = evaluate_on(trained, args.data, args.batch_size or 16)
+    trained.model.to(resolve_device(args.device or "cpu"))
+    metrics = evaluate_on(trained, args.data, args.batch_size or 16, args.workers or 0)
     if args.json:
         print(json.dumps(metrics))
         return 0

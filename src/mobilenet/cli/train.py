@@ -70,7 +70,7 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
 
     p = sub.add_parser(
         "train",
-        help="train a classifier or a detector (the model decides)",
+        help="train a classifier, detector or segmentation model (the model decides)",
         description="Train on one process, or on many under torchrun "
         "(torchrun --nproc-per-node N -m mobilenet train ...). Classifiers train on an "
         "image folder (one sub-folder per class) or mnist/digits; detectors on a "
@@ -129,7 +129,9 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
 
 
 def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 of a classifier, COCO mAP of a detector")
+    p = sub.add_parser(
+        "eval", help="top-1/top-5 of a classifier, COCO mAP of a detector, mIoU of a segmenter"
+    )
     p.set_defaults(func=cmd_eval, task=task)
     p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
     p.add_argument("--data", required=True, help="image folder, COCO folder or built-in set")
@@ -147,7 +149,9 @@ def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
 def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
     from ..inference import PREDICT_ENGINES
 
-    p = sub.add_parser("predict", help="classify images, or detect the objects in them")
+    p = sub.add_parser(
+        "predict", help="classify images, detect the objects in them or segment them"
+    )
     p.set_defaults(func=cmd_predict, task=task)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
@@ -182,8 +186,11 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
             raise MobileNetError(f"{flag} applies to {owned} models; {what} is a {task} model")
     if task == "classification" or args.func is cmd_train:
         return
-    # eval and predict of a detector read these from the checkpoint, or do without them.
+    # eval and predict of a detector read these from the checkpoint, or do without them;
+    # eval runs on --device with --workers loading the data, as a classifier's does.
     for dest in ("width_mult", "resolution", "workers", "device"):
+        if args.func is cmd_eval and dest in ("workers", "device"):
+            continue
         if getattr(args, dest, None) is not None:
             flag = "--" + dest.replace("_", "-")
             raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
@@ -352,11 +359,13 @@ def _eval_detector(args: argparse.Namespace) -> int:
     from ..detection.data import CocoDetection, eval_transform
     from ..detection.evaluate import evaluate_detector
     from ..detection.predict import load_detector
+    from ..train.distributed import resolve_device
 
     trained = load_detector(args.weights, args.model)
     split = "val" if args.data == "mnist-det" else "train"
     dataset = CocoDetection(dataset_root(args.data, split), eval_transform(), trained.categories)
-    metrics = evaluate_detector(trained.model, dataset, args.batch_size or 16)
+    model = trained.model.to(resolve_device(args.device or "cpu"))
+    metrics = evaluate_detector(model, dataset, args.batch_size or 16, args.workers or 0)
     if args.json:
         print(json.dumps(metrics))
     else:

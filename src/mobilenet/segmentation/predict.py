@@ -98,7 +98,9 @@ def _saved_size(metadata: Mapping[str, str], weights: str | Path) -> Size:
     return height, width
 
 
-def evaluate_on(trained: TrainedSegmenter, data: str, batch_size: int = 16) -> dict[str, Any]:
+def evaluate_on(
+    trained: TrainedSegmenter, data: str, batch_size: int = 16, workers: int = 0
+) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy on ``data``'s held-out images: a built-in
     set's held-out split, a VOC folder's ``val`` split, or a whole images/masks folder."""
     config = trained.model.config
@@ -107,7 +109,7 @@ def evaluate_on(trained: TrainedSegmenter, data: str, batch_size: int = 16) -> d
         root, split, eval_transform(config.mean, config.std), trained.classes
     )
     confusion = evaluate_segmenter(
-        trained.model, dataset, trained.size, len(trained.classes), batch_size
+        trained.model, dataset, trained.size, len(trained.classes), batch_size, workers=workers
     )
     return {**confusion.scores(trained.classes), "images": len(dataset)}
 

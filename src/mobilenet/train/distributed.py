@@ -81,6 +81,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
             raise MobileNetError("--device cuda: no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            hint = " (torchrun: at most one process per GPU)" if device == "cuda" else ""
+            raise MobileNetError(f"{dev}: this machine has {count} CUDA device(s){hint}")
     return dev
 
 

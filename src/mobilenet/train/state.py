@@ -3,6 +3,7 @@ best score so far): what ``last.pt`` saves and ``--resume`` restores."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -64,7 +65,13 @@ class State:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # Under --amp the scaler skips a step whose gradients overflowed (the first ones,
+            # while it finds its scale); the schedule advances all the same, as in torchvision's
+            # and timm's references, so PyTorch's "scheduler before optimizer" note is noise.
+            if self.scaler.is_enabled():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         return lr
