@@ -2,8 +2,9 @@
 
 The deploy issue asks for V3-Large int8 at <= 0.6x its float32 time (batch 1, 1 thread).
 This script says how far the int8 graph's parts are from that: it exports the model,
-quantizes it as ``mobilenet quantize --format onnx`` does (integer-only h-swish, padded
-depthwise channels; calibrated on 8 random images, which does not change the time), and
+quantizes it as ``mobilenet quantize --format onnx`` does (integer h-swish, padded
+depthwise channels, V3's stem and first block in float32, or every operator in int8 with
+``--integer-only``; calibrated on 8 random images, which does not change the time), and
 runs both files with ONNX Runtime's profiler, then sums the kernel time per operator type.
 The convolutions' own ratio (int8 QLinearConv against float32 Conv, whose NCHWc kernels
 carry the fused activations) and the int8 time of everything else say where the gap is:
@@ -11,6 +12,7 @@ int8 reaches 0.6x of float32 only when the other int8 operators fit in what is l
 0.6x the float32 time after the int8 convolutions (``other_int8_budget_us``).
 
     OMP_NUM_THREADS=1 python benchmarks/ort_int8_profile.py [--model mobilenet_v3_large]
+        [--integer-only]
 
 writes ``benchmarks/ort_int8_profile.json``.
 """
@@ -33,7 +35,7 @@ from mobilenet import create_model
 from mobilenet.bench import cpu, machine
 from mobilenet.bench_engines import ort_session
 from mobilenet.export import export_onnx
-from mobilenet.export.quantize import quantize_file
+from mobilenet.export.quantize import float_modules, quantize_file
 from mobilenet.machine import load_snapshot, others_since
 
 CONVS = {"Conv", "QLinearConv", "FusedConv"}
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v3_large")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--integer-only", action="store_true", help="no module in float32")
     default_json = Path(__file__).with_name("ort_int8_profile.json")
     parser.add_argument("--json", type=Path, default=default_json)
     args = parser.parse_args()
@@ -89,7 +92,8 @@ def main() -> None:
         paths = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
         export_onnx(create_model(args.model).eval(), paths["fp32"], 224)
         calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))
-        quantize_file(paths["fp32"], paths["int8"], calibration)
+        keep = () if args.integer_only else float_modules(args.model)
+        quantize_file(paths["fp32"], paths["int8"], calibration, keep)
         median_ms = timed(paths, x, args.rounds, 20)
         ops = {name: profile(path, x, args.calls) for name, path in paths.items()}
     conv = {name: sum(us for op, us in o.items() if op in CONVS) for name, o in ops.items()}
@@ -101,6 +105,7 @@ def main() -> None:
         "model": args.model,
         "batch": 1,
         "threads": 1,
+        "float_modules": list(keep),
         "median_ms": median_ms,
         "int8_over_fp32": round(median_ms["int8"] / median_ms["fp32"], 3),
         "kernel_us": ops,

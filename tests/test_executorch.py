@@ -206,8 +206,12 @@ def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypa
         ("--format", "pte", "--out", "m.onnx"): "--format pte writes a .pte file, not m.onnx",
         ("--format", "pte", "--out", "m.bin"): "--format pte writes a .pte file, not m.bin",
         ("--format", "torch", "--out", "m.pte"): "--format torch writes a .safetensors file",
-        ("--integer-only", "--out", "m.onnx"): "--integer-only applies to --format pte, not onnx",
-        ("--integer-only", "--out", "m.tflite"): "--integer-only applies to --format pte",
+        ("--integer-only", "--out", "m.tflite"): "--integer-only applies to --format pte and onnx",
+        (
+            "--integer-only",
+            "--out",
+            "m.pt",
+        ): "--integer-only applies to --format pte and onnx, not torch",
         ("--method", "qat", "--calibration-images", "8", "--out", "m.safetensors"): (
             "--calibration-images applies to --method ptq, not qat"
         ),

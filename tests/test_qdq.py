@@ -10,8 +10,14 @@ import pytest
 
 from mobilenet import create_model
 from mobilenet.export import export_onnx
-from mobilenet.export.qdq import MARK, fold_marked_scales, integer_friendly, pad_depthwise
-from mobilenet.export.quantize import quantize_file
+from mobilenet.export.qdq import (
+    MARK,
+    fold_marked_scales,
+    integer_friendly,
+    module_nodes,
+    pad_depthwise,
+)
+from mobilenet.export.quantize import float_modules, quantize_file
 
 from .helpers import randomize_bn
 
@@ -146,3 +152,50 @@ def test_folding_a_marked_scale_reads_the_same_integers(tmp_path):
     assert np.abs(folded - reference).max() <= max(
         2 * np.abs(plain - reference).max(), 0.05 * scale
     )
+
+
+def test_module_nodes_are_the_modules_own_named_and_unnamed(tmp_path):
+    _, pre = _float_model(tmp_path, "mobilenet_v3_large", 1.0)
+    model = onnx.load(str(pre))
+    names = module_nodes(model, ["features.0", "features.1"])
+    nodes = {n.name: n for n in model.graph.node}
+    assert all(nodes)  # every node is named now, the exporter's unnamed h-swish parts too
+    ops = collections.Counter(nodes[name].op_type for name in names)
+    # stem conv + h-swish (unnamed HardSigmoid and Mul); dw conv, ReLU, project conv, add
+    assert ops == {"Conv": 3, "HardSigmoid": 1, "Mul": 1, "Relu": 1, "Add": 1}, ops
+    assert not module_nodes(model, ["features.1.nothing"])
+    assert not any("features.2/" in n or "features.10" in n for n in names)
+    assert float_modules("mobilenet_v3_small") == ("features.0", "features.1")
+    assert float_modules("mobilenet_v1") == float_modules("mobilenet_v4_conv_medium") == ()
+
+
+def test_a_float_head_stays_float_and_the_rest_integer(tmp_path):
+    """MobileNetV3's stem and first block left in float32: ONNX Runtime runs them as float
+    convs, everything after them in integer kernels, and the logits stay close."""
+    path, _ = _float_model(tmp_path, "mobilenet_v3_small", 0.75)
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((4, 3, RES, RES)).astype(np.float32) for _ in range(4)]
+    int8 = tmp_path / "int8.onnx"
+    quantize_file(
+        path, int8, iter({"images": x} for x in calibration), ("features.0", "features.1")
+    )
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    float_convs = [n.name for n in graph.node if n.op_type in ("Conv", "FusedConv")]
+    # stem; first block: depthwise, squeeze-excite's two, project
+    assert len(float_convs) == 5, float_convs
+    assert all("features.0/" in n or "features.1/" in n for n in float_convs)
+    assert ops["QLinearConv"] > 20 and ops["QuantizeLinear"] == 1  # after the first block
+    assert not any(n.op_type == "QLinearConv" and "features.1/" in n.name for n in graph.node)
+
+    x = calibration[0]
+    expected, got = _run(str(path), x), _run(str(int8), x)
+    cosine = (
+        (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+    )
+    assert cosine.min() > 0.98, cosine

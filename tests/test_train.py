@@ -263,6 +263,18 @@ def test_int8_quantization_through_onnx_runtime(tmp_path, capsys):
 
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a QDQ int8 model
+    from mobilenet.export.onnx import onnx_session, read_metadata
+
+    # V3's stem and first block stay in float32 (faster), unless --integer-only
+    assert "features.0, features.1 in float32" in capsys.readouterr().out
+    assert read_metadata(onnx_session(int8))["float_modules"] == "features.0,features.1"
+    every = tmp_path / "every.onnx"
+    args[-1] = str(every)
+    assert main([*args, "--calibration-images", "32", "--integer-only"]) == 0
+    assert "every operator in int8" in capsys.readouterr().out
+    assert read_metadata(onnx_session(every))["float_modules"] == ""
+    stem = next(n for n in onnx.load(str(every)).graph.node if n.name.endswith("0/conv/Conv"))
+    assert stem.input[1].endswith("DequantizeLinear_Output")  # int8 weights
 
     capsys.readouterr()
     assert main(["eval", "--weights", str(int8), "--data", "digits", "--json"]) == 0

@@ -80,7 +80,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
     p.add_argument("--integer-only", action="store_true",
-                   help="pte: h-swish and h-sigmoid in int8 too (ONNX int8 always is)")  # fmt: skip
+                   help="every operator in int8: pte, h-swish and h-sigmoid too; onnx, "
+                   "MobileNetV3's stem and first block too (kept in float32 otherwise, "
+                   "where they run faster)")  # fmt: skip
     p.add_argument("--out", required=True, help="output file (.safetensors, .onnx, .pte, .tflite)")
     p.set_defaults(func=cmd_quantize)
 
@@ -267,10 +269,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     images = args.calibration_images or 512
     if fmt == "onnx":
-        from ..export.quantize import calibration_images_of, quantize_onnx
+        from ..export.quantize import calibration_images_of, float_modules, quantize_onnx
 
-        out = quantize_onnx(trained, args.data, args.out, images, progress=log)
-        how = f"ONNX QDQ, calibrated on {calibration_images_of(out)} images of {args.data}"
+        out = quantize_onnx(
+            trained, args.data, args.out, images, progress=log, integer_only=args.integer_only
+        )
+        kept = float_modules(trained.model.config.name) if not args.integer_only else ()
+        every = f"{', '.join(kept)} in float32, " if kept else "every operator in int8, "
+        how = f"ONNX QDQ, {every}calibrated on {calibration_images_of(out)} images of {args.data}"
     elif fmt == "pte":
         from ..export.executorch import quantize_pte
 
@@ -334,9 +340,8 @@ def _quantize_format(args: argparse.Namespace) -> str:
         raise MobileNetError(
             f"--format {fmt} writes a {QUANTIZE_SUFFIXES[fmt]} file, not {Path(args.out).name}"
         )
-    if args.integer_only and fmt != "pte":
-        always = " (ONNX int8 files always are)" if fmt == "onnx" else ""
-        raise MobileNetError(f"--integer-only applies to --format pte, not {fmt}{always}")
+    if args.integer_only and fmt not in ("pte", "onnx"):
+        raise MobileNetError(f"--integer-only applies to --format pte and onnx, not {fmt}")
     if fmt != "torch" and args.method == "qat":
         raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
     for dest, (method, flag) in _METHOD_FLAGS.items():

@@ -34,13 +34,14 @@ in the convs around them, so the outputs are the same.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..extras import require
 
-__all__ = ["MARK", "fold_marked_scales", "integer_friendly", "pad_depthwise"]
+__all__ = ["MARK", "fold_marked_scales", "integer_friendly", "module_nodes", "pad_depthwise"]
 
 MARK = "mobilenet_qdq_scale_"  # name prefix of the Mul-by-constant nodes folded after PTQ
 
@@ -162,14 +163,48 @@ def _split(g: _Graph, node: Any, alpha: float, beta: float) -> list:
     ]
 
 
-def integer_friendly(model: Any) -> Any:
+def module_nodes(model: Any, modules: Sequence[str]) -> set[str]:
+    """The names of the nodes that compute the ``modules`` (paths such as ``features.0``)
+    of an exported model: those named or writing a tensor in one's scope
+    (``/features/features.0/...``), and the h-sigmoid of an h-swish there, which the
+    exporter writes unnamed. Unnamed nodes are named first (``node_<i>``), so that the
+    quantizer can be told to leave them out."""
+    taken = {node.name for node in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"node_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    scopes = []
+    for module in modules:
+        parts = module.split(".")
+        scopes.append("/" + "/".join(".".join(parts[: i + 1]) for i in range(len(parts))) + "/")
+    inside = lambda text: any(text.startswith(scope) for scope in scopes)  # noqa: E731
+    names = {n.name for n in model.graph.node if inside(n.name) or any(map(inside, n.output))}
+    users: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        for tensor in node.input:
+            users[tensor].append(node.name)
+    for node in model.graph.node:
+        readers = [user for out in node.output for user in users[out]]
+        if node.op_type == "HardSigmoid" and readers and all(r in names for r in readers):
+            names.add(node.name)
+    return names
+
+
+def integer_friendly(model: Any, keep: Collection[str] = ()) -> Any:
     """Rewrite a float ONNX model (shapes inferred) in place so that QDQ quantization
-    keeps MobileNetV3's h-sigmoid, h-swish and squeeze-excite in integer ops."""
+    keeps MobileNetV3's h-sigmoid, h-swish and squeeze-excite in integer ops; the nodes
+    named in ``keep`` (those left in float) stay as they are."""
     g = _Graph(model.graph)
     rewritten = []
     for node in model.graph.node:
         replacement = None
-        if node.op_type == "ReduceMean":
+        if node.name in keep:
+            pass
+        elif node.op_type == "ReduceMean":
             replacement = _pool(g, node)
         elif node.op_type == "HardSigmoid":
             alpha = float(_attribute(node, "alpha", 0.2))
@@ -352,15 +387,18 @@ def _pad_initializer(g: _Graph, node: Any, index: int, axis: int, size: int) -> 
     g.set_initializer(name, g.arrays[name])
 
 
-def pad_depthwise(model: Any, multiple: int = 16) -> int:
+def pad_depthwise(model: Any, multiple: int = 16, keep: Collection[str] = ()) -> int:
     """Give every depthwise conv a multiple of ``multiple`` channels, with zero weights in
     the convs before and after it, so the extra channels are zero and the outputs the
     same; returns how many were padded. ONNX Runtime's fast int8 depthwise kernels take
     channel counts in multiples of 16 only (V3-Large has 72, 120, 184 and 200). A conv
-    whose neighbours are not convs and channel-wise ops is left as it is."""
+    whose neighbours are not convs and channel-wise ops is left as it is, as are those
+    named in ``keep`` (left in float)."""
     onnx = _onnx()
     padded = 0
     for node in list(model.graph.node):
+        if node.name in keep:
+            continue
         g = _Graph(model.graph)
         channels = _depthwise_channels(g, node) if node.op_type == "Conv" else None
         if channels is None or channels % multiple == 0:

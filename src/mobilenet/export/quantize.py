@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,27 @@ from ..extras import require
 from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
-from .qdq import fold_marked_scales, integer_friendly, pad_depthwise
+from .qdq import fold_marked_scales, integer_friendly, module_nodes, pad_depthwise
 
-__all__ = ["calibration_images_of", "quantize_file", "quantize_onnx"]
+__all__ = ["calibration_images_of", "float_modules", "quantize_file", "quantize_onnx"]
+
+# The models whose int8 ONNX file is faster with the stem and first block in float32, by
+# measurement (benchmarks/ort_float_head.json: batch 1 at 224, one thread). There the
+# network works on 16 or 32 channels at half the input's resolution, where ONNX Runtime's
+# int8 kernels are slower than its float ones (V3-Large's 3-channel stem conv about 2x,
+# its 16-channel depthwise conv about 3.5x), and V3's stem h-swish is an integer add and
+# multiply that the float conv fuses. V1 and the larger V4s, whose first block ends in 64
+# channels or more at that resolution, are faster all in int8.
+_FLOAT_HEAD = ("features.0", "features.1")
+_FLOAT_HEAD_MODELS = frozenset({
+    "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3_large_minimal",
+    "mobilenet_v3_small_minimal", "mobilenet_v4_conv_small",
+})  # fmt: skip
+
+
+def float_modules(name: str) -> tuple[str, ...]:
+    """The modules of model ``name`` that an int8 ONNX file keeps in float32."""
+    return _FLOAT_HEAD if name in _FLOAT_HEAD_MODELS else ()
 
 
 def _calibration_batches(dataset, images: int, seed: int) -> Iterator[dict]:
@@ -40,8 +58,11 @@ def calibration_images_of(path: str | Path) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> None:
-    """Quantize a float ONNX file to int8 QDQ, calibrating on ``batches`` of inputs."""
+def quantize_file(
+    src: str | Path, dst: str | Path, batches: Iterator[dict], keep_float: Sequence[str] = ()
+) -> None:
+    """Quantize a float ONNX file to int8 QDQ, calibrating on ``batches`` of inputs; the
+    modules ``keep_float`` (paths such as ``features.0``) stay in float32."""
     for module in ("onnx", "onnxruntime"):
         require(module, "deploy", "ONNX quantization")
     quantization = require("onnxruntime.quantization", "deploy", "ONNX quantization")
@@ -59,8 +80,10 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
         pre, integer = Path(tmp) / "pre.onnx", Path(tmp) / "integer.onnx"
         # shape inference and graph clean-up
         shape_inference.quant_pre_process(str(src), str(pre))
-        model = integer_friendly(onnx.load(str(pre)))
-        pad_depthwise(model)
+        model = onnx.load(str(pre))
+        keep = module_nodes(model, keep_float) if keep_float else set()
+        integer_friendly(model, keep)
+        pad_depthwise(model, keep=keep)
         onnx.save(model, str(integer))
         quantization.quantize_static(
             str(integer),
@@ -70,6 +93,7 @@ def quantize_file(src: str | Path, dst: str | Path, batches: Iterator[dict]) -> 
             per_channel=True,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
+            nodes_to_exclude=sorted(keep),
         )
         quantized = onnx.load(str(dst))
         fold_marked_scales(quantized)
@@ -83,10 +107,13 @@ def quantize_onnx(
     calibration_images: int = 512,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    integer_only: bool = False,
 ) -> Path:
     """Write an int8 QDQ ONNX model of ``trained`` calibrated on ``calibration_images``
     images of ``data``: all it holds when that is fewer (``progress`` is told; the file's
-    metadata, read by :func:`calibration_images_of`, says how many were used)."""
+    metadata, read by :func:`calibration_images_of`, says how many were used). The modules
+    :func:`float_modules` names stay in float32 unless ``integer_only`` (the metadata's
+    ``float_modules`` lists them)."""
     for module in ("onnx", "onnxruntime"):  # before the export and the calibration data
         require(module, "deploy", "ONNX quantization")
     out = Path(out)
@@ -98,15 +125,17 @@ def quantize_onnx(
         preprocess = trained.eval_preprocess().to_json()
         float_meta = {"classes": classes, "preprocess": preprocess}
         export_onnx(trained.model, fp32, trained.resolution, metadata=float_meta)
+        keep = () if integer_only else float_modules(trained.model.config.name)
         metadata = {
             **read_metadata(onnx_session(fp32)),
             "precision": "int8",
             "calibration_images": str(used),
+            "float_modules": ",".join(keep),
         }
 
         def write(target: Path) -> None:
             batches = _calibration_batches(dataset, used, seed)
-            quantize_file(fp32, target, batches)
+            quantize_file(fp32, target, batches, keep)
             set_metadata(target, metadata)
             onnx_session(target)  # it must load
 
