@@ -86,9 +86,11 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
         images = x.numpy()
         return lambda: request.infer({0: images})
     if engine == "onnxruntime-int8":
-        from .export.quantize import quantize_file
+        from .export.quantize import float_modules, quantize_file
 
-        quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution))
+        # the file `quantize` writes: the modules it keeps in float32 stay so here too
+        keep = float_modules(getattr(getattr(model, "config", None), "name", ""))
+        quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution), keep)
         path = tmp / "model.int8.onnx"
     spin = cfg.threads < cores() if cfg.ort_spinning is None else cfg.ort_spinning
     session = ort_session(path, cfg.threads, spin)
