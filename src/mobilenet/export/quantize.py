@@ -3,9 +3,11 @@
 The float model is exported (BatchNorm folded), activation ranges are calibrated on
 images from the user's data with the evaluation transform, and ONNX Runtime's
 ``quantize_static`` writes a QDQ model: int8 weights per output channel, uint8
-activations. The file keeps the model's config, classes and resolution as metadata, so
-``mobilenet eval`` and ``mobilenet predict`` take it like any weights file, and the number
-of images it was calibrated on (``calibration_images``).
+activations, and the modules :func:`float_modules` names (the stem and first block of
+the models measured faster so) in float32 unless every operator is asked for in int8
+(``integer_only``). The file keeps the model's config, classes and resolution as
+metadata, so ``mobilenet eval`` and ``mobilenet predict`` take it like any weights file,
+and the number of images it was calibrated on (``calibration_images``).
 """
 
 from __future__ import annotations
