@@ -195,6 +195,15 @@ def module_nodes(model: Any, modules: Sequence[str]) -> set[str]:
         readers = [user for out in node.output for user in users[out]]
         if node.op_type == "HardSigmoid" and readers and all(r in names for r in readers):
             names.add(node.name)
+    # The exporter shares equal constants (the zero biases of an untrained model): a float
+    # conv that shares one with a quantized node would read it dequantized, and ONNX
+    # Runtime would not give it its fast float kernels. Each gets a copy of its own.
+    g = _Graph(model.graph)
+    for node in model.graph.node:
+        if node.name in names:
+            for index, tensor in enumerate(node.input):
+                if tensor in g.init:
+                    g.private(node, index)
     return names
 
 
