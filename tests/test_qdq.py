@@ -51,6 +51,21 @@ def _run(model_or_path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"images": x})[0]
 
 
+def _cosine(float_path, int8_path, x: np.ndarray) -> np.ndarray:
+    """The cosine between the float and the int8 model's logits, image by image."""
+    expected, got = _run(str(float_path), x), _run(str(int8_path), x)
+    return (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
+
+
+def _optimized_graph(int8, tmp_path):
+    """The graph ONNX Runtime runs for ``int8`` (its extended optimisations applied)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v3_large"])
 def test_rewrites_compute_the_same_float_function(name, tmp_path):
     _, pre = _float_model(tmp_path, name, 0.5)  # width 0.5: depthwise channels of 8s
@@ -108,22 +123,11 @@ def test_int8_graph_is_integer_only_and_close_to_float(name, tmp_path):
     quantize_file(path, int8, iter({"images": x} for x in calibration))
 
     assert not any(n.name.startswith(MARK) for n in onnx.load(str(int8)).graph.node)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(
-        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
-    )
+    ops = collections.Counter(n.op_type for n in _optimized_graph(int8, tmp_path).node)
     assert set(ops) <= INTEGER_OPS, set(ops) - INTEGER_OPS
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1  # the input, the logits
 
-    x = calibration[0]
-    expected, got = _run(str(path), x), _run(str(int8), x)
-    cosine = (
-        (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
-    )
-    assert cosine.min() > 0.98, cosine
+    assert _cosine(path, int8, calibration[0]).min() > 0.98
 
 
 def test_folding_a_marked_scale_reads_the_same_integers(tmp_path):
@@ -180,11 +184,7 @@ def test_a_float_head_stays_float_and_the_rest_integer(tmp_path):
         path, int8, iter({"images": x} for x in calibration), ("features.0", "features.1")
     )
 
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
+    graph = _optimized_graph(int8, tmp_path)
     ops = collections.Counter(n.op_type for n in graph.node)
     float_convs = [n.name for n in graph.node if n.op_type in ("Conv", "FusedConv")]
     # stem; first block: depthwise, squeeze-excite's two, project
@@ -193,12 +193,7 @@ def test_a_float_head_stays_float_and_the_rest_integer(tmp_path):
     assert ops["QLinearConv"] > 20 and ops["QuantizeLinear"] == 1  # after the first block
     assert not any(n.op_type == "QLinearConv" and "features.1/" in n.name for n in graph.node)
 
-    x = calibration[0]
-    expected, got = _run(str(path), x), _run(str(int8), x)
-    cosine = (
-        (expected * got).sum(1) / np.linalg.norm(expected, axis=1) / np.linalg.norm(got, axis=1)
-    )
-    assert cosine.min() > 0.98, cosine
+    assert _cosine(path, int8, calibration[0]).min() > 0.98
 
 
 def test_float_nodes_get_constants_of_their_own(tmp_path):
