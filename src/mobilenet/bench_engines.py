@@ -89,7 +89,7 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
         from .export.quantize import float_modules, quantize_file
 
         # the file `quantize` writes: the modules it keeps in float32 stay so here too
-        keep = float_modules(getattr(getattr(model, "config", None), "name", ""))
+        keep = float_modules(cfg.model)
         quantize_file(path, tmp / "model.int8.onnx", _random_batches(cfg.resolution), keep)
         path = tmp / "model.int8.onnx"
     spin = cfg.threads < cores() if cfg.ort_spinning is None else cfg.ort_spinning

@@ -183,18 +183,23 @@ def dense_task_config(config_class: type, args: argparse.Namespace, **given: Any
     train``'s arguments: the settings every run has, the shared flags and the task's own
     ``given``, each given flag overriding the config's default."""
     flags = {name: getattr(args, name) for name in DENSE_FLAGS}
-    return config_class(
-        model=args.model,
-        data=args.data,
-        out=Path(args.out),
-        width_mult=args.width_mult,
-        val_data=args.val_data,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
-        resume=args.resume,
-        progress=not args.quiet,
-        **{k: v for k, v in {**flags, **given}.items() if v is not None},
-    )
+    given = {k: v for k, v in {**flags, **given}.items() if v is not None}
+    return config_class(**run_settings(args), **given)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of every ``mobilenet train`` run, whatever its task's config."""
+    return {
+        "model": args.model,
+        "data": args.data,
+        "out": Path(args.out),
+        "width_mult": args.width_mult,
+        "val_data": args.val_data,
+        "eval_every": args.eval_every,
+        "seed": args.seed,
+        "workers": args.workers,
+        "device": args.device,
+        "amp": args.amp,
+        "resume": args.resume,
+        "progress": not args.quiet,
+    }

@@ -269,14 +269,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     images = args.calibration_images or 512
     if fmt == "onnx":
-        from ..export.quantize import calibration_images_of, float_modules, quantize_onnx
+        from ..export.onnx import onnx_session, read_metadata
+        from ..export.quantize import quantize_onnx
 
         out = quantize_onnx(
             trained, args.data, args.out, images, progress=log, integer_only=args.integer_only
         )
-        kept = float_modules(trained.model.config.name) if not args.integer_only else ()
-        every = f"{', '.join(kept)} in float32, " if kept else "every operator in int8, "
-        how = f"ONNX QDQ, {every}calibrated on {calibration_images_of(out)} images of {args.data}"
+        written = read_metadata(onnx_session(out))  # what the file says, not a second guess
+        kept = written["float_modules"].replace(",", ", ")
+        every = f"{kept} in float32, " if kept else "every operator in int8, "
+        used = written["calibration_images"]
+        how = f"ONNX QDQ, {every}calibrated on {used} images of {args.data}"
     elif fmt == "pte":
         from ..export.executorch import quantize_pte
 

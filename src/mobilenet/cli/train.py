@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..errors import MobileNetError
 from ..limits import check_memory
@@ -23,6 +22,7 @@ from .args import (
     positive_float,
     positive_int,
     resolution,
+    run_settings,
     seed,
     width,
 )
@@ -277,23 +277,12 @@ def _classification_config(args: argparse.Namespace):
         "ema_decay": args.ema_decay,
     }
     return TrainConfig(
-        model=args.model,
-        data=args.data,
-        out=Path(args.out),
+        **run_settings(args),
         recipe=get_recipe(args.recipe or "demo", **overrides),
-        width_mult=args.width_mult,
-        val_data=args.val_data,
         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         lr=args.lr,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        amp=args.amp,
         channels_last=args.channels_last is not False,
         pretrained=args.pretrained,
-        resume=args.resume,
-        progress=not args.quiet,
-        eval_every=args.eval_every,
     )
 
 

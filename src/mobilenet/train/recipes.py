@@ -51,6 +51,38 @@ class Recipe:
         return self.lr * batch_size / self.lr_batch
 
 
+# MobileNetV4-Conv-S on ImageNet-1k. The paper points to the authors' released code
+# (V4 footnote 1, TF model garden); its training config for Conv-S
+# (official/vision/configs/experiments/image_classification/
+# imagenet_mobilenetv4_conv_small_tpu.yaml, "Top-1 Acc: 73.8%", the paper's figure)
+# gives every default here: AdamW (beta1 0.6, epsilon 1e-6, decoupled weight decay
+# 0.01, none on BatchNorm), learning rate 0.002 for a global batch of 4096, linear
+# warm-up over 1,560 steps (5 epochs of 312.8 steps) then cosine decay to zero over
+# 3,002,368 steps (9,600 epochs), label smoothing 0.1, dropout 0.3, BatchNorm momentum
+# 0.95 (TF's decay: PyTorch's 0.05), weight EMA 0.9999, and RandAugment (magnitude 9,
+# Cutout excluded) on the Inception crop. Not carried over: the config's extra L2 loss
+# term (1e-5) next to AdamW's decay, and its per-op apply probability 0.5 (torchvision's
+# RandAugment applies both of its ops).
+_MOBILENET_V4 = Recipe(
+    name="mobilenet_v4",
+    epochs=9600,
+    batch_size=4096,
+    optimizer="adamw",
+    lr=0.002,
+    lr_batch=4096,
+    adam_betas=(0.6, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
+    norm_weight_decay=False,
+    schedule="cosine",
+    warmup_epochs=5,
+    label_smoothing=0.1,
+    ema_decay=0.9999,
+    dropout=0.3,
+    bn_momentum=0.05,
+    augment=Augment(auto_augment="randaugment"),
+)
+
 RECIPES: dict[str, Recipe] = {
     # V2 Section 6.1: "RMSPropOptimizer with both decay and momentum set to 0.9 ... weight
     # decay 0.00004 ... initial learning rate of 0.045, and learning rate decay rate of
@@ -130,37 +162,7 @@ RECIPES: dict[str, Recipe] = {
         resolution=48,
         augment=Augment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=0.0),
     ),
-    # MobileNetV4-Conv-S on ImageNet-1k. The paper points to the authors' released code
-    # (V4 footnote 1, TF model garden); its training config for Conv-S
-    # (official/vision/configs/experiments/image_classification/
-    # imagenet_mobilenetv4_conv_small_tpu.yaml, "Top-1 Acc: 73.8%", the paper's figure)
-    # gives every default here: AdamW (beta1 0.6, epsilon 1e-6, decoupled weight decay
-    # 0.01, none on BatchNorm), learning rate 0.002 for a global batch of 4096, linear
-    # warm-up over 1,560 steps (5 epochs of 312.8 steps) then cosine decay to zero over
-    # 3,002,368 steps (9,600 epochs), label smoothing 0.1, dropout 0.3, BatchNorm momentum
-    # 0.95 (TF's decay: PyTorch's 0.05), weight EMA 0.9999, and RandAugment (magnitude 9,
-    # Cutout excluded) on the Inception crop. Not carried over: the config's extra L2 loss
-    # term (1e-5) next to AdamW's decay, and its per-op apply probability 0.5 (torchvision's
-    # RandAugment applies both of its ops).
-    "mobilenet_v4": Recipe(
-        name="mobilenet_v4",
-        epochs=9600,
-        batch_size=4096,
-        optimizer="adamw",
-        lr=0.002,
-        lr_batch=4096,
-        adam_betas=(0.6, 0.999),
-        adam_eps=1e-6,
-        weight_decay=0.01,
-        norm_weight_decay=False,
-        schedule="cosine",
-        warmup_epochs=5,
-        label_smoothing=0.1,
-        ema_decay=0.9999,
-        dropout=0.3,
-        bn_momentum=0.05,
-        augment=Augment(auto_augment="randaugment"),
-    ),
+    "mobilenet_v4": _MOBILENET_V4,  # above
     # The mobilenet_v4 recipe scaled down to the built-in MNIST (4,000 training digits,
     # >= 97% top-1 on the 1,000 held out, minutes on 2 CPU cores), as `demo` scales the
     # modern recipe: the optimizer (AdamW, beta1 0.6, epsilon 1e-6), weight decay 0.01 off
@@ -171,21 +173,14 @@ RECIPES: dict[str, Recipe] = {
     # steps, more than the run), 48-pixel inputs, and the demo's mild crop without flips
     # or RandAugment (digits are not mirror-symmetric; strong augmentation pays off over
     # thousands of epochs, not 12).
-    "mobilenet_v4-demo": Recipe(
+    "mobilenet_v4-demo": replace(
+        _MOBILENET_V4,
         name="mobilenet_v4-demo",
         epochs=12,
         batch_size=64,
-        optimizer="adamw",
-        lr=0.002,
         lr_batch=64,
-        adam_betas=(0.6, 0.999),
-        adam_eps=1e-6,
-        weight_decay=0.01,
-        norm_weight_decay=False,
-        schedule="cosine",
         warmup_epochs=1,
-        label_smoothing=0.1,
-        dropout=0.3,
+        ema_decay=None,
         bn_momentum=0.1,
         resolution=48,
         augment=Augment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), hflip=0.0),
