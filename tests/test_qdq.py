@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 
 from mobilenet import create_model
+from mobilenet.bench_engines import timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.qdq import (
     MARK,
+    SHIFT_MARK,
     fold_marked_scales,
+    fold_marked_shifts,
     integer_friendly,
     module_nodes,
-    pad_depthwise,
 )
+from mobilenet.export.qdq_pad import pad_depthwise
 from mobilenet.export.quantize import float_modules, quantize_file
 
 from .helpers import randomize_bn
@@ -27,10 +30,11 @@ shape_inference = pytest.importorskip("onnxruntime.quantization.shape_inference"
 
 RES = 64
 # What ONNX Runtime may run an integer-only model with: integer kernels, the input's
-# quantization and the logits' dequantization, and layout ops.
+# quantization and the logits' dequantization, layout ops, and h-sigmoid's Clip of
+# integers (fold_marked_shifts).
 INTEGER_OPS = {
     "QLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QGemm",
-    "QuantizeLinear", "DequantizeLinear", "Flatten", "Transpose",
+    "QuantizeLinear", "DequantizeLinear", "Flatten", "Transpose", "Clip",
 }  # fmt: skip
 
 
@@ -214,3 +218,73 @@ def test_float_nodes_get_constants_of_their_own(tmp_path):
     initializers = {t.name for t in model.graph.initializer}
     assert not shared([n for n in model.graph.node if n.name in names])
     onnx.checker.check_model(model)
+
+
+def _quantized_unshifted(tmp_path, model) -> tuple:
+    """A float file of ``model`` and its int8 file before ``fold_marked_shifts``."""
+    import mobilenet.export.quantize as quantize
+
+    path, unshifted = tmp_path / "fp32.onnx", tmp_path / "unshifted.onnx"
+    export_onnx(model, path, RES)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((2, 3, RES, RES)).astype(np.float32) for _ in range(2)]
+    original = quantize.fold_marked_shifts
+    quantize.fold_marked_shifts = lambda model: 0
+    try:
+        quantize_file(path, unshifted, iter({"images": x} for x in batches))
+    finally:
+        quantize.fold_marked_shifts = original
+    return path, unshifted, batches[0]
+
+
+def test_folding_a_marked_shift_clips_the_same_integers(tmp_path):
+    """h-swish's integer Add goes: ``x``'s grid puts -3 at integer 0 and 3 a whole number
+    of steps, so ``Clip(x + 3, 0, 6)`` is a Clip of its integers; the logits stay as close
+    to float as without the fold, and ONNX Runtime runs one QLinearAdd less per h-swish."""
+    model = timing_model("mobilenet_v3_small", 0.75, RES)  # unit-scale activations
+    path, unshifted, x = _quantized_unshifted(tmp_path, model)
+    folded_path = tmp_path / "folded.onnx"
+    model = onnx.load(str(unshifted))
+    marked = sum(n.name.startswith(SHIFT_MARK) for n in model.graph.node)
+    folded = fold_marked_shifts(model)
+    assert marked > 5 and folded == marked
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folded_path))
+
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert 0 < len(clips) <= folded  # none where x never reaches 3: nothing to clip
+    for clip in clips:
+        quantize_x = producer[clip.input[0]]
+        assert quantize_x.op_type == "QuantizeLinear"
+        steps = int(arrays[quantize_x.input[2]])  # the zero point: -3 is integer 0
+        assert steps >= 1 and arrays[quantize_x.input[1]] * steps == pytest.approx(3, rel=1e-6)
+        assert int(arrays[clip.input[1]]) == 0 and int(arrays[clip.input[2]]) == 2 * steps
+
+    reference, plain = _run(str(path), x), _run(str(unshifted), x)
+    got = _run(str(folded_path), x)
+    scale = np.abs(reference).max()
+    assert np.abs(got - reference).max() <= max(2 * np.abs(plain - reference).max(), 0.05 * scale)
+    adds = [
+        collections.Counter(n.op_type for n in _optimized_graph(p, tmp_path).node)["QLinearAdd"]
+        for p in (unshifted, folded_path)
+    ]
+    assert adds[0] - adds[1] == folded
+
+
+def test_a_shift_stays_where_the_grid_would_coarsen(tmp_path):
+    """An untrained network's activations shrink layer after layer: putting -3 on their
+    grid would make its step thousands of times coarser, so the integer Add stays. Only
+    the stem's, which sees the image's unit-scale values, is folded."""
+    model = create_model("mobilenet_v3_small", width_mult=0.75).eval()
+    _, unshifted, _ = _quantized_unshifted(tmp_path, model)
+    model = onnx.load(str(unshifted))
+
+    def marked() -> list[str]:
+        return [n.input[0] for n in model.graph.node if n.name.startswith(SHIFT_MARK)]
+
+    before = marked()
+    assert len(before) > 5 and fold_marked_shifts(model) == 1
+    (stem,) = set(before) - set(marked())
+    assert stem.startswith("/features/features.0/")

@@ -24,11 +24,11 @@ constant: multiplying a quantized tensor by ``alpha`` is the same integers read 
 ``alpha`` times the scale, so the DequantizeLinear after it reads the Add's integers with
 the scale multiplied. h-swish is then one integer Add and one integer Mul.
 
-:func:`pad_depthwise` serves the depthwise convs: ONNX Runtime's fast int8 depthwise
-kernels (its "symmetric" convolutions) take channel counts in multiples of 16 only, and
-fall back to a generic kernel 2-4x slower than float32 for others (V3-Large has 72, 120,
-184 and 200). The float graph gets zero channels up to the next multiple, zero weights
-in the convs around them, so the outputs are the same.
+:func:`fold_marked_shifts` then removes h-swish's integer Add (marked too): it moves the
+grid of ``x`` so that ``-beta/alpha`` (-3) is integer 0 and ``beta/alpha`` a whole number
+of steps, so that ``x + 3`` is the same integers read with another zero point, and its
+clipping to ``[0, 6]`` is a ``Clip`` of the integers, about a third of the Add's time. The
+values of ``x`` below -3 it drops are those h-swish maps to 0 whatever they are.
 
 :func:`module_nodes` names the nodes of given modules (``features.0``: the stem), which
 ``quantize`` leaves in float32 where that measured faster (``export.quantize``); the two
@@ -45,9 +45,19 @@ import numpy as np
 
 from ..extras import require
 
-__all__ = ["MARK", "fold_marked_scales", "integer_friendly", "module_nodes", "pad_depthwise"]
+__all__ = [
+    "MARK",
+    "SHIFT_MARK",
+    "fold_marked_scales",
+    "fold_marked_shifts",
+    "integer_friendly",
+    "module_nodes",
+]
 
 MARK = "mobilenet_qdq_scale_"  # name prefix of the Mul-by-constant nodes folded after PTQ
+SHIFT_MARK = "mobilenet_qdq_shift_"  # name prefix of h-swish's shift Adds folded after PTQ
+# fold_marked_shifts moves a tensor's grid only where its step grows at most this much
+MAX_STEP_GROWTH = 2.0
 
 
 def _onnx():
@@ -75,14 +85,14 @@ class _Graph:
         }
         self._count = 0
 
-    def constant(self, value: np.ndarray | float, hint: str) -> str:
+    def constant(self, value: np.ndarray | float, hint: str, dtype: Any = np.float32) -> str:
         onnx = _onnx()
         self._count += 1
         name = f"{hint}_{self._count}"
         while name in self.init:
             self._count += 1
             name = f"{hint}_{self._count}"
-        array = np.asarray(value, dtype=np.float32)
+        array = np.asarray(value, dtype=dtype)
         tensor = onnx.numpy_helper.from_array(array, name)
         self.graph.initializer.append(tensor)
         self.init[name], self.arrays[name] = self.graph.initializer[-1], array
@@ -155,7 +165,13 @@ def _split(g: _Graph, node: Any, alpha: float, beta: float) -> list:
     scale = g.constant(alpha, "hsig_alpha")
     g._count += 1
     return [
-        onnx.helper.make_node("Add", [node.input[0], shift], [shifted]),
+        onnx.helper.make_node(
+            "Add",
+            [node.input[0], shift],
+            [shifted],
+            name=f"{SHIFT_MARK}{g._count}",
+            doc_string=f"{beta / alpha!r} {1.0 / alpha!r}",
+        ),
         onnx.helper.make_node("Clip", [shifted, low, high], [clipped]),
         onnx.helper.make_node(
             "Mul",
@@ -307,122 +323,118 @@ def _drop_unused_initializers(graph: Any) -> None:
     graph.initializer.extend(kept)
 
 
-_CHANNELWISE = {"Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Add", "Mul"}
+def fold_marked_shifts(model: Any) -> int:
+    """Remove every marked h-sigmoid shift ``Clip(x + c, 0, H)`` of a QDQ model (an
+    integer Add whose output range clips) where ``x``'s integers feed only it and
+    h-swish's Mul: ``x``'s grid is moved so that ``-c`` is integer 0 and ``c`` a whole
+    number ``k`` of steps, the Add's readers read ``Clip(q, 0, k H / c)`` of the same
+    integers, and the Add goes; returns how many were folded. A grid that would need a
+    step more than ``MAX_STEP_GROWTH`` times coarser (``x`` calibrated to a range much
+    narrower than ``[-c, c]``) is left as it is, as is any pattern not all there."""
+    g = _Graph(model.graph)
+    removed: set[int] = set()
+    clips: dict[int, Any] = {}  # the Clip that takes the place of the Add of that id
+    folded = 0
+    for add in model.graph.node:
+        if add.op_type != "Add" or not add.name.startswith(SHIFT_MARK):
+            continue
+        plan = _shift_plan(g, add)
+        if plan is None:
+            continue
+        quantize_x, readers, shift, high = plan
+        scale, zero = g.arrays[quantize_x.input[1]], g.arrays[quantize_x.input[2]]
+        top = (255 - int(zero)) * float(scale)  # the largest x the grid holds
+        steps = int(np.floor(255 * shift / (shift + top)))  # c in steps of the new grid
+        if steps < 1 or shift / steps > MAX_STEP_GROWTH * float(scale):
+            continue
+        step = shift / steps
+        new_scale = g.constant(step, "shift_scale")
+        new_zero = g.constant(steps, "shift_zero_point", zero.dtype)
+        for node in [quantize_x, *g.consumers[quantize_x.output[0]]]:
+            node.input[1], node.input[2] = new_scale, new_zero
+        integers = quantize_x.output[0]
+        ceiling = round(steps * high / shift)  # x + c = H
+        if ceiling < 255:
+            low = g.constant(0, "shift_clip_low", zero.dtype)
+            high_name = g.constant(ceiling, "shift_clip_high", zero.dtype)
+            clipped = f"{add.output[0]}_integer_clip"
+            name = add.name.replace(SHIFT_MARK, "hsigmoid_clip_")
+            clip = _onnx().helper.make_node(
+                "Clip", [integers, low, high_name], [clipped], name=name
+            )
+            clips[id(add)] = clip
+            integers = clipped
+        quantize_a = g.consumers[add.output[0]][0]
+        origin = float(g.arrays[quantize_a.input[1]])
+        at_zero = g.constant(0, "shift_read_zero_point", zero.dtype)
+        for reader in readers:
+            factor = float(g.arrays[reader.input[1]]) / origin  # the folded alpha
+            reader.input[0] = integers
+            reader.input[1] = g.constant(step * factor, "shift_read_scale")
+            reader.input[2] = at_zero
+        removed.update({id(add), id(quantize_a)})
+        constant = g.producer.get(add.input[1])
+        if constant is not None and len(g.consumers[constant.output[0]]) == 1:
+            removed.add(id(constant))
+        folded += 1
+    nodes = []
+    for node in model.graph.node:
+        if id(node) in clips:
+            nodes.append(clips[id(node)])
+        if id(node) not in removed:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _drop_unused_initializers(model.graph)
+    return folded
 
 
-class _Padding:
-    """The rewrites that give one depthwise conv ``channels`` channels: the tensors that
-    carry the extra (zero) channels, the convs that produce them, read them, or both."""
+def _scalar(g: _Graph, name: str) -> bool:
+    return name in g.arrays and g.arrays[name].size == 1
 
-    def __init__(self, g: _Graph, channels: int) -> None:
-        self.g, self.channels = g, channels
-        self.tensors: set[str] = set()
-        self.produce: dict[int, Any] = {}  # group-1 convs whose outputs grow
-        self.read: dict[int, Any] = {}  # group-1 convs whose inputs grow
-        self.depthwise: dict[int, Any] = {}  # depthwise convs that grow
 
-    def tensor(self, name: str) -> bool:
-        """Mark ``name`` as padded, with what produces and reads it; False where the graph
-        does not allow it (a graph input or output, a constant, an op that mixes channels
-        other than a conv)."""
-        if name in self.tensors:
-            return True
-        g = self.g
-        if name in g.init or name in g.outputs or name not in g.producer:
-            return False
-        self.tensors.add(name)
-        return self._producer(g.producer[name]) and all(
-            self._consumer(node, name) for node in g.consumers.get(name, [])
-        )
-
-    def _constant(self, name: str) -> bool:
-        return name in self.g.init and self.g.arrays[name].size == 1
-
-    def _producer(self, node: Any) -> bool:
-        if node.op_type == "Conv":
-            if _depthwise_channels(self.g, node) is not None:
-                self.depthwise[id(node)] = node
-                return self.tensor(node.input[0])
-            if int(_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
-                return False
-            self.produce[id(node)] = node
-            return True
-        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
-            return node.op_type == "GlobalAveragePool" and self.tensor(node.input[0])
-        if node.op_type in _CHANNELWISE:
-            return all(self._constant(i) or self.tensor(i) for i in node.input if i)
+def _at_zero(g: _Graph, node: Any) -> bool:
+    """Whether a (De)QuantizeLinear's scale is one number and its zero point 0."""
+    if len(node.input) < 3 or not all(_scalar(g, name) for name in node.input[1:3]):
         return False
-
-    def _consumer(self, node: Any, name: str) -> bool:
-        if node.op_type == "Conv":
-            if _depthwise_channels(self.g, node) is not None:
-                self.depthwise[id(node)] = node
-                return self.tensor(node.output[0])
-            if int(_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
-                return False
-            if node.input[0] == name:
-                self.read[id(node)] = node
-            return node.input[0] == name
-        if node.op_type == "GlobalAveragePool" or node.op_type in _CHANNELWISE:
-            return self.tensor(node.output[0]) and self._producer(node)
-        return False
-
-    def apply(self) -> None:
-        g, channels = self.g, self.channels
-        for conv in [*self.produce.values(), *self.depthwise.values()]:
-            for index in range(1, len(conv.input)):  # weight and bias
-                _pad_initializer(g, conv, index, 0, channels)
-        for conv in self.read.values():
-            _pad_initializer(g, conv, 1, 1, channels)
-        for conv in self.depthwise.values():
-            for attr in conv.attribute:
-                if attr.name == "group":
-                    attr.i = channels
+    return int(g.arrays[node.input[2]]) == 0
 
 
-def _depthwise_channels(g: _Graph, conv: Any) -> int | None:
-    weight = g.arrays.get(conv.input[1]) if len(conv.input) > 1 else None
-    group = int(_attribute(conv, "group", 1))
-    if weight is None or weight.ndim != 4 or group == 1:
+def _shift_plan(g: _Graph, add: Any) -> tuple | None:
+    """(the QuantizeLinear of ``x``, the DequantizeLinear nodes that read the shifted and
+    clipped integers, c, H) of a marked ``Clip(x + c, 0, H)``, or None where the pattern
+    is not all there: ``x`` quantized per tensor and read only by the Add and by
+    Muls that also read the shifted integers."""
+    try:
+        shift, high = (float(v) for v in add.doc_string.split())
+    except ValueError:
         return None
-    return group if weight.shape[0] == group and weight.shape[1] == 1 else None
-
-
-def _pad_initializer(g: _Graph, node: Any, index: int, axis: int, size: int) -> None:
-    """Zeros appended to ``node``'s initializer input ``index`` along ``axis``."""
-    name = g.private(node, index)
-    array = g.arrays[name]
-    if array.shape[axis] >= size:
-        return
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, size - array.shape[axis])
-    g.arrays[name] = np.pad(array, widths)
-    g.set_initializer(name, g.arrays[name])
-
-
-def pad_depthwise(model: Any, multiple: int = 16, keep: Collection[str] = ()) -> int:
-    """Give every depthwise conv a multiple of ``multiple`` channels, with zero weights in
-    the convs before and after it, so the extra channels are zero and the outputs the
-    same; returns how many were padded. ONNX Runtime's fast int8 depthwise kernels take
-    channel counts in multiples of 16 only (V3-Large has 72, 120, 184 and 200). A conv
-    whose neighbours are not convs and channel-wise ops is left as it is, as are those
-    named in ``keep`` (left in float)."""
-    onnx = _onnx()
-    padded = 0
-    for node in list(model.graph.node):
-        if node.name in keep:
-            continue
-        g = _Graph(model.graph)
-        channels = _depthwise_channels(g, node) if node.op_type == "Conv" else None
-        if channels is None or channels % multiple == 0:
-            continue
-        plan = _Padding(g, -(-channels // multiple) * multiple)
-        plan.depthwise[id(node)] = node
-        if plan.tensor(node.input[0]) and plan.tensor(node.output[0]):
-            plan.apply()
-            padded += 1
-    if padded:
-        del model.graph.value_info[:]
-        inferred = onnx.shape_inference.infer_shapes(model)
-        model.graph.value_info.extend(inferred.graph.value_info)
-    return padded
+    source = g.producer.get(add.input[0])
+    if source is None or source.op_type != "DequantizeLinear":
+        return None
+    quantize_x = g.producer.get(source.input[0])
+    if quantize_x is None or quantize_x.op_type != "QuantizeLinear" or len(quantize_x.input) < 3:
+        return None
+    if not all(_scalar(g, name) for name in quantize_x.input[1:3]):
+        return None
+    if g.arrays[quantize_x.input[2]].dtype != np.uint8 or quantize_x.output[0] in g.outputs:
+        return None
+    users = g.consumers.get(add.output[0], [])
+    if len(users) != 1 or users[0].op_type != "QuantizeLinear" or add.output[0] in g.outputs:
+        return None
+    quantize_a = users[0]  # its range starts at 0: the Clip folded into it
+    if not _at_zero(g, quantize_a) or quantize_a.output[0] in g.outputs:
+        return None
+    readers = g.consumers.get(quantize_a.output[0], [])
+    if not readers or any(r.op_type != "DequantizeLinear" or not _at_zero(g, r) for r in readers):
+        return None
+    shifted = {r.output[0] for r in readers}
+    for dq in g.consumers[quantize_x.output[0]]:
+        if dq.op_type != "DequantizeLinear" or list(dq.input[1:3]) != list(quantize_x.input[1:3]):
+            return None
+        for user in g.consumers.get(dq.output[0], []):
+            if user is add:
+                continue
+            if user.op_type != "Mul" or not shifted.intersection(user.input):
+                return None
+    return quantize_x, readers, shift, high

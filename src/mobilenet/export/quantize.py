@@ -24,7 +24,8 @@ from ..extras import require
 from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
-from .qdq import fold_marked_scales, integer_friendly, module_nodes, pad_depthwise
+from .qdq import fold_marked_scales, fold_marked_shifts, integer_friendly, module_nodes
+from .qdq_pad import pad_depthwise
 
 __all__ = ["calibration_images_of", "float_modules", "quantize_file", "quantize_onnx"]
 
@@ -99,6 +100,7 @@ def quantize_file(
         )
         quantized = onnx.load(str(dst))
         fold_marked_scales(quantized)
+        fold_marked_shifts(quantized)
         onnx.save(quantized, str(dst))
 
 
