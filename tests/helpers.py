@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mobilenet.export.prepare import measure_batchnorm
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm random affine parameters and running statistics.
@@ -42,18 +44,7 @@ def recalibrate_bn(model: nn.Module, resolution: int = 96, seed: int = 0) -> nn.
     """
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 3, resolution, resolution, generator=g)
-    saved = {}
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            saved[m] = m.momentum
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m, momentum in saved.items():
-        m.momentum = momentum
-    return model.eval()
+    return measure_batchnorm(model, [x])
 
 
 def unit_scale_logits(model: nn.Module, classifier: nn.Linear, resolution: int = 160) -> nn.Module:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from .machine import cores
 
-__all__ = ["ENGINES", "BenchConfig", "build_engine", "openvino_config", "ort_session"]
+__all__ = [
+    "ENGINES",
+    "BenchConfig",
+    "build_engine",
+    "openvino_config",
+    "ort_session",
+    "timing_model",
+]
 
 ENGINES = (
     "eager", "eager-fused", "compile", "onnxruntime", "onnxruntime-int8", "torch-int8",
@@ -36,13 +43,32 @@ class BenchConfig:
     ort_spinning: bool | None = None  # None: spin only when threads leave a core free
 
 
+def timing_model(name: str, width_mult: float = 1.0, resolution: int = 224, seed: int = 0):
+    """Model ``name`` with random weights and BatchNorm statistics measured on 8 random
+    images, as a trained network's are measured on its data: its activations are
+    unit-scale, where an untrained network's default statistics shrink them towards 0.
+    Speed does not depend on the values, but an int8 file's graph does (its calibrated
+    ranges decide, for example, where ``qdq.fold_marked_shifts`` applies), so the int8
+    file timed is shaped like one of trained weights."""
+    import torch
+
+    from .export.onnx import input_size
+    from .export.prepare import measure_batchnorm
+    from .models import create_model
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    size = input_size(resolution)
+    images = (torch.randn(4, 3, *size, generator=generator) for _ in range(2))
+    return measure_batchnorm(create_model(name, width_mult=width_mult), images)
+
+
 def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], object]:
     """A zero-argument callable that runs one batch with ``engine``."""
     import torch
 
     from .export import export_onnx, prepare_for_inference
     from .export.onnx import input_size
-    from .models import create_model
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
@@ -52,7 +78,7 @@ def build_engine(engine: str, cfg: BenchConfig, tmp: Path) -> Callable[[], objec
 
         model = getattr(torchvision.models, cfg.model)().eval()
         return lambda: _no_grad(model, x)
-    model = create_model(cfg.model, width_mult=cfg.width_mult).eval()
+    model = timing_model(cfg.model, cfg.width_mult, cfg.resolution)
     if engine == "eager":
         return lambda: _no_grad(model, x)
     if engine == "torch-int8":

@@ -1,9 +1,11 @@
 """Inference preparation shared by every engine: BatchNorm folded, channels_last, no grad;
-and, for quantizers that have no integer h-swish, the activations as integer-friendly ops."""
+for quantizers that have no integer h-swish, the activations as integer-friendly ops; and
+BatchNorm statistics measured on given images."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +21,30 @@ __all__ = [
     "attention_norm_foldable",
     "fold_batchnorm",
     "integer_activations",
+    "measure_batchnorm",
     "prepare_for_inference",
 ]
+
+
+def measure_batchnorm(model: nn.Module, images: Iterable[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running statistics to their plain average over ``images``
+    (batches), as training measures them on its data, and return the model in eval mode.
+    Only the BatchNorms run in training mode: no dropout, and a detector needs no targets.
+    An untrained network's default statistics shrink activations towards 0 layer after
+    layer; measured ones keep them unit-scale."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+        m.train()
+    with torch.no_grad():
+        for batch in images:
+            model(batch)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
