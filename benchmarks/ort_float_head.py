@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenet import create_model
 from mobilenet.bench import cpu, machine
-from mobilenet.bench_engines import ort_session
+from mobilenet.bench_engines import ort_session, timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.quantize import float_modules, quantize_file
 from mobilenet.machine import load_snapshot, others_since
@@ -41,20 +40,10 @@ MODELS = (
 HEAD = ("features.0", "features.1")
 
 
-def randomized(name: str) -> torch.nn.Module:
-    """A model whose BatchNorm statistics are random, so that activations stay unit-scale."""
-    model = create_model(name)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def files(name: str, folder: Path, x: np.ndarray) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     paths = {"fp32": folder / f"{name}.onnx"}
-    export_onnx(randomized(name), paths["fp32"], x.shape[-1])
+    export_onnx(timing_model(name, resolution=x.shape[-1]), paths["fp32"], x.shape[-1])
     for variant, keep in (("int8 all", ()), ("int8 float head", HEAD)):
         paths[variant] = folder / f"{name}-{variant.replace(' ', '-')}.onnx"
         calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))

@@ -1,11 +1,13 @@
 """Where ONNX Runtime's time goes, float32 against int8, operator type by operator type.
 
 The deploy issue asks for V3-Large int8 at <= 0.6x its float32 time (batch 1, 1 thread).
-This script says how far the int8 graph's parts are from that: it exports the model,
-quantizes it as ``mobilenet quantize --format onnx`` does (integer h-swish, padded
-depthwise channels, V3's stem and first block in float32, or every operator in int8 with
-``--integer-only``; calibrated on 8 random images, which does not change the time), and
-runs both files with ONNX Runtime's profiler, then sums the kernel time per operator type.
+This script says how far the int8 graph's parts are from that: it exports the model
+(random weights, BatchNorm statistics measured on random images as ``mobilenet bench``
+times it: ``bench_engines.timing_model``), quantizes it as ``mobilenet quantize --format
+onnx`` does (integer h-swish, its shift folded into a Clip of integers, padded depthwise
+channels, V3's stem and first block in float32, or every operator in int8 with
+``--integer-only``; calibrated on 8 random images), and runs both files with ONNX
+Runtime's profiler, then sums the kernel time per operator type.
 The convolutions' own ratio (int8 QLinearConv against float32 Conv, whose NCHWc kernels
 carry the fused activations) and the int8 time of everything else say where the gap is:
 int8 reaches 0.6x of float32 only when the other int8 operators fit in what is left of
@@ -31,9 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenet import create_model
 from mobilenet.bench import cpu, machine
-from mobilenet.bench_engines import ort_session
+from mobilenet.bench_engines import ort_session, timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.quantize import float_modules, quantize_file
 from mobilenet.machine import load_snapshot, others_since
@@ -90,7 +91,7 @@ def main() -> None:
     start = load_snapshot()
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": Path(tmp) / "fp32.onnx", "int8": Path(tmp) / "int8.onnx"}
-        export_onnx(create_model(args.model).eval(), paths["fp32"], 224)
+        export_onnx(timing_model(args.model), paths["fp32"], 224)
         calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))
         keep = () if args.integer_only else float_modules(args.model)
         quantize_file(paths["fp32"], paths["int8"], calibration, keep)
