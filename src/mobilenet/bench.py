@@ -7,6 +7,11 @@ median latency per batch, images per second, the ratio to the best peer (the fas
 other engine of the run) and to eager PyTorch, each process's peak resident memory, the
 CPU with its ISA features, and the cores other processes kept busy meanwhile.
 
+Every engine times the same random weights, whose BatchNorm statistics are measured on
+random images (:func:`~mobilenet.bench_engines.timing_model`): activations are then
+unit-scale as in a trained network, and the int8 engines' files, whose graphs depend on the
+calibrated ranges, are shaped like those of trained weights.
+
 Fair to every engine: PyTorch keeps freed memory (:mod:`mobilenet.train.cpu`: glibc
 otherwise unmaps the activations after every call, 31.3 instead of 16.9 ms at batch 1);
 ``openvino`` is float32 (OpenVINO's default is bf16 where the CPU has it: ``openvino-bf16``);
