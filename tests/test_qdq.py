@@ -134,27 +134,30 @@ def test_int8_graph_is_integer_only_and_close_to_float(name, tmp_path):
     assert _cosine(path, int8, calibration[0]).min() > 0.98
 
 
-def test_folding_a_marked_scale_reads_the_same_integers(tmp_path):
+def _quantized_without(monkeypatch, path, out, fold: str) -> np.ndarray:
+    """Quantize ``path`` into ``out`` as ``quantize_file`` does but without the
+    ``export.quantize`` step named ``fold``; returns a batch of the calibration images."""
+    import mobilenet.export.quantize as quantize
+
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((2, 3, RES, RES)).astype(np.float32) for _ in range(2)]
+    with monkeypatch.context() as patched:
+        patched.setattr(quantize, fold, lambda model: 0)
+        quantize_file(path, out, iter({"images": x} for x in batches))
+    return batches[0]
+
+
+def test_folding_a_marked_scale_reads_the_same_integers(tmp_path, monkeypatch):
     """Without the fold, the marked Mul runs as a requantization; with it, the integers
     before it are read with the scale multiplied: the outputs agree to int8 rounding."""
     path, _ = _float_model(tmp_path, "mobilenet_v3_small", 1.0)
-    rng = np.random.default_rng(1)
-    batches = [rng.standard_normal((2, 3, RES, RES)).astype(np.float32) for _ in range(2)]
     int8 = tmp_path / "int8.onnx"
     unfolded = tmp_path / "unfolded.onnx"
-    import mobilenet.export.quantize as quantize
-
-    original = quantize.fold_marked_scales
-    quantize.fold_marked_scales = lambda model: 0
-    try:
-        quantize_file(path, unfolded, iter({"images": x} for x in batches))
-    finally:
-        quantize.fold_marked_scales = original
+    x = _quantized_without(monkeypatch, path, unfolded, "fold_marked_scales")
     model = onnx.load(str(unfolded))
     marked = sum(n.name.startswith(MARK) for n in model.graph.node)
     assert marked > 0 and fold_marked_scales(model) == marked
     onnx.save(model, str(int8))
-    x = batches[0]
     reference, folded, plain = _run(str(path), x), _run(str(int8), x), _run(str(unfolded), x)
     scale = np.abs(reference).max()
     assert np.abs(folded - reference).max() <= max(
@@ -220,29 +223,21 @@ def test_float_nodes_get_constants_of_their_own(tmp_path):
     onnx.checker.check_model(model)
 
 
-def _quantized_unshifted(tmp_path, model) -> tuple:
-    """A float file of ``model`` and its int8 file before ``fold_marked_shifts``."""
-    import mobilenet.export.quantize as quantize
-
+def _quantized_unshifted(tmp_path, monkeypatch, model) -> tuple:
+    """A float file of ``model``, its int8 file before ``fold_marked_shifts``, and a batch
+    of the calibration images."""
     path, unshifted = tmp_path / "fp32.onnx", tmp_path / "unshifted.onnx"
     export_onnx(model, path, RES)
-    rng = np.random.default_rng(1)
-    batches = [rng.standard_normal((2, 3, RES, RES)).astype(np.float32) for _ in range(2)]
-    original = quantize.fold_marked_shifts
-    quantize.fold_marked_shifts = lambda model: 0
-    try:
-        quantize_file(path, unshifted, iter({"images": x} for x in batches))
-    finally:
-        quantize.fold_marked_shifts = original
-    return path, unshifted, batches[0]
+    x = _quantized_without(monkeypatch, path, unshifted, "fold_marked_shifts")
+    return path, unshifted, x
 
 
-def test_folding_a_marked_shift_clips_the_same_integers(tmp_path):
+def test_folding_a_marked_shift_clips_the_same_integers(tmp_path, monkeypatch):
     """h-swish's integer Add goes: ``x``'s grid puts -3 at integer 0 and 3 a whole number
     of steps, so ``Clip(x + 3, 0, 6)`` is a Clip of its integers; the logits stay as close
     to float as without the fold, and ONNX Runtime runs one QLinearAdd less per h-swish."""
     model = timing_model("mobilenet_v3_small", 0.75, RES)  # unit-scale activations
-    path, unshifted, x = _quantized_unshifted(tmp_path, model)
+    path, unshifted, x = _quantized_unshifted(tmp_path, monkeypatch, model)
     folded_path = tmp_path / "folded.onnx"
     model = onnx.load(str(unshifted))
     marked = sum(n.name.startswith(SHIFT_MARK) for n in model.graph.node)
@@ -273,12 +268,12 @@ def test_folding_a_marked_shift_clips_the_same_integers(tmp_path):
     assert adds[0] - adds[1] == folded
 
 
-def test_a_shift_stays_where_the_grid_would_coarsen(tmp_path):
+def test_a_shift_stays_where_the_grid_would_coarsen(tmp_path, monkeypatch):
     """An untrained network's activations shrink layer after layer: putting -3 on their
     grid would make its step thousands of times coarser, so the integer Add stays. Only
     the stem's, which sees the image's unit-scale values, is folded."""
     model = create_model("mobilenet_v3_small", width_mult=0.75).eval()
-    _, unshifted, _ = _quantized_unshifted(tmp_path, model)
+    _, unshifted, _ = _quantized_unshifted(tmp_path, monkeypatch, model)
     model = onnx.load(str(unshifted))
 
     def marked() -> list[str]:
