@@ -175,6 +175,9 @@ def test_module_nodes_are_the_modules_own_named_and_unnamed(tmp_path):
     # stem conv + h-swish (unnamed HardSigmoid and Mul); dw conv, ReLU, project conv, add
     assert ops == {"Conv": 3, "HardSigmoid": 1, "Mul": 1, "Relu": 1, "Add": 1}, ops
     assert not module_nodes(model, ["features.1.nothing"])
+    se = module_nodes(model, ["features.4.se"])  # a module inside a block
+    assert {nodes[name].op_type for name in se} >= {"Conv", "Mul"}
+    assert all("/features.4/se/" in name or name.startswith("node_") for name in se), se
     assert not any("features.2/" in n or "features.10" in n for n in names)
     assert float_modules("mobilenet_v3_small") == ("features.0", "features.1")
     assert float_modules("mobilenet_v1") == float_modules("mobilenet_v4_conv_medium") == ()

@@ -183,6 +183,19 @@ def _split(g: _Graph, node: Any, alpha: float, beta: float) -> list:
     ]
 
 
+def _scope(parts: list[str]) -> list[str]:
+    """The exporter's scope of a module path: each attribute by its name, a numbered child
+    with the names down from the last named attribute (``features.4.se`` is
+    ``features/features.4/se``)."""
+    named = 0
+    scope = []
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            named = i
+        scope.append(".".join(parts[named : i + 1]))
+    return scope
+
+
 def module_nodes(model: Any, modules: Sequence[str]) -> set[str]:
     """The names of the nodes that compute the ``modules`` (paths such as ``features.0``)
     of an exported model: those named or writing a tensor in one's scope
@@ -197,10 +210,7 @@ def module_nodes(model: Any, modules: Sequence[str]) -> set[str]:
                 name += "_"
             node.name = name
             taken.add(name)
-    scopes = []
-    for module in modules:
-        parts = module.split(".")
-        scopes.append("/" + "/".join(".".join(parts[: i + 1]) for i in range(len(parts))) + "/")
+    scopes = ["/" + "/".join(_scope(module.split("."))) + "/" for module in modules]
     inside = lambda text: any(text.startswith(scope) for scope in scopes)  # noqa: E731
     names = {n.name for n in model.graph.node if inside(n.name) or any(map(inside, n.output))}
     users: dict[str, list[str]] = defaultdict(list)
