@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from ort_float_head import timed  # one interleaved timing loop for both scripts
 
 from mobilenet.bench import cpu, machine
-from mobilenet.bench_engines import ort_session, timing_model
+from mobilenet.bench_engines import timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.quantize import float_modules, quantize_file
 from mobilenet.machine import load_snapshot, others_since
@@ -61,21 +60,6 @@ def profile(path: Path, x: np.ndarray, calls: int) -> dict[str, float]:
     return {op: round(us / calls, 1) for op, us in total.most_common()}
 
 
-def timed(paths: dict[str, Path], x: np.ndarray, rounds: int, calls: int) -> dict[str, float]:
-    """Median ms per call of each file, in interleaved rounds (no profiler)."""
-    sessions = {name: ort_session(path, 1, spin=True) for name, path in paths.items()}
-    for session in sessions.values():
-        session.run(None, {"images": x})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                session.run(None, {"images": x})
-            times[name].append(1000 * (time.perf_counter() - start) / calls)
-    return {name: round(statistics.median(t), 3) for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v3_large")
@@ -95,7 +79,7 @@ def main() -> None:
         calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))
         keep = () if args.integer_only else float_modules(args.model)
         quantize_file(paths["fp32"], paths["int8"], calibration, keep)
-        median_ms = timed(paths, x, args.rounds, 20)
+        median_ms = timed(paths, x, 1, args.rounds)
         ops = {name: profile(path, x, args.calls) for name, path in paths.items()}
     conv = {name: sum(us for op, us in o.items() if op in CONVS) for name, o in ops.items()}
     total = {name: sum(o.values()) for name, o in ops.items()}

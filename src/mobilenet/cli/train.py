@@ -188,9 +188,10 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
         return
     # eval and predict of a detector read these from the checkpoint, or do without them;
     # eval runs on --device with --workers loading the data, as a classifier's does.
-    for dest in ("width_mult", "resolution", "workers", "device"):
-        if args.func is cmd_eval and dest in ("workers", "device"):
-            continue
+    refused = ("width_mult", "resolution")
+    if args.func is not cmd_eval:
+        refused += ("workers", "device")
+    for dest in refused:
         if getattr(args, dest, None) is not None:
             flag = "--" + dest.replace("_", "-")
             raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")

@@ -56,8 +56,7 @@ __all__ = [
 
 MARK = "mobilenet_qdq_scale_"  # name prefix of the Mul-by-constant nodes folded after PTQ
 SHIFT_MARK = "mobilenet_qdq_shift_"  # name prefix of h-swish's shift Adds folded after PTQ
-# fold_marked_shifts moves a tensor's grid only where its step grows at most this much
-MAX_STEP_GROWTH = 2.0
+MAX_STEP_GROWTH = 2.0  # fold_marked_shifts moves a grid only where its step grows <= this
 
 
 def _onnx():
@@ -285,10 +284,7 @@ def fold_marked_scales(model: Any) -> int:
             if dq is not None and len(g.consumers[dq.output[0]]) == 1:
                 removed.add(id(dq))
         folded += 1
-    kept = [node for node in model.graph.node if id(node) not in removed]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    _drop_unused_initializers(model.graph)
+    _rebuild(model, removed)
     return folded
 
 
@@ -312,7 +308,7 @@ def _fold_plan(g: _Graph, mul: Any) -> tuple | None:
         alpha = float(g.arrays[mul.input[1]].reshape(-1)[0])
     else:
         return None
-    if source.input[1] not in g.arrays or g.arrays[source.input[1]].size != 1:
+    if not _scalar(g, source.input[1]):
         return None
     users = g.consumers.get(mul.output[0], [])
     if len(users) != 1 or users[0].op_type != "QuantizeLinear" or mul.output[0] in g.outputs:
@@ -324,6 +320,20 @@ def _fold_plan(g: _Graph, mul: Any) -> tuple | None:
     if quantize.output[0] in g.outputs:
         return None
     return source, alpha, quantize, readers
+
+
+def _rebuild(model: Any, removed: set[int], before: dict[int, Any] | None = None) -> None:
+    """Keep the nodes not ``removed`` (ids), ``before[id]`` in front of node ``id``, and
+    the initializers still read."""
+    nodes = []
+    for node in model.graph.node:
+        if before and id(node) in before:
+            nodes.append(before[id(node)])
+        if id(node) not in removed:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _drop_unused_initializers(model.graph)
 
 
 def _drop_unused_initializers(graph: Any) -> None:
@@ -365,13 +375,10 @@ def fold_marked_shifts(model: Any) -> int:
         integers = quantize_x.output[0]
         ceiling = round(steps * high / shift)  # x + c = H
         if ceiling < 255:
-            low = g.constant(0, "shift_clip_low", zero.dtype)
-            high_name = g.constant(ceiling, "shift_clip_high", zero.dtype)
+            bounds = [g.constant(b, "shift_clip", zero.dtype) for b in (0, ceiling)]
             clipped = f"{add.output[0]}_integer_clip"
             name = add.name.replace(SHIFT_MARK, "hsigmoid_clip_")
-            clip = _onnx().helper.make_node(
-                "Clip", [integers, low, high_name], [clipped], name=name
-            )
+            clip = _onnx().helper.make_node("Clip", [integers, *bounds], [clipped], name=name)
             clips[id(add)] = clip
             integers = clipped
         quantize_a = g.consumers[add.output[0]][0]
@@ -387,15 +394,7 @@ def fold_marked_shifts(model: Any) -> int:
         if constant is not None and len(g.consumers[constant.output[0]]) == 1:
             removed.add(id(constant))
         folded += 1
-    nodes = []
-    for node in model.graph.node:
-        if id(node) in clips:
-            nodes.append(clips[id(node)])
-        if id(node) not in removed:
-            nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _drop_unused_initializers(model.graph)
+    _rebuild(model, removed, clips)
     return folded
 
 
