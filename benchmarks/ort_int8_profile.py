@@ -8,6 +8,11 @@ onnx`` does (integer h-swish, its shift folded into a Clip of integers, padded d
 channels, V3's stem and first block in float32, or every operator in int8 with
 ``--integer-only``; calibrated on 8 random images), and runs both files with ONNX
 Runtime's profiler, then sums the kernel time per operator type.
+The profiler adds its own cost to every node, which overstates the small element-wise
+ones, so the script also times, side by side without the profiler, two copies of the int8
+file that compute wrong values in the same shapes: h-swish's integer Mul replaced by an
+integer Add (``hswish_mul_as_add``), and h-swish's Clip removed (``no_hswish_clip``).
+What they save is what those operators cost.
 The convolutions' own ratio (int8 QLinearConv against float32 Conv, whose NCHWc kernels
 carry the fused activations) and the int8 time of everything else say where the gap is:
 int8 reaches 0.6x of float32 only when the other int8 operators fit in what is left of
@@ -60,6 +65,33 @@ def profile(path: Path, x: np.ndarray, calls: int) -> dict[str, float]:
     return {op: round(us / calls, 1) for op, us in total.most_common()}
 
 
+def ablations(int8: Path) -> dict[str, Path]:
+    """Copies of the int8 file without part of h-swish's cost (their values are wrong):
+    each Mul that reads h-swish's Clip as an Add, or each such Clip removed."""
+    import onnx
+
+    paths = {}
+    for variant in ("hswish_mul_as_add", "no_hswish_clip"):
+        model = onnx.load(str(int8))
+        nodes = model.graph.node
+        producer = {out: node for node in nodes for out in node.output}
+        clips = {n.output[0]: n for n in nodes if n.op_type == "Clip"}
+        for node in list(nodes):
+            if variant == "hswish_mul_as_add" and node.op_type == "Mul":
+                read = [producer.get(i) for i in node.input]  # DequantizeLinear of a Clip?
+                if any(r is not None and r.input[0] in clips for r in read):
+                    node.op_type = "Add"
+            elif variant == "no_hswish_clip" and node.output[0] in clips:
+                for reader in nodes:  # read the integers before the Clip
+                    reader.input[:] = [
+                        node.input[0] if i == node.output[0] else i for i in reader.input
+                    ]
+                nodes.remove(node)
+        paths[variant] = int8.with_name(f"{variant}.onnx")
+        onnx.save(model, str(paths[variant]))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v3_large")
@@ -79,7 +111,7 @@ def main() -> None:
         calibration = ({"images": rng.standard_normal(x.shape, dtype=np.float32)} for _ in range(8))
         keep = () if args.integer_only else float_modules(args.model)
         quantize_file(paths["fp32"], paths["int8"], calibration, keep)
-        median_ms = timed(paths, x, 1, args.rounds)
+        median_ms = timed({**paths, **ablations(paths["int8"])}, x, 1, args.rounds)
         ops = {name: profile(path, x, args.calls) for name, path in paths.items()}
     conv = {name: sum(us for op, us in o.items() if op in CONVS) for name, o in ops.items()}
     total = {name: sum(o.values()) for name, o in ops.items()}
@@ -93,6 +125,9 @@ def main() -> None:
         "float_modules": list(keep),
         "median_ms": median_ms,
         "int8_over_fp32": round(median_ms["int8"] / median_ms["fp32"], 3),
+        "ablation_over_int8": {
+            k: round(v / median_ms["int8"], 3) for k, v in median_ms.items() if "hswish" in k
+        },
         "kernel_us": ops,
         "conv_us": conv,
         "conv_int8_over_fp32": round(conv["int8"] / conv["fp32"], 3),
@@ -103,7 +138,8 @@ def main() -> None:
     print(f"{args.model}: fp32 {median_ms['fp32']:.2f} ms, int8 {median_ms['int8']:.2f} ms "
           f"({record['int8_over_fp32']:.3f}x); convolutions alone {conv['int8']:.0f} / "
           f"{conv['fp32']:.0f} us ({record['conv_int8_over_fp32']:.3f}x); others busy "
-          f"{record['busy_other_cores']} cores")  # fmt: skip
+          f"{record['busy_other_cores']} cores; ablations / int8 "
+          f"{record['ablation_over_int8']}")  # fmt: skip
     for name, o in ops.items():
         print(f"  {name}: " + ", ".join(f"{op} {us:.0f}" for op, us in list(o.items())[:8]))
     args.json.write_text(json.dumps(record, indent=2) + "\n")
