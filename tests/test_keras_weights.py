@@ -189,7 +189,8 @@ def test_corrupt_files_are_refused_in_one_line(v2_file, tmp_path, capsys):
     with h5py.File(empty, "w") as f:
         f["x"] = np.zeros(3)
     garbage = tmp_path / "garbage.keras"
-    garbage.write_bytes(b"PK\x03\x04" + os.urandom(200))
+    # a zip signature, then a ninth byte that would start a safetensors header
+    garbage.write_bytes(b"PK\x03\x04" + bytes(4) + b"{" + os.urandom(200))
     for path, message in [
         (truncated, "not a readable Keras weights file"),
         (empty, "without Keras weights"),

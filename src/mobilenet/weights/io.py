@@ -98,10 +98,13 @@ def read_state_dict(
 
 
 def _is_safetensors(path: Path) -> bool:
-    # An 8-byte little-endian header length, then a JSON header starting with "{".
+    # An 8-byte little-endian header length, then a JSON header starting with "{"; a zip
+    # (a PyTorch checkpoint, a .keras file) is not one whatever its ninth byte.
     with path.open("rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
+    if len(head) < 9 or head.startswith(b"PK\x03\x04"):
+        return False
+    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
 def _unwrap(obj: object, path: Path) -> StateDict:
