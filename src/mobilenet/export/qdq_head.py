@@ -42,12 +42,10 @@ def _as_conv(g: _Graph, gemm: Any) -> list | None:
 
 def _of_head(g: _Graph, node: Any, four_d: dict[str, str]) -> bool:
     """Whether an element-wise ``node`` reads a tensor of the head, and otherwise only
-    tensors of the head or one-number constants (of rank <= 2, which broadcast the same
-    against [N, C] and [N, C, 1, 1])."""
+    tensors of the head or one-number constants."""
     inputs = [i for i in node.input if i]
     return any(i in four_d for i in inputs) and all(
-        i in four_d or (i in g.init and g.arrays[i].size == 1 and g.arrays[i].ndim <= 2)
-        for i in inputs
+        i in four_d or (i in g.init and g.arrays[i].size == 1) for i in inputs
     )
 
 
@@ -61,36 +59,6 @@ def _pooled(g: _Graph, flatten: Any) -> bool:
     )
 
 
-def _convert(g: _Graph, nodes: list, keep: Collection[str]) -> tuple[dict, dict]:
-    """The head's tensors (2-D name -> its [N, C, 1, 1] twin) and its nodes (id -> the
-    node computing the twin; None for a pooled Flatten, which goes)."""
-    helper = _onnx().helper
-    four_d: dict[str, str] = {}
-    converted: dict[int, Any] = {}
-    for flatten in nodes:
-        if flatten.op_type == "Flatten" and flatten.name not in keep and _pooled(g, flatten):
-            four_d[flatten.output[0]] = flatten.input[0]
-            converted[id(flatten)] = None
-    for node in nodes:  # in topological order, so a head's nodes follow its Flatten
-        if id(node) in converted or node.name in keep or not node.input:
-            continue
-        twin = f"{node.output[0]}_nchw"
-        if node.op_type == "Gemm" and node.input[0] in four_d:
-            inputs = _as_conv(g, node)
-            if inputs is None:
-                continue
-            copy = helper.make_node("Conv", [four_d[node.input[0]], *inputs], [twin], node.name)
-            copy.attribute.extend([helper.make_attribute("kernel_shape", [1, 1])])
-        elif node.op_type in _ELEMENTWISE and _of_head(g, node, four_d):
-            inputs = [four_d.get(i, i) for i in node.input]
-            copy = helper.make_node(node.op_type, inputs, [twin], node.name)
-            copy.attribute.extend(node.attribute)
-        else:
-            continue
-        converted[id(node)], four_d[node.output[0]] = copy, twin
-    return four_d, converted
-
-
 def head_as_convs(model: Any, keep: Collection[str] = ()) -> int:
     """Rewrite, in place, each ``Gemm`` that reads a flattened global pool (through
     element-wise ops) as a 1x1 ``Conv`` of the pooled map; the tensors the rest of the
@@ -98,24 +66,51 @@ def head_as_convs(model: Any, keep: Collection[str] = ()) -> int:
     Gemms were rewritten; those named in ``keep`` (left in float) stay as they are."""
     onnx = _onnx()
     g = _Graph(model.graph)
-    four_d, converted = _convert(g, list(model.graph.node), keep)
+    helper = onnx.helper
+    four_d: dict[str, str] = {}  # 2-D tensor of the head -> its [N, C, 1, 1] twin
+    converted: dict[int, Any] = {}  # id of a replaced node -> its replacement
+    for flatten in [n for n in model.graph.node if n.op_type == "Flatten"]:
+        if flatten.name not in keep and _pooled(g, flatten):
+            four_d[flatten.output[0]] = flatten.input[0]
+            converted[id(flatten)] = None
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if id(node) in converted or node.name in keep or not node.input:
+                continue
+            if node.op_type == "Gemm" and node.input[0] in four_d:
+                inputs = _as_conv(g, node)
+                if inputs is None:
+                    continue
+                twin = f"{node.output[0]}_nchw"
+                conv = helper.make_node(
+                    "Conv", [four_d[node.input[0]], *inputs], [twin], name=node.name
+                )
+                conv.attribute.extend([helper.make_attribute("kernel_shape", [1, 1])])
+                converted[id(node)], four_d[node.output[0]] = conv, twin
+                changed = True
+            elif node.op_type in _ELEMENTWISE and _of_head(g, node, four_d):
+                twin = f"{node.output[0]}_nchw"
+                copy = helper.make_node(
+                    node.op_type, [four_d.get(i, i) for i in node.input], [twin], name=node.name
+                )
+                copy.attribute.extend(node.attribute)
+                converted[id(node)], four_d[node.output[0]] = copy, twin
+                changed = True
     gemms = sum(1 for n in converted.values() if n is not None and n.op_type == "Conv")
     if not gemms:
         return 0
     nodes = []
     for node in model.graph.node:
-        if id(node) not in converted:
-            nodes.append(node)
-            continue
-        if converted[id(node)] is not None:
-            nodes.append(converted[id(node)])
-        for out in node.output:
+        replacement = converted.get(id(node), node)
+        if replacement is not None:
+            nodes.append(replacement)
+        for out in node.output if id(node) in converted else []:
             readers = [r for r in g.consumers.get(out, []) if id(r) not in converted]
             if readers or out in g.outputs:  # read in 2-D: flattened from its twin
-                flatten = onnx.helper.make_node(
-                    "Flatten", [four_d[out]], [out], f"{node.name}/flatten"
-                )
-                flatten.attribute.extend([onnx.helper.make_attribute("axis", 1)])
+                flatten = helper.make_node("Flatten", [four_d[out]], [out], f"{node.name}/flatten")
+                flatten.attribute.extend([helper.make_attribute("axis", 1)])
                 nodes.append(flatten)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
