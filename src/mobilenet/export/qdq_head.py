@@ -70,7 +70,7 @@ def head_as_convs(model: Any, keep: Collection[str] = ()) -> int:
     four_d: dict[str, str] = {}  # 2-D tensor of the head -> its [N, C, 1, 1] twin
     converted: dict[int, Any] = {}  # id of a replaced node -> its replacement
     for flatten in [n for n in model.graph.node if n.op_type == "Flatten"]:
-        if flatten.name not in keep and _pooled(g, flatten):
+        if _pooled(g, flatten):
             four_d[flatten.output[0]] = flatten.input[0]
             converted[id(flatten)] = None
     changed = True
