@@ -5,11 +5,9 @@ images from the user's data with the evaluation transform, and ONNX Runtime's
 ``quantize_static`` writes a QDQ model: int8 weights per output channel, uint8
 activations, and the modules :func:`float_modules` names (the stem and first block of
 the models measured faster so) in float32 unless every operator is asked for in int8
-(``integer_only``). The classifier's Gemms become 1x1 convolutions of the pooled map
-first (``export.qdq_head``), which ONNX Runtime's int8 kernels run faster. The file keeps
-the model's config, classes and resolution as metadata, so ``mobilenet eval`` and
-``mobilenet predict`` take it like any weights file, and the number of images it was
-calibrated on (``calibration_images``).
+(``integer_only``). The file keeps the model's config, classes and resolution as
+metadata, so ``mobilenet eval`` and ``mobilenet predict`` take it like any weights file,
+and the number of images it was calibrated on (``calibration_images``).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from ..fileio import atomic_write
 from .int8 import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 from .qdq import fold_marked_scales, fold_marked_shifts, integer_friendly, module_nodes
-from .qdq_head import head_as_convs
 from .qdq_pad import pad_depthwise
 
 __all__ = ["calibration_images_of", "float_modules", "quantize_file", "quantize_onnx"]
@@ -88,7 +85,6 @@ def quantize_file(
         shape_inference.quant_pre_process(str(src), str(pre))
         model = onnx.load(str(pre))
         keep = module_nodes(model, keep_float) if keep_float else set()
-        head_as_convs(model, keep)
         integer_friendly(model, keep)
         pad_depthwise(model, keep=keep)
         onnx.save(model, str(integer))
