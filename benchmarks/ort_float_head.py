@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=40)
     default_json = Path(__file__).with_name("ort_float_head.json")
     parser.add_argument("--json", type=Path, default=default_json)
     args = parser.parse_args()
