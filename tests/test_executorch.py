@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from mobilenet import MobileNetError, create_model, list_models, save_weights
+from mobilenet import MobileNetError, list_models, save_weights
 from mobilenet.cli import main
 from mobilenet.export import executorch as et
 from mobilenet.export.executorch import (
@@ -24,21 +24,13 @@ from mobilenet.export.executorch import (
 )
 from mobilenet.inference import PteModel, load_trained
 
-from .helpers import (
-    cli_json,
-    noise_image,
-    randomize_bn,
-    recalibrate_bn,
-    unit_scale_logits,
-)
+from .helpers import cli_json, noise_image, random_model
 
 RES = 64
 
 
 def _model(name: str, width_mult: float = 0.5):
-    model = create_model(name, width_mult=width_mult, num_classes=10)
-    model = recalibrate_bn(randomize_bn(model), resolution=RES)
-    return unit_scale_logits(model, model.classifier, resolution=RES)
+    return random_model(name, RES, width_mult)
 
 
 @pytest.mark.parametrize("name", list_models())

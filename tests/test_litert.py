@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert.interpreter")
 
-from mobilenet import MobileNetError, create_model
+from mobilenet import MobileNetError
 from mobilenet.export import litert
 from mobilenet.export.litert import (
     LAYOUT,
@@ -21,16 +21,14 @@ from mobilenet.export.litert import (
     read_tflite,
 )
 
-from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+from .helpers import random_model
 
 RES = 64
 CLASSES = json.dumps(list("abcdefghij"))
 
 
 def _model(name: str):
-    model = create_model(name, width_mult=0.5, num_classes=10)
-    model = recalibrate_bn(randomize_bn(model), resolution=RES)
-    return unit_scale_logits(model, model.classifier, resolution=RES)
+    return random_model(name, RES)
 
 
 @pytest.fixture(scope="module")
