@@ -15,26 +15,18 @@ import torch
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from mobilenet import create_model, save_weights
+from mobilenet import save_weights
 from mobilenet.cli import main
 from mobilenet.inference import TfliteModel, load_trained
 
-from .helpers import (
-    cli_json,
-    noise_image,
-    randomize_bn,
-    recalibrate_bn,
-    unit_scale_logits,
-)
+from .helpers import cli_json, noise_image, random_model
 
 RES = 64
 CLASSES = list("abcdefghij")
 
 
 def _weights(folder: Path) -> str:
-    model = create_model("mobilenet_v3_small", width_mult=0.5, num_classes=10)
-    model = recalibrate_bn(randomize_bn(model), resolution=RES)
-    model = unit_scale_logits(model, model.classifier, resolution=RES)
+    model = random_model("mobilenet_v3_small", RES)
     metadata = {"classes": json.dumps(CLASSES), "resolution": str(RES)}
     return str(save_weights(model, folder / "w.safetensors", metadata))
 

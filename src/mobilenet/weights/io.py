@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import write_bytes
-from .keras import keras_kind, read_keras
+from .keras import ZIP_SIGNATURE, keras_kind, read_keras
 
 __all__ = [
     "FORMAT",
@@ -102,7 +102,7 @@ def _is_safetensors(path: Path) -> bool:
     # (a PyTorch checkpoint, a .keras file) is not one whatever its ninth byte.
     with path.open("rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head.startswith(b"PK\x03\x04"):
+    if len(head) < 9 or head.startswith(ZIP_SIGNATURE):
         return False
     return head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 

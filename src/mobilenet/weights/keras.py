@@ -35,9 +35,10 @@ from ..errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 PathLike = str | os.PathLike[str]
 
-__all__ = ["HDF5_SIGNATURE", "keras_kind", "read_keras"]
+__all__ = ["HDF5_SIGNATURE", "ZIP_SIGNATURE", "keras_kind", "read_keras"]
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # a .keras file, or a PyTorch checkpoint
 KERAS_WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip
 
 
@@ -48,7 +49,7 @@ def keras_kind(path: PathLike) -> str | None:
         head = f.read(8)
     if head == HDF5_SIGNATURE:
         return "h5"
-    if head[:4] == b"PK\x03\x04":  # a zip: a .keras file, or a PyTorch checkpoint
+    if head.startswith(ZIP_SIGNATURE):
         try:
             with zipfile.ZipFile(path) as z:
                 return "keras" if KERAS_WEIGHTS in z.namelist() else None
