@@ -74,7 +74,10 @@ def ablations(int8: Path) -> dict[str, Path]:
     for variant in ("hswish_mul_as_add", "no_hswish_clip"):
         model = onnx.load(str(int8))
         nodes = model.graph.node
-        clipped = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Clip"}
+        integers = {n.output[0] for n in nodes if n.op_type == "QuantizeLinear"}
+        clipped = {  # h-swish's Clips of integers, not a float Clip left between DQ and Q
+            n.output[0]: n.input[0] for n in nodes if n.op_type == "Clip" and n.input[0] in integers
+        }
         if variant == "hswish_mul_as_add":
             producer = {out: node for node in nodes for out in node.output}
             for node in nodes:  # a Mul reading a DequantizeLinear of a Clip
