@@ -83,20 +83,27 @@ def test_bad_pairs_are_skipped_with_one_warning_of_counts(tmp_path):
     root = pairs_folder(tmp_path / "data", n=8, classes=3)
     (root / "masks" / "0.png").unlink()  # mask missing
     _save_palette(_mask(3, (24, 30)), root / "masks" / "1.png")  # size differs
-    _save_palette(_mask(5), root / "masks" / "2.png")  # values 3 and 4: beyond 3 classes
     (root / "images" / "3.png").write_bytes(b"not an image")
     (root / "masks" / "4.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     Image.new("RGB", (32, 24)).save(root / "masks" / "5.png")  # colour, not indices
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = SegmentationFolder(root)
-    assert len(dataset) == 2
+    assert len(dataset) == 3
     assert len(caught) == 1
     line = str(caught[0].message)
-    assert "6 image/mask pair(s) skipped" in line and "\n" not in line
+    assert "5 image/mask pair(s) skipped" in line and "\n" not in line
     for reason in ("1 mask missing", "1 image and mask sizes differ", "1 image unreadable",
-                   "1 mask values beyond the classes", "2 mask unreadable"):  # fmt: skip
+                   "2 mask unreadable"):  # fmt: skip
         assert reason in line, line
+
+
+def test_mask_values_beyond_the_classes_are_refused(tmp_path):
+    root = pairs_folder(tmp_path / "data", n=4, classes=3)
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    _save_palette(_mask(5), root / "masks" / "2.png")  # values 3 and 4: beyond 3 classes
+    with pytest.raises(MobileNetError, match=r"2\.png: holds the value 4, .* 3 classes"):
+        SegmentationFolder(root)
 
 
 def test_a_folder_without_usable_pairs_is_one_line(tmp_path):

@@ -207,6 +207,12 @@ class TensorImages(Dataset):
         classes: Sequence[str],
         transform: Transform | None = None,
     ) -> None:
+        if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(classes):
+            bad = int(targets.min()) if int(targets.min()) < 0 else int(targets.max())
+            raise MobileNetError(
+                f"image labels hold {bad}, not one of the {len(classes)} classes "
+                f"(0 to {len(classes) - 1})"
+            )
         self.images = images
         self.targets = targets.tolist()
         self.classes = list(classes)

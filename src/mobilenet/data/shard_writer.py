@@ -1,17 +1,28 @@
 """Writing an image folder as WebDataset tar shards (``mobilenet shards``).
 
 The class order and the file list are the folder dataset's own; every image is decoded
-once, and those that fail are skipped and counted in one warning; each shard is written
-atomically, and ``classes.json`` (the class names, each shard's sample count and size)
-last. The readers are in :mod:`mobilenet.data.shards`.
+once, and those that fail are skipped and counted in one warning. A write is all or
+nothing: every shard and ``classes.json`` (the class names, each shard's sample count and
+size) go into a hidden staging folder inside the destination, and only when all are
+written are they renamed into place, ``classes.json`` last. A rename needs no space, so a
+full disk, or any other failure while writing, leaves the destination as it was (a
+staging folder left by a killed process is removed by the next write of the same prefix).
+The readers are in :mod:`mobilenet.data.shards`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import MobileNetError
 from ..extras import require
@@ -32,7 +43,7 @@ def _encoded(path: Path) -> tuple[bytes, str] | str:
     """The file's bytes and the extension of its real format; or why it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
-    from .shards import _DECODE_ERRORS, _EXTENSIONS
+    from .shards import DECODE_ERRORS, EXTENSIONS
 
     try:
         data = path.read_bytes()
@@ -43,11 +54,11 @@ def _encoded(path: Path) -> tuple[bytes, str] | str:
                 # Decoding at 1/8 scale still reads every byte: finds truncation cheaply.
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-            ext = _EXTENSIONS.get(image.format or "", path.suffix.lower().lstrip("."))
+            ext = EXTENSIONS.get(image.format or "", path.suffix.lower().lstrip("."))
         return data, ext
     except UnidentifiedImageError:
         return "not an image"
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         return str(e) or type(e).__name__
 
 
@@ -69,8 +80,9 @@ def write_shards(
 
     The images go in a random order (fixed by ``seed``) so that every shard mixes the
     classes: a streaming reader shuffles only within a buffer. Files that do not decode
-    are skipped, named in one warning. Each shard is written under a temporary name and
-    renamed, and ``classes.json`` last, so a reader never sees half a data set.
+    are skipped, named in one warning. Nothing appears in ``dst`` until every file is
+    written (see the module docstring), so a reader never sees half a data set and a
+    failed write leaves ``dst`` as it was.
     """
     if shard_size < 1:
         raise MobileNetError(f"shard size must be positive, got {shard_size}")
@@ -78,7 +90,6 @@ def write_shards(
         raise MobileNetError(f"bad shard prefix {prefix!r} (a plain name, e.g. train)")
     import numpy as np
 
-    from ..fileio import write_json
     from .datasets import ImageFolder
     from .images import warn_skipped
     from .shards import CLASSES_FILE
@@ -95,15 +106,16 @@ def write_shards(
     kept = _kept_entries(dst, prefix, folder.classes)
     listed = folder.samples  # (path, class index), built afresh on every access
     samples = [listed[i] for i in np.random.default_rng(seed).permutation(len(listed))]
-    written, broken = _write_all(samples, dst, prefix, shard_size, workers, progress)
-    warn_skipped(broken, folder.root)
-    if not written:
-        raise MobileNetError(f"no readable images in {folder.root}")
-    for path in old:  # shards of an earlier, longer write under the same prefix
-        if path.name not in written:
-            path.unlink(missing_ok=True)
-    index = {"format": "webdataset", "classes": folder.classes, "shards": {**kept, **written}}
-    write_json(dst / CLASSES_FILE, index)
+    with _staging(dst, prefix) as stage:
+        written, broken = _write_all(samples, stage, dst, prefix, shard_size, workers, progress)
+        warn_skipped(broken, folder.root)
+        if not written:
+            raise MobileNetError(f"no readable images in {folder.root}")
+        shards = {**kept, **written}
+        index = {"format": "webdataset", "classes": folder.classes, "shards": shards}
+        text = (json.dumps(index, indent=2) + "\n").encode()
+        _write_staged(stage / CLASSES_FILE, dst / CLASSES_FILE, lambda f: f.write(text))
+        _commit(stage, dst, [*written, CLASSES_FILE], old)
     last = len(written) - 1
     pattern = _shard_name(prefix, 0) if last == 0 else f"{prefix}-{{000000..{last:06d}}}.tar"
     count = sum(entry["samples"] for entry in written.values())
@@ -111,18 +123,90 @@ def write_shards(
     return Written(paths, count, len(broken), folder.classes, str(dst / pattern))
 
 
+@contextlib.contextmanager
+def _staging(dst: Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder inside ``dst`` (made if missing) for the files of one write.
+
+    It is removed afterwards, whatever happens; on a failure so is ``dst`` when this write
+    made it, and an :class:`OSError` becomes one line naming ``dst``.
+    """
+    made = [p for p in (dst, *dst.parents) if not os.path.lexists(p)]
+    stage = dst / f".{prefix}-shards.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    done = False
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        _remove_dead_stages(dst, prefix)
+        stage.mkdir()
+        yield stage
+        done = True
+    except OSError as e:
+        raise MobileNetError(f"cannot write {dst}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not done:
+            for folder in made:  # deepest first; one that holds anything stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _remove_dead_stages(dst: Path, prefix: str) -> None:
+    """Remove the staging folders of ``prefix`` whose writing process no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(prefix)}-shards\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    for entry in os.scandir(dst):
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False) and not _running(int(match[1])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if os.name != "posix":  # no cheap probe: assume it runs, and leave its folder
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def _write_staged(path: Path, final: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` the staged file ``path``; what the system refuses (a full disk ...) is
+    one line naming ``final``, the file it was to become."""
+    try:
+        with path.open("wb") as f:
+            write(f)
+    except OSError as e:
+        raise MobileNetError(f"cannot write {final}: {e.strerror or e}") from None
+
+
+def _commit(stage: Path, dst: Path, names: list[str], old: list[Path]) -> None:
+    """Rename the staged ``names`` into ``dst`` (``classes.json``, the last one, after the
+    shards of an earlier, longer write under the same prefix are removed)."""
+    *shards, index = names
+    try:
+        for name in shards:
+            os.replace(stage / name, dst / name)
+        for path in old:
+            if path.name not in shards:
+                path.unlink(missing_ok=True)
+        os.replace(stage / index, dst / index)
+    except OSError as e:
+        raise MobileNetError(f"cannot write {dst}: {e.strerror or e}") from None
+
+
 def _write_all(
     samples: list[tuple[Path, int]],
+    stage: Path,
     dst: Path,
     prefix: str,
     shard_size: int,
     workers: int,
     progress: bool,
 ) -> tuple[dict[str, dict[str, int]], dict[Path, str]]:
-    """Check and write ``samples`` in order; (each shard's entry, the files skipped)."""
+    """Check and write ``samples`` in order into ``stage``; (each shard's entry, the files
+    skipped)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from ..fileio import atomic_write
 
     wds = require("webdataset", "data", "writing tar shards")
     broken: dict[Path, str] = {}
@@ -131,16 +215,16 @@ def _write_all(
     count = 0
 
     def flush() -> None:
-        path = dst / _shard_name(prefix, len(written))
+        name = _shard_name(prefix, len(written))
         first = count - len(pending)
 
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+        def write(f: BinaryIO) -> None:
+            with wds.TarWriter(f, encoder=False, mtime=0) as sink:
                 for i, (data, ext, label) in enumerate(pending, start=first):
                     sink.write({"__key__": f"{i:09d}", ext: data, "cls": str(label).encode()})
 
-        atomic_write(path, write)
-        written[path.name] = {"samples": len(pending), "bytes": path.stat().st_size}
+        _write_staged(stage / name, dst / name, write)
+        written[name] = {"samples": len(pending), "bytes": (stage / name).stat().st_size}
         pending.clear()
 
     bar = _bar(len(samples), "checking and writing") if progress else None
@@ -169,11 +253,11 @@ def _write_all(
 def _kept_entries(dst: Path, prefix: str, classes: list[str]) -> dict[str, Any]:
     """The entries of ``dst/classes.json`` for other prefixes' shards (e.g. val-*.tar),
     kept when they index the same classes."""
-    from .shards import CLASSES_FILE, _read_index
+    from .shards import CLASSES_FILE, read_index
 
     if not (dst / CLASSES_FILE).is_file():
         return {}
-    index = _read_index(dst)
+    index = read_index(dst)
     others = {k: v for k, v in index["shards"].items() if not k.startswith(f"{prefix}-")}
     if others and index["classes"] != classes:
         raise MobileNetError(

@@ -15,6 +15,12 @@ Training reads them with :class:`ShardStream`, an ``IterableDataset``: every pro
 epoch's stream, so each byte is read once per epoch across the cluster. Evaluation uses
 :class:`ShardImages`, a map-style set with random access into the tars, so that the
 evaluation sampler gives every image to exactly one process.
+
+A sample whose image does not decode, or whose ``.cls`` is not an integer, is replaced
+(training) or refused (evaluation); a ``.cls`` outside the classes of ``classes.json``
+(``-1``, or shards indexing another class list) is refused in both, naming the shard and
+the sample: Python would read ``-1`` as the last class, and the scores would be wrong
+without a word.
 """
 
 from __future__ import annotations
@@ -39,18 +45,19 @@ from ..extras import require
 from .datasets import ImageFolder, Split
 from .images import to_rgb
 
-__all__ = ["CLASSES_FILE", "ShardImages", "ShardList", "ShardStream", "eval_set", "is_shards",
-           "list_shards", "shard_splits"]  # fmt: skip
+__all__ = ["CLASSES_FILE", "DECODE_ERRORS", "EXTENSIONS", "ShardImages", "ShardList",
+           "ShardStream", "eval_set", "is_shards", "list_shards", "read_index",
+           "shard_splits"]  # fmt: skip
 
 Transform = Callable[[object], torch.Tensor]
 CLASSES_FILE = "classes.json"
 SHUFFLE_BUFFER = 1000  # samples (encoded bytes) a worker shuffles among
 # PIL format -> the extension WebDataset readers decode it by
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
-               "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}  # fmt: skip
-_IMAGE_EXTS = frozenset({*_EXTENSIONS.values(), "jpeg", "pgm", "tif"})
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+              "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}  # fmt: skip
+_IMAGE_EXTS = frozenset({*EXTENSIONS.values(), "jpeg", "pgm", "tif"})
 _END = object()  # the end of an iterator whose items may be None
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)
 
 # --------------------------------------------------------------------------- finding
 
@@ -115,7 +122,7 @@ def list_shards(data: str) -> ShardList:
         if missing := [p for p in paths if not p.is_file()]:
             more = f" (and {len(missing) - 1} more of {len(paths)})" if len(missing) > 1 else ""
             raise MobileNetError(f"shard not found: {missing[0]}{more}")
-    indexes = {d: _read_index(d) for d in dict.fromkeys(p.parent for p in paths)}
+    indexes = {d: read_index(d) for d in dict.fromkeys(p.parent for p in paths)}
     classes = next(iter(indexes.values()))["classes"]
     for d, index in indexes.items():
         if index["classes"] != classes:
@@ -130,7 +137,8 @@ def list_shards(data: str) -> ShardList:
     return ShardList(data, tuple(shards), tuple(classes))
 
 
-def _read_index(folder: Path) -> dict[str, Any]:
+def read_index(folder: Path) -> dict[str, Any]:
+    """``folder/classes.json``: the class names and each shard's entry; one line if bad."""
     path = folder / CLASSES_FILE
     if not path.is_file():
         raise MobileNetError(
@@ -181,15 +189,40 @@ def _count(path: Path) -> int:
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(parts: dict[str, bytes], labels: list[int]) -> tuple[Image.Image, int] | None:
-    """(RGB image, class index) of a sample; None when it has no decodable image or class."""
+def _label(cls: bytes | None, labels: list[int], shard: Path, key: str) -> int | None:
+    """The model's class index of a sample from its ``.cls`` bytes; None when there are
+    none or they are not an integer. A stored index outside the shards' classes is
+    refused: Python would take -1 as the last class, and the scores would be wrong
+    without a word."""
+    if cls is None:
+        return None
     try:
-        label = labels[int(parts["cls"].decode().strip())]
+        stored = int(cls.decode().strip())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not 0 <= stored < len(labels):
+        raise MobileNetError(
+            f"{shard}: sample {key} has class {stored}, not one of the {len(labels)} classes "
+            f"of its {CLASSES_FILE} (0 to {len(labels) - 1})"
+        )
+    return labels[stored]
+
+
+Sample = tuple[Path, str, dict[str, bytes]]  # (shard, key, encoded parts by extension)
+
+
+def _decode(sample: Sample, labels: list[int]) -> tuple[Image.Image, int] | None:
+    """(RGB image, class index) of a sample; None when it has no decodable image or class."""
+    shard, key, parts = sample
+    label = _label(parts.get("cls"), labels, shard, key)
+    if label is None:
+        return None
+    try:
         data = next(v for k, v in parts.items() if k in _IMAGE_EXTS)
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return to_rgb(image), label
-    except (*_DECODE_ERRORS, StopIteration, IndexError, UnicodeDecodeError):
+    except (*DECODE_ERRORS, StopIteration):
         return None
 
 
@@ -287,16 +320,16 @@ class ShardStream(IterableDataset):
             offset += shard.samples
         return plan
 
-    def _raw(self, plan: list[tuple[Shard, int, int]]) -> Iterator[dict[str, bytes] | None]:
-        """The planned samples' encoded parts; None for each one a shard lacks."""
+    def _raw(self, plan: list[tuple[Shard, int, int]]) -> Iterator[Sample | None]:
+        """The planned samples, encoded; None for each one a shard lacks."""
         for shard, skip, take in plan:
             got = 0
-            for i, (_, members, tar) in enumerate(_members(shard.path)):
+            for i, (key, members, tar) in enumerate(_members(shard.path)):
                 if i >= skip + take:
                     break
                 if i >= skip:
                     got += 1
-                    yield _read(members, tar)
+                    yield shard.path, key, _read(members, tar)
             yield from [None] * (take - got)  # a shard shorter than its index says
 
     def _shuffled(self, items: Iterator[Any], rng: np.random.Generator) -> Iterator[Any]:
@@ -326,8 +359,8 @@ class ShardStream(IterableDataset):
         # others, and DistributedDataParallel waits for every process at every step.
         bad = pending = 0
         last = None
-        for parts in self._shuffled(self._raw(plan), rng):
-            decoded = _decode(parts, self.labels) if parts is not None else None
+        for sample in self._shuffled(self._raw(plan), rng):
+            decoded = _decode(sample, self.labels) if sample is not None else None
             if decoded is None:
                 bad, pending = bad + 1, pending + 1
                 continue
@@ -379,10 +412,8 @@ class ShardImages(Dataset):
             for key, members, tar in _members(shard.path):
                 found = {_split_name(m.name)[1]: m for m in members}
                 image = next((m for ext, m in found.items() if ext in _IMAGE_EXTS), None)
-                try:
-                    label = labels[int(_read([found["cls"]], tar)["cls"].decode().strip())]
-                except (KeyError, ValueError, IndexError, UnicodeDecodeError):
-                    label = None
+                cls = _read([found["cls"]], tar)["cls"] if "cls" in found else None
+                label = _label(cls, labels, shard.path, key)
                 if image is None or label is None:
                     raise MobileNetError(
                         f"{shard.path}: sample {key} lacks an image or a valid class (.cls)"
@@ -407,7 +438,7 @@ class ShardImages(Dataset):
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 rgb = to_rgb(image)
-        except (UnidentifiedImageError, *_DECODE_ERRORS) as e:
+        except (UnidentifiedImageError, *DECODE_ERRORS) as e:
             raise MobileNetError(f"{path}: image {i} does not decode ({e})") from None
         target = self.targets[i]
         return (self.transform(rgb) if self.transform else rgb), target

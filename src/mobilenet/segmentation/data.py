@@ -10,14 +10,21 @@ A dataset folder is in one of the two layouts people have:
   8/16-bit greyscale, the value of a pixel is its class); the whole folder is one split.
 
 In both, 255 marks pixels to ignore (VOC's object borders), and a ``classes.txt`` in
-the folder (one name a line, line ``i`` naming class ``i``) sets the classes. Without
-one, a pairs folder has as many classes as its largest mask value + 1.
+the folder (one name a line, line ``i`` naming class ``i``) sets the classes, or
+``num_classes`` (``--num-classes``) their number. Without either, a pairs folder of 8-bit
+masks has as many classes as its largest mask value + 1; 16-bit masks are refused then,
+since their values are as often ids or scaled labels (0, 1000, 2000) as classes, and the
+largest + 1 would make a 2,001-class model in which 255 is both a class and "ignore". So
+there are at most 255 classes (0 to 254) in every case.
 
 Bad pairs never reach the training loop: when the folder is opened each image and mask
 is decoded once (in threads), and a pair is skipped when its mask is missing, either
-file is missing or unreadable, their sizes differ, or the mask holds a value that is
-neither a class nor 255; one warning gives the count of each reason. A name in a split
-list that leads out of the folder (absolute, ``..``) is refused in one line.
+file is missing or unreadable, or their sizes differ; one warning gives the count of each
+reason. A mask holding a value that is neither a class nor 255 is refused, naming it: its
+labels, or the declared classes, cannot be right. Masks with no labelled pixel (all 255)
+are kept, but counted in one warning line naming one of them: they add nothing to the
+loss, and a folder of nothing else, which would train at loss 0, is refused. A name in a split list
+that leads out of the folder (absolute, ``..``) is refused in one line.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ VOC_CLASSES = (
     "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 MASK_MODES = ("P", "L", "I;16", "I")  # single-band modes whose values are indices
+DEEP_MODES = ("I;16", "I")  # 16-bit PNGs (PIL reads some as "I"): values up to 65,535
 Size = tuple[int, int]  # (height, width)
 
 
@@ -72,9 +80,10 @@ class SegmentationFolder(Dataset):
 
     ``transform`` (torchvision.transforms.v2) is applied to ``(tv_tensors.Image,
     tv_tensors.Mask)`` jointly; the mask holds int64 class indices and 255. ``classes``
-    fixes the classes (a held-out set must use the training set's). ``check=False`` skips
-    decoding every pair when the folder is opened: for data known to be sound, such as the
-    generated ``mnist-seg``.
+    fixes the classes (a held-out set must use the training set's); ``num_classes``
+    declares only their number (``--num-classes``; needed for 16-bit masks without a
+    ``classes.txt``). ``check=False`` skips decoding every pair when the folder is opened:
+    for data known to be sound, such as the generated ``mnist-seg``.
     """
 
     def __init__(
@@ -84,12 +93,15 @@ class SegmentationFolder(Dataset):
         transform: Callable[..., Any] | None = None,
         classes: list[str] | None = None,
         check: bool = True,
+        num_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
         self.rejected: Counter[str] = Counter()
+        self.unlabelled: list[Path] = []  # masks kept with no pixel other than IGNORE
         pairs, self.layout = self._pairs(split)
         given = classes if classes is not None else _read_classes(self.root, self.layout)
+        given = _declared(self.root, given, num_classes)
         found_max = 0
         if check:
             pairs, found_max = self._checked(pairs, len(given) if given else None)
@@ -97,11 +109,13 @@ class SegmentationFolder(Dataset):
             counts = ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items()))
             total = sum(self.rejected.values())
             warnings.warn(
-                f"{self.root}: {total} image/mask pair(s) skipped ({counts})", stacklevel=2
+                f"{self.root}: {total} image/mask pair(s) skipped ({counts})",
+                stacklevel=2,
             )
         if not pairs:
             raise MobileNetError(f"{self.root}: no usable image/mask pairs")
         self.pairs = pairs
+        self._check_labelled()
         if not given and not check:
             raise MobileNetError(f"{self.root}: no {CLASSES_FILE}, and the masks are unread")
         self.classes = list(given) if given else [str(i) for i in range(max(found_max, 1) + 1)]
@@ -139,17 +153,52 @@ class SegmentationFolder(Dataset):
 
     def _checked(self, pairs: list[Pair], num_classes: int | None) -> tuple[list[Pair], int]:
         """The pairs that decode, agree in size and hold only known values; the largest
-        class value found."""
+        class value found. Skips are counted in :attr:`rejected`, masks without a labelled
+        pixel listed in :attr:`unlabelled`."""
         with ThreadPoolExecutor(2) as pool:  # decoding releases the GIL
-            problems = list(pool.map(lambda p: _pair_problem(p, num_classes), pairs))
-        kept, largest = [], 0
-        for pair, (problem, top) in zip(pairs, problems, strict=True):
-            if problem is not None:
-                self.rejected[problem] += 1
-            else:
-                kept.append(pair)
-                largest = max(largest, top)
+            verdicts = list(pool.map(lambda p: _verdict(p, num_classes), pairs))
+        deep = [p for p, v in zip(pairs, verdicts, strict=True) if v.deep]
+        if num_classes is None and deep:
+            raise MobileNetError(
+                f"{deep[0].mask}: a 16-bit mask ({len(deep)} in {self.root}), and no class "
+                f"count declared: give --num-classes N or a {CLASSES_FILE} (one name a line); "
+                "the classes are not guessed from the largest value of 16-bit masks"
+            )
+        beyond = [(p, v) for p, v in zip(pairs, verdicts, strict=True) if v.beyond is not None]
+        if beyond:  # labels that cannot be right: the folder or its classes are wrong
+            (pair, verdict), known = beyond[0], num_classes or IGNORE
+            raise MobileNetError(
+                f"{pair.mask}: holds the value {verdict.beyond}, which is neither one of the "
+                f"{known} classes (0 to {known - 1}) nor {IGNORE} (ignored); {len(beyond)} "
+                f"mask(s) in {self.root} do"
+            )
+        kept, largest, unlabelled = [], 0, []
+        for pair, verdict in zip(pairs, verdicts, strict=True):
+            if verdict.problem is not None:
+                self.rejected[verdict.problem] += 1
+                continue
+            kept.append(pair)
+            largest = max(largest, verdict.top)
+            if not verdict.labelled:
+                unlabelled.append(pair.mask)
+        self.unlabelled = unlabelled
         return kept, largest
+
+    def _check_labelled(self) -> None:
+        """One warning line for masks without a labelled pixel; a refusal if all are."""
+        if not self.unlabelled:
+            return
+        n, example = len(self.unlabelled), _shown(self.unlabelled[0], self.root)
+        if n == len(self.pairs):
+            raise MobileNetError(
+                f"{self.root}: no mask has a labelled pixel (all are {IGNORE}, ignored), "
+                f"e.g. {example}: nothing to learn or score"
+            )
+        warnings.warn(
+            f"{self.root}: {n} of {len(self.pairs)} mask(s) have no labelled pixel (all "
+            f"{IGNORE}, ignored) and add nothing, e.g. {example}",
+            stacklevel=3,
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -165,6 +214,11 @@ class SegmentationFolder(Dataset):
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask PNG as int64 ``[H, W]`` class indices; one line naming it if unreadable."""
+    return _read_mask(path)[0]
+
+
+def _read_mask(path: Path) -> tuple[np.ndarray, str]:
+    """A mask and its PIL mode."""
     try:
         with Image.open(path) as im:
             if im.mode not in MASK_MODES:
@@ -172,35 +226,71 @@ def read_mask(path: Path) -> np.ndarray:
                     f"{path}: not an index mask (mode {im.mode}; masks are palette or "
                     "greyscale PNGs whose values are classes)"
                 )
-            return np.asarray(im, dtype=np.int64)
+            return np.asarray(im, dtype=np.int64), im.mode
     except MobileNetError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise MobileNetError(f"{path}: not a readable mask ({e})") from None
 
 
-def _pair_problem(pair: Pair, num_classes: int | None) -> tuple[str | None, int]:
-    """Why a pair cannot be used (None: it can), and its mask's largest class value."""
+@dataclass(frozen=True)
+class _Verdict:
+    problem: str | None = None  # why the pair cannot be used; None: it can
+    top: int = 0  # the mask's largest class value
+    deep: bool = False  # a 16-bit mask: its values are not classes unless declared
+    labelled: bool = True  # some pixel is not IGNORE
+    beyond: int | None = None  # a value that is neither a class nor IGNORE
+
+
+def _verdict(pair: Pair, num_classes: int | None) -> _Verdict:
+    """Whether a pair can be used, and what its mask holds."""
     if not pair.mask.is_file():
-        return "mask missing", 0
+        return _Verdict("mask missing")
     try:
         with Image.open(pair.image) as im:
             im.load()
             size = im.size
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return "image unreadable", 0
+        return _Verdict("image unreadable")
     try:
-        mask = read_mask(pair.mask)
+        mask, mode = _read_mask(pair.mask)
     except MobileNetError:
-        return "mask unreadable", 0
+        return _Verdict("mask unreadable")
     if (mask.shape[1], mask.shape[0]) != size:
-        return "image and mask sizes differ", 0
+        return _Verdict("image and mask sizes differ")
     values = np.unique(mask)
     classes = values[values != IGNORE]
+    deep = mode in DEEP_MODES
+    # Without declared classes, 8-bit values are classes (255 excepted): at most 0 to 254.
+    limit = num_classes if num_classes is not None else IGNORE
+    outside = classes[(classes < 0) | (classes >= limit)]
+    if len(outside) and not (deep and num_classes is None):  # undeclared 16-bit: refused
+        return _Verdict("mask values beyond the classes", beyond=int(outside[-1]))
     top = int(classes.max()) if len(classes) else 0
-    if (len(classes) and classes.min() < 0) or (num_classes is not None and top >= num_classes):
-        return "mask values beyond the classes", 0
-    return None, top
+    return _Verdict(top=top, deep=deep, labelled=bool(len(classes)))
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the dataset's folder, for messages that also name the folder."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _declared(root: Path, given: list[str] | None, num_classes: int | None) -> list[str] | None:
+    """The classes: the names given or read, else ``num_classes`` numbered ones, else
+    None (left to the masks); refused when the two disagree or are out of range."""
+    if num_classes is None:
+        return given
+    if not 2 <= num_classes <= IGNORE:
+        raise MobileNetError(
+            f"--num-classes {num_classes}: a segmentation model has 2 to {IGNORE} classes "
+            f"({IGNORE} marks ignored pixels)"
+        )
+    if given is not None and len(given) != num_classes:
+        raise MobileNetError(
+            f"{root}: --num-classes {num_classes}, but the classes are {len(given)} "
+            f"({', '.join(given[:5])}{', ...' if len(given) > 5 else ''})"
+        )
+    return given if given is not None else [str(i) for i in range(num_classes)]
 
 
 def _read_split(listing: Path, root: Path) -> list[str]:

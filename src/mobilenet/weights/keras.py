@@ -16,12 +16,34 @@ layer in Keras' own order (Conv2D: kernel, bias; DepthwiseConv2D: depthwise kern
 BatchNormalization: gamma, beta, moving mean, moving variance; Dense: kernel, bias), the
 arrays as Keras stores them (NHWC: kernels are ``[kh, kw, in, out]``). The model families
 translate them (:mod:`mobilenet.models.keras_layouts`); this module knows no model.
+
+A weights file is data, so nothing in it may make the reader reach outside it or allocate
+without bound. Before any array is read, every object the reader walks to is checked:
+
+* links: a hard link is followed, a soft link only to a place inside the file (resolved
+  one name at a time, at most :data:`MAX_SOFT_LINKS` deep); an external link (another
+  file) is refused, and so are arrays that keep their data elsewhere: external storage
+  (raw bytes of a local file) and virtual datasets (arrays of other HDF5 files). HDF5
+  would otherwise read any file the user can read, and ``convert`` would save it as a
+  "weight";
+* sizes: HDF5 declares a shape without storing it (unwritten storage reads as the fill
+  value), so a 9 KB file can declare a 4 TiB array. An array stored raw must hold every
+  byte it declares (the bytes HDF5 allocated for it); a compressed one may declare at most
+  :data:`MAX_COMPRESSION` times what it stores (deflate's own limit); no array may
+  declare more than :data:`MAX_ARRAY_BYTES` and all together no more than
+  :data:`MAX_WEIGHTS_BYTES`; an array reached by a second name is refused (Keras writes
+  each weight once, and N names for one array would allocate it N times);
+* a ``.keras`` zip: its members are read by name into memory, nothing is extracted, so
+  a member's path cannot lead anywhere; the weights member may declare at most
+  :data:`MAX_WEIGHTS_BYTES` uncompressed and at most :data:`MAX_COMPRESSION` times its
+  compressed size (``zipfile`` never inflates past the declared size).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -35,11 +57,30 @@ from ..errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 PathLike = str | os.PathLike[str]
 
-__all__ = ["HDF5_SIGNATURE", "ZIP_SIGNATURE", "keras_kind", "read_keras"]
+__all__ = [
+    "HDF5_SIGNATURE",
+    "MAX_ARRAY_BYTES",
+    "MAX_COMPRESSION",
+    "MAX_WEIGHTS_BYTES",
+    "ZIP_SIGNATURE",
+    "keras_kind",
+    "read_keras",
+]
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"  # a .keras file, or a PyTorch checkpoint
 KERAS_WEIGHTS = "model.weights.h5"  # the weights inside a .keras zip
+KERAS_CONFIG = "config.json"
+# The largest tensor of any MobileNet is a classifier: 1280 features x 1,000 classes is
+# 5 MB in float32, an ImageNet-21k head (21,843 classes) 112 MB; 1 GiB leaves a margin of 9.
+MAX_ARRAY_BYTES = 1 << 30
+# The largest MobileNet (V4 hybrid large, 38M parameters) is 150 MB in float32.
+MAX_WEIGHTS_BYTES = 4 << 30
+# Deflate cannot shrink data more than about 1032:1; other HDF5 filters do no better on
+# weights. Beyond it a "compressed" array is a bomb.
+MAX_COMPRESSION = 1032
+MAX_CONFIG_BYTES = 16 << 20  # a .keras config.json (a MobileNet's is about 100 KB)
+MAX_SOFT_LINKS = 8  # hops through soft links to reach one object
 
 
 def keras_kind(path: PathLike) -> str | None:
@@ -72,16 +113,18 @@ def read_keras(path: PathLike) -> tuple[StateDict, dict[str, str]]:
     try:
         if kind == "keras":
             with zipfile.ZipFile(path) as z:
-                data = z.read(KERAS_WEIGHTS)
-                config = _json(z.read("config.json")) if "config.json" in z.namelist() else {}
+                data = _member(z, KERAS_WEIGHTS, MAX_WEIGHTS_BYTES, path)
+                config = {}
+                if KERAS_CONFIG in z.namelist():
+                    config = _json(_member(z, KERAS_CONFIG, MAX_CONFIG_BYTES, path))
             with h5py.File(io.BytesIO(data), "r") as f:
-                state_dict, metadata = _read_h5(f, path)
+                state_dict, metadata = _read_h5(f, _Budget(path, len(data)))
             metadata["keras_format"] = "keras"
             if isinstance(config.get("config"), dict) and "name" in config["config"]:
                 metadata["keras_model"] = str(config["config"]["name"])
         else:
             with h5py.File(path, "r") as f:
-                state_dict, metadata = _read_h5(f, path)
+                state_dict, metadata = _read_h5(f, _Budget(path, path.stat().st_size))
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -92,44 +135,150 @@ def read_keras(path: PathLike) -> tuple[StateDict, dict[str, str]]:
     return state_dict, metadata
 
 
-def _read_h5(f: Any, path: Path) -> tuple[StateDict, dict[str, str]]:
+def _member(z: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """A member of a ``.keras`` zip, refused before it is inflated when it declares more
+    than ``limit`` bytes or more than :data:`MAX_COMPRESSION` times its compressed size."""
+    info = z.getinfo(name)
+    if info.file_size > limit or info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
+        raise CheckpointError(
+            f"{path}: its {name} declares {info.file_size:,} bytes from "
+            f"{info.compress_size:,} compressed, more than a Keras file holds; refused"
+        )
+    return z.read(name)
+
+
+class _Budget:
+    """What the arrays read from one file may allocate (see the module docstring), and
+    the arrays already taken, by HDF5 object: a second name for one is refused."""
+
+    def __init__(self, path: Path, file_size: int) -> None:
+        self.path, self.file_size = path, file_size
+        self.total = 0
+        self.seen: dict[Any, str] = {}
+
+    def take(self, dataset: Any, where: str) -> None:
+        """Refuse, in one line, an array whose data lie outside the file or whose declared
+        size cannot be right; count it otherwise. Nothing of its data is read."""
+        path = self.path
+        if dataset.is_virtual:
+            raise CheckpointError(
+                f"{path}: {where} is a virtual dataset (its data would be read from other "
+                "files); refused"
+            )
+        if dataset.external:
+            raise CheckpointError(
+                f"{path}: {where} keeps its data in another file ({dataset.external[0][0]}); "
+                "refused"
+            )
+        if dataset.dtype.kind not in "fiu" or dataset.shape is None:  # None: no dataspace
+            raise CheckpointError(f"{path}: {where} is not a numeric array")
+        if (other := self.seen.get(dataset.id)) is not None:
+            raise CheckpointError(f"{path}: {where} is the same array as {other}; refused")
+        self.seen[dataset.id] = where
+        declared = math.prod(dataset.shape) * dataset.dtype.itemsize  # Python ints
+        stored = dataset.id.get_storage_size()
+        compressed = dataset.id.get_create_plist().get_nfilters() > 0
+        limit = min(MAX_ARRAY_BYTES, MAX_COMPRESSION * stored if compressed else stored)
+        if declared > limit:
+            shape = "x".join(map(str, dataset.shape))
+            held = f"{stored:,} bytes {'compressed' if compressed else 'stored'}"
+            raise CheckpointError(
+                f"{path}: {where} declares a {shape} {dataset.dtype} array of {declared:,} "
+                f"bytes, with {held} in a file of {self.file_size:,}: it cannot be a weight; "
+                "refused"
+            )
+        self.total += declared
+        if self.total > MAX_WEIGHTS_BYTES:
+            raise CheckpointError(
+                f"{path}: its arrays declare more than {MAX_WEIGHTS_BYTES:,} bytes in all, "
+                "more than any MobileNet holds; refused"
+            )
+
+
+def _node(group: Any, name: str, budget: _Budget, hops: int = 0) -> Any:
+    """``group[name]`` reached one name at a time: hard links are followed, soft links
+    only inside the file, external links (another file) refused."""
+    import h5py
+
+    node = group.file if name.startswith("/") else group
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if not isinstance(node, h5py.Group):
+            raise KeyError(f"{node.name} is not a group, so it has no {part!r}")
+        link = node.get(part, getlink=True)
+        if link is None:
+            raise KeyError(f"no {part!r} in {node.name}")
+        if isinstance(link, h5py.ExternalLink):
+            raise CheckpointError(
+                f"{budget.path}: {node.name.rstrip('/')}/{part} links to another file "
+                f"({link.filename}); refused"
+            )
+        if isinstance(link, h5py.SoftLink):
+            if hops >= MAX_SOFT_LINKS:
+                raise CheckpointError(
+                    f"{budget.path}: {node.name.rstrip('/')}/{part}: more than "
+                    f"{MAX_SOFT_LINKS} soft links to follow; refused"
+                )
+            node = _node(node, link.path, budget, hops + 1)
+        else:
+            node = node[part]
+    return node
+
+
+def _has(group: Any, name: str) -> bool:
+    """Whether ``group`` has a link ``name``, without following it."""
+    return group.get(name, getlink=True) is not None
+
+
+def _read_h5(f: Any, budget: _Budget) -> tuple[StateDict, dict[str, str]]:
     if "layer_names" in f.attrs:  # legacy save_weights, as keras.applications ships
-        return _read_legacy(f, path), {"keras_format": "h5"}
-    if "model_weights" in f:  # legacy model.save("x.h5")
+        return _read(_legacy_arrays(f, budget), budget), {"keras_format": "h5"}
+    if _has(f, "model_weights"):  # legacy model.save("x.h5")
         metadata = {"keras_format": "h5"}
         config = _json(f.attrs.get("model_config", "{}"))
         if isinstance(config.get("config"), dict) and "name" in config["config"]:
             metadata["keras_model"] = str(config["config"]["name"])
-        return _read_legacy(f["model_weights"], path), metadata
-    if "layers" in f:
-        return _read_keras3(f["layers"], path), {"keras_format": "weights.h5"}
+        weights = _node(f, "model_weights", budget)
+        return _read(_legacy_arrays(weights, budget), budget), metadata
+    if _has(f, "layers"):
+        layers = _node(f, "layers", budget)
+        return _read(_keras3_arrays(layers, budget), budget), {"keras_format": "weights.h5"}
     raise CheckpointError(
-        f"{path}: an HDF5 file without Keras weights (no layer_names, model_weights or layers)"
+        f"{budget.path}: an HDF5 file without Keras weights (no layer_names, model_weights "
+        "or layers)"
     )
 
 
-def _read_legacy(group: Any, path: Path) -> StateDict:
+Arrays = list[tuple[str, Any, str]]  # (state dict key, h5py dataset, its place in messages)
+
+
+def _legacy_arrays(group: Any, budget: _Budget) -> Arrays:
     """Legacy layout: ``layer_names`` -> groups -> ``weight_names`` -> arrays."""
-    state_dict: StateDict = {}
+    arrays = []
     for layer in map(_text, group.attrs["layer_names"]):
-        g = group[layer]
+        g = _node(group, layer, budget)
         for i, weight in enumerate(map(_text, g.attrs.get("weight_names", []))):
-            state_dict[f"{layer}/{i}"] = _tensor(g[weight], path, f"{layer}/{weight}")
-    return state_dict
+            arrays.append((f"{layer}/{i}", _node(g, weight, budget), f"{layer}/{weight}"))
+    return arrays
 
 
-def _read_keras3(layers: Any, path: Path) -> StateDict:
+def _keras3_arrays(layers: Any, budget: _Budget) -> Arrays:
     """Keras 3 layout: ``layers/<key>/vars/<i>``, the layer's name an attribute of vars."""
-    state_dict: StateDict = {}
+    import h5py
+
+    arrays = []
     for key in layers:
-        group = layers[key]
-        variables = group.get("vars") if hasattr(group, "get") else None
-        if variables is None or not len(variables):
+        group = _node(layers, key, budget)
+        if not isinstance(group, h5py.Group) or not _has(group, "vars"):
+            continue
+        variables = _node(group, "vars", budget)
+        if not isinstance(variables, h5py.Group) or not len(variables):
             continue
         layer = _text(variables.attrs.get("name", key))
         for i in sorted(variables, key=_index):
-            state_dict[f"{layer}/{int(i)}"] = _tensor(variables[i], path, f"{layer}/{i}")
-    return state_dict
+            arrays.append((f"{layer}/{int(i)}", _node(variables, i, budget), f"{layer}/{i}"))
+    return arrays
 
 
 def _index(name: str) -> int:
@@ -138,11 +287,23 @@ def _index(name: str) -> int:
     return int(name)
 
 
-def _tensor(dataset: Any, path: Path, where: str) -> torch.Tensor:
-    """A numeric array of the file as a tensor; anything else is refused."""
-    if not hasattr(dataset, "dtype") or dataset.dtype.kind not in "fiu":
-        raise CheckpointError(f"{path}: {where} is not a numeric array")
-    return torch.from_numpy(np.array(dataset[()], copy=True))
+def _read(arrays: Arrays, budget: _Budget) -> StateDict:
+    """Every array checked first (:meth:`_Budget.take`), then read."""
+    import h5py
+
+    for _, dataset, where in arrays:
+        if not isinstance(dataset, h5py.Dataset):
+            raise CheckpointError(f"{budget.path}: {where} is not a numeric array")
+        budget.take(dataset, where)
+    return {key: _tensor(dataset) for key, dataset, _ in arrays}
+
+
+def _tensor(dataset: Any) -> torch.Tensor:
+    """A checked array of the file as a tensor, in native byte order."""
+    array = np.asarray(dataset[()])
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _text(value: Any) -> str:
