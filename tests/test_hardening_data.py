@@ -95,14 +95,15 @@ def test_labels_of_built_in_sets_are_checked_against_their_classes():
             TensorImages(images, torch.tensor([0, bad, 1]), ["a", "b"])
 
 
-def test_training_on_a_shard_with_class_minus_one_is_one_line(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])  # 1: raised in a DataLoader worker
+def test_training_on_a_shard_with_class_minus_one_is_one_line(tmp_path, workers):
     pytest.importorskip("webdataset")
     shard = _shard(tmp_path / "shards", [str(i % 2).encode() for i in range(7)] + [b"-1"])
     out = tmp_path / "run"
     result = mobilenet_command(
         "train", "--data", str(tmp_path / "shards"), "--model", "mobilenet_v3_small",
         "--width-mult", "0.25", "--resolution", "32", "--batch-size", "4", "--epochs", "1",
-        "--workers", "0", "--quiet", "--out", str(out),
+        "--workers", workers, "--quiet", "--out", str(out),
     )  # fmt: skip
     _one_line_refusal(result, "train", f"{shard}: sample s007 has class -1")
     assert not out.exists()

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = partial(_show_warning, args.command)
             return args.func(args) or 0
     except MobileNetError as e:
-        print(f"mobilenet {args.command}: error: {e}", file=sys.stderr)
+        print(f"mobilenet {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -61,6 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `mobilenet cost --all --json | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _one_line(e: MobileNetError) -> str:
+    """The error's own line. One raised in a DataLoader worker reaches this process as
+    ``Caught MobileNetError in DataLoader worker process 0.`` and the worker's traceback,
+    the original message on its last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.partition(": ")[2] or last
+    return text
 
 
 def _show_warning(command: str, message, category, filename, lineno, file=None, line=None):
