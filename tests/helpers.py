@@ -1,18 +1,19 @@
-"""Test helpers: realistic BatchNorm statistics for output comparisons; runs of the
-command line in child processes."""
+"""Test helpers: realistic BatchNorm statistics for output comparisons; a count of what a
+call computes; runs of the command line in child processes."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from mobilenet import create_model
 from mobilenet.export.prepare import measure_batchnorm
@@ -75,6 +76,22 @@ def random_model(name: str, resolution: int, width_mult: float = 0.5, seed: int 
         return unit_scale_logits(model, model.classifier, resolution=resolution)
 
 
+class RealTensors(TorchDispatchMode):
+    """Counts the elements of every tensor an operator makes off the meta device: a
+    command that makes none has computed nothing, however long a busy machine took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.elements += t.numel()
+        return out
+
+
 # ----------------------------------------------------------------------------- runs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -86,24 +103,62 @@ def mobilenet_command(*args: str, cwd: Path | None = None) -> subprocess.Complet
     return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
 
 
+# ``mobilenet ARGS`` in a child process that pauses at its second optimizer step after the
+# first ``last.pt`` was saved, in the middle of the next epoch, and says so on stdout.
+_PAUSED_RUN = """\
+import os, sys
+from pathlib import Path
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from mobilenet.cli import main
+
+saved, steps = Path(sys.argv[1]) / "last.pt", []
+
+def pause(optimizer, args, kwargs):
+    if saved.exists():
+        steps.append(None)
+        if len(steps) == 2:
+            print("paused mid-epoch", flush=True)
+            sys.stdin.read()  # until killed (or until the test is gone)
+            os._exit(1)
+
+register_optimizer_step_post_hook(pause)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def kill_mid_epoch(args: list[str], out: Path) -> int:
-    """Start ``mobilenet ARGS --out OUT``, SIGKILL it half-way through the epoch after the
-    first ``last.pt``; returns the epoch that ``last.pt`` holds."""
+    """Start ``mobilenet ARGS --out OUT``, SIGKILL it in the middle of the epoch after the
+    first ``last.pt``; returns the epoch that ``last.pt`` holds.
+
+    The run pauses at a known step and the kill follows its word on stdout, so the kill
+    lands in the same place on a busy machine as on an idle one (the epoch must have at
+    least two steps).
+    """
+    command = [sys.executable, "-c", _PAUSED_RUN, str(out), *args, "--out", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mobilenet", *args, "--out", str(out)],
+        command,
         env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    deadline = time.time() + 300
-    while not (out / "last.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    rows = list(csv.DictReader((out / "metrics.csv").open()))
-    time.sleep(float(rows[-1]["epoch_seconds"]) / 2)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    safety_net = threading.Timer(1800, proc.kill)  # a run that never pauses is ended
+    safety_net.start()
+    try:
+        output, paused = [], False
+        for line in proc.stdout:  # type: ignore[union-attr]
+            paused = line == "paused mid-epoch\n"
+            if paused:
+                break
+            output.append(line)
+        assert paused, "the run did not reach its second epoch:\n" + "".join(output[-30:])
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        safety_net.cancel()
+        proc.kill()
+        proc.communicate()
     return torch.load(out / "last.pt", weights_only=True)["epoch"]
 
 

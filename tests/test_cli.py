@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torchvision
 from mobilenet import create_model, list_models
 from mobilenet.cli import main
 
-from .helpers import randomize_bn
+from .helpers import RealTensors, randomize_bn
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -64,18 +63,15 @@ def test_cost_of_v4_at_each_models_own_resolution(capsys):
     assert json.loads(capsys.readouterr().out)["resolution"] == 224  # as asked
 
 
-def test_cost_all_is_fast(capsys):
-    # The command's own work, timed in-process: the interpreter and `import torch` add
-    # about 2 s on top when it runs as `mobilenet cost --all`, which is checked end to end
-    # (output, exit status) below without a clock, as a loaded test machine makes
-    # start-up times meaningless.
-    start = time.perf_counter()
-    assert main(["cost", "--all"]) == 0
-    elapsed = time.perf_counter() - start
+def test_cost_all_computes_nothing(capsys):
+    # Fast because nothing is computed: every model is measured on the meta device, which
+    # is checked here instead of a clock, as a loaded test machine makes times meaningless.
+    with RealTensors() as real:
+        assert main(["cost", "--all"]) == 0
+    assert real.elements == 0
     out = capsys.readouterr().out
     for name in list_models():
         assert name in out
-    assert elapsed < 10, f"mobilenet cost --all took {elapsed:.1f} s"
     result = run("cost", "--all")
     assert result.returncode == 0 and result.stdout == out
 

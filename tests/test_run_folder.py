@@ -3,9 +3,6 @@ leaves nothing, a dying data loader is one line."""
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -13,39 +10,51 @@ import torch
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.tasks.classification import train
+from mobilenet.train.run_folder import RunFolder, claim
 
-from .helpers import ENV, digits_config, mobilenet_command
+from .helpers import digits_config, mobilenet_command
 
 QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
 QUICK += ["--workers", "0", "--quiet", "--data", "digits"]
 
 
-@pytest.mark.slow
-def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    # The folder's lock held here, as a run holds it: the second run is refused whatever
+    # the speed of the machine, and touches nothing in the folder. (flock locks belong to
+    # an open file, so a run in this same process is refused like one in another.)
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "mobilenet", "train", *QUICK, "--epochs", "3", "--out", str(out)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    refused = (
+        f"mobilenet train: error: {out} is in use by another run (process {os.getpid()}): "
+        "wait for it to finish, or choose another --out\n"
     )
-    deadline = time.time() + 120
-    while not (out / ".lock").exists() or not (out / ".lock").read_text():
-        assert first.poll() is None, first.stderr.read()  # type: ignore[union-attr]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    second = mobilenet_command("train", *QUICK, "--epochs", "1", "--lr", "0.01", "--out", str(out))
+    with claim(out, main=True):
+        for resume in ([], ["--resume"]):  # resuming while it runs is refused too
+            assert main(["train", *QUICK, "--epochs", "1", *resume, "--out", str(out)]) == 2
+            assert capsys.readouterr().err == refused
+            assert [p.name for p in out.iterdir()] == [".lock"]
+    assert list(out.iterdir()) == []  # the lock is gone with its holder
+
+
+@pytest.mark.slow  # a training run, and another process importing torch during it
+def test_a_run_holds_its_folder_until_it_ends(tmp_path, monkeypatch):
+    # The second run is started by the first one's epoch, in another process: the first
+    # is then certainly in progress, however fast or slow this machine.
+    out, others = tmp_path / "run", []
+    real_epoch = RunFolder.epoch
+
+    def epoch(self, row, history):
+        others.append(mobilenet_command("train", *QUICK, "--lr", "0.01", "--out", str(out)))
+        real_epoch(self, row, history)
+
+    monkeypatch.setattr(RunFolder, "epoch", epoch)
+    assert main(["train", *QUICK, "--epochs", "1", "--out", str(out)]) == 0
+    [second] = others
     assert second.returncode == 2
-    assert f"in use by another run (process {first.pid})" in second.stderr
+    assert f"in use by another run (process {os.getpid()})" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    # Resuming while it runs is refused too.
-    resumed = mobilenet_command("train", *QUICK, "--epochs", "3", "--resume", "--out", str(out))
-    assert resumed.returncode == 2 and "in use by another run" in resumed.stderr
-    assert first.wait(timeout=300) == 0, first.stderr.read()  # type: ignore[union-attr]
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"]["epochs"] == 3 and config["run"]["lr"] is None  # the first run's
-    assert len((out / "metrics.csv").read_text().splitlines()) == 4
+    assert config["recipe"]["epochs"] == 1 and config["run"]["lr"] is None  # the first run's
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2
     assert not (out / ".lock").exists()
 
 
