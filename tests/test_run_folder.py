@@ -1,6 +1,7 @@
 """The run folder: one run at a time, resume only with the same settings, a failed start
 leaves nothing, a dying data loader is one line."""
 
+import fcntl
 import json
 import os
 
@@ -10,7 +11,8 @@ import torch
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
 from mobilenet.tasks.classification import train
-from mobilenet.train.run_folder import RunFolder, claim
+from mobilenet.train import run_folder
+from mobilenet.train.run_folder import LOCK, RunFolder, claim
 
 from .helpers import digits_config, mobilenet_command
 
@@ -129,3 +131,29 @@ def test_a_dying_data_loader_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(MobileNetError, match="a data loading process died"):
         train(cfg)
     assert not out.exists()
+
+
+def test_a_lock_file_removed_before_its_lock_is_granted_is_not_held(tmp_path, monkeypatch):
+    """A run that ends removes its .lock: the next run, which had opened that file, must
+    lock the file now at the path, or a third run could lock that one beside it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_holder_left(fd, operation):
+        if not calls:  # the first run ends between this run's open and its lock
+            (out / LOCK).unlink()
+            (out / LOCK).write_text("")
+        calls.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", flock_after_the_holder_left)
+    with claim(out, main=True):
+        assert len(calls) == 2  # the removed file, then the one at the path
+        monkeypatch.setattr(run_folder.fcntl, "flock", real_flock)
+        fd = os.open(out / LOCK, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # a third run finds it held
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)

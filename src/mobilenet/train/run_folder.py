@@ -65,24 +65,40 @@ def claim(out: Path, main: bool) -> Iterator[None]:
 
 
 def _lock(out: Path) -> int:
-    try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise MobileNetError(f"cannot write to the run folder {out}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise MobileNetError(
-                f"{out} is in use by another run (process {holder}): wait for it to "
-                "finish, or choose another --out"
-            ) from None
-        raise MobileNetError(f"cannot lock the run folder {out}: {e.strerror}") from None
+    """The locked ``.lock`` of ``out``, holding this process id. A run that ends removes
+    its ``.lock`` before closing it, so the file this process opened may be gone (or
+    replaced by another run's) by the time its lock is granted: then it tries again with
+    the file now at the path, so two runs never hold two different files."""
+    while True:
+        try:
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MobileNetError(f"cannot write to the run folder {out}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MobileNetError(
+                    f"{out} is in use by another run (process {holder}): wait for it to "
+                    "finish, or choose another --out"
+                ) from None
+            raise MobileNetError(f"cannot lock the run folder {out}: {e.strerror}") from None
+        if _same_file(fd, out / LOCK):
+            break
+        os.close(fd)  # locked a file its run had just removed
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:  # removed since it was opened
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def plain(config: dict[str, Any]) -> dict[str, Any]:
