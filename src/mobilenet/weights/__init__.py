@@ -11,7 +11,14 @@
 
 from .fit import check_fits, check_values, fit_state_dict
 from .hub import check_sha256, download, fetch, sha256_file
-from .io import FORMAT, read_checkpoint, read_state_dict, save_weights, saved_config
+from .io import (
+    FORMAT,
+    read_checkpoint,
+    read_state_dict,
+    save_weights,
+    saved_config,
+    sealed_safetensors,
+)
 from .layouts import Layout, find_layout, infer_num_classes, load_weights, register_layout
 
 __all__ = [
@@ -31,5 +38,6 @@ __all__ = [
     "register_layout",
     "save_weights",
     "saved_config",
+    "sealed_safetensors",
     "sha256_file",
 ]

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load, safe_open, save
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import write_bytes
+from ..fileio import read_bytes, write_bytes
+from ..integrity import check_seal, seal, sealed_metadata
 from .keras import ZIP_SIGNATURE, keras_kind, read_keras
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "read_state_dict",
     "save_weights",
     "saved_config",
+    "sealed_safetensors",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -50,12 +52,7 @@ def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
     if keras_kind(path) is not None:  # Keras .h5, .weights.h5 or .keras
         return read_keras(path)
     if _is_safetensors(path):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # its pickle-protocol notes are not the user's to act on
             warnings.simplefilter("ignore")
@@ -95,6 +92,24 @@ def read_state_dict(
         return dict(checkpoint), metadata or {}, source_name or "state dict"
     state_dict, metadata = read_checkpoint(checkpoint)
     return state_dict, metadata, source_name or str(checkpoint)
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read once; a file of ours is checked
+    against the digest it was written with (:mod:`mobilenet.integrity`)."""
+    data = read_bytes(path, str(path))
+    try:
+        tensors = load(data)  # checks the header against the file before using it
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: not a readable safetensors file (damaged metadata)")
+    if metadata.get("format", "").startswith(FORMAT):  # ours (and int8's "mobilenet-int8");
+        # others' files have their own checks (a hub's SHA-256)
+        check_seal(data, str(path))
+    return tensors, metadata
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -142,8 +157,8 @@ def save_weights(
     model: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write the model's weights as safetensors, its config (``model.config.to_dict()``)
-    and its evaluation preprocessing (``model.preprocess``, when it has one) as metadata;
-    atomically.
+    and its evaluation preprocessing (``model.preprocess``, when it has one) as metadata,
+    sealed with the SHA-256 of the file (:mod:`mobilenet.integrity`); atomically.
 
     The file is serialised in memory and written by Python, so a full disk or a read-only
     folder is one :class:`~mobilenet.MobileNetError` line, not an error of the library's
@@ -157,5 +172,10 @@ def save_weights(
     to_json = getattr(getattr(model, "preprocess", None), "to_json", None)
     if callable(to_json) and "preprocess" not in meta:
         meta["preprocess"] = to_json()  # how the weights were evaluated
-    write_bytes(path, save(tensors, metadata=meta))
+    write_bytes(path, sealed_safetensors(tensors, meta))
     return path
+
+
+def sealed_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """``tensors`` serialised as safetensors with ``metadata`` and the file's digest."""
+    return seal(save(dict(tensors), metadata=sealed_metadata(dict(metadata))))
