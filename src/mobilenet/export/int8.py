@@ -327,8 +327,9 @@ FORMAT = "mobilenet-int8"
 
 
 def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution: int) -> Path:
-    """Write an int8 model as safetensors (integer values, scales, zero points); atomically."""
-    from safetensors.torch import save
+    """Write an int8 model as safetensors (integer values, scales, zero points), sealed
+    with the file's digest; atomically."""
+    from ..weights import sealed_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
@@ -347,7 +348,7 @@ def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution
         metadata["calibration_images"] = str(model.calibration_images)
     path = Path(path)
     # Serialised in memory first: safetensors' own writer reports no error on a full disk.
-    write_bytes(path, save(tensors, metadata=metadata))
+    write_bytes(path, sealed_safetensors(tensors, metadata))
     return path
 
 
