@@ -131,12 +131,14 @@ def test_preprocess_flags_refused_for_a_detector(tmp_path, capsys):
 
 
 def test_damaged_preprocess_metadata_is_one_line(imagenet_run, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from mobilenet.weights import sealed_safetensors
 
     src = imagenet_run / "in1k.safetensors"
     bad = tmp_path / "bad.safetensors"
     meta = {**read_metadata(src), "preprocess": '{"mean": [0.5, 0.5], "std": [1, 1, 1]}'}
-    save_file(load_file(src), bad, metadata=meta)
+    bad.write_bytes(sealed_safetensors(load_file(src), meta))
     code = main(["eval", "--weights", str(bad), "--data", str(imagenet_run / "val")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mobilenet import create_model, list_models
 from mobilenet.cli import main
 from mobilenet.errors import CheckpointError
 from mobilenet.export.int8 import Int8Model, int8_from_checkpoint, quantize_model, save_int8
 from mobilenet.inference import load_trained
+from mobilenet.weights import sealed_safetensors
 
 from .helpers import randomize_bn
 
@@ -108,12 +109,14 @@ def test_damaged_int8_files_fail_cleanly(digits_weights, tmp_path, capsys):
     # Another architecture named in the metadata: the tensors do not fit it.
     wrong = tmp_path / "wrong.safetensors"
     config = json.loads(metadata["config"])
-    save_file(tensors, str(wrong), {**metadata, "config": json.dumps({**config, "width_mult": 1})})
+    wrong_config = {**metadata, "config": json.dumps({**config, "width_mult": 1})}
+    wrong.write_bytes(sealed_safetensors(tensors, wrong_config))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_trained(str(wrong))
     # A tensor missing.
     missing = tmp_path / "missing.safetensors"
-    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, str(missing), metadata)
+    kept = {k: v for k, v in tensors.items() if "classifier" not in k}
+    missing.write_bytes(sealed_safetensors(kept, metadata))
     assert main(["eval", "--weights", str(missing), "--data", "digits"]) == 2
     assert "do not fit" in capsys.readouterr().err
     # A truncated file.

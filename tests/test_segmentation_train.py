@@ -170,7 +170,7 @@ def segmenter(tmp_path):
         (["predict", "{image}", "--min-score", "0.5", "--out", "{tmp}/o"],
          "--min-score applies to detection models"),
         (["eval", "--data", "{tmp}", "--resolution", "64"],
-         "--resolution applies to classifiers"),
+         "seg.safetensors takes 32x32 images, not 64"),
         (["eval", "--data", "{tmp}/nowhere"], "data not found"),
     ],
 )  # fmt: skip

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .data import builtin_splits, load_rgb
 from .data.datasets import BUILTIN, ImageFolder
-from .data.imagenet import check_imagenet_folder, default_classes, folder_classes
+from .data.imagenet import check_imagenet_folder, folder_classes
 from .data.images import require_regular_file
 from .data.published import model_preprocess
 from .deployed import (
@@ -21,12 +21,13 @@ from .deployed import (
     PteModel,
     TfliteModel,
     Trained,
+    check_requested,
+    checked_classes,
     load_int8,
     load_onnx,
     load_pt2,
     load_pte,
     load_tflite,
-    saved_classes,
     saved_resolution,
 )
 from .errors import CheckpointError, MobileNetError
@@ -34,7 +35,8 @@ from .export.int8 import Int8Model, is_int8_checkpoint
 from .extras import available, require
 from .models.base import DeployedModel
 from .models.pretrained import resolve_weights
-from .models.registry import model_from_checkpoint
+from .models.registry import model_from_checkpoint, model_task
+from .train.evaluate import require_finite
 from .weights import read_checkpoint, saved_config
 
 __all__ = [
@@ -67,28 +69,31 @@ def load_trained(
     """
     path = resolve_weights(weights)
     if path.suffix == ".onnx":
-        return load_onnx(path, resolution)
+        return load_onnx(path, model, width_mult, resolution)
     if path.suffix == ".pt2":
-        return load_pt2(path, model, resolution)
+        return load_pt2(path, model, resolution, width_mult)
     if path.suffix == ".pte":
-        return load_pte(path, model, resolution)
+        return load_pte(path, model, resolution, width_mult)
     if path.suffix == ".tflite":
-        return load_tflite(path, model, resolution)
+        return load_tflite(path, model, resolution, width_mult)
     state_dict, metadata = read_checkpoint(path)
     if is_int8_checkpoint(metadata):
-        return load_int8(state_dict, metadata, path, resolution)
+        return load_int8(state_dict, metadata, path, resolution, model, width_mult)
     try:
         saved = saved_config(metadata)
     except CheckpointError as e:  # its message does not say which file
         raise CheckpointError(f"{path}: {e}") from None
+    if saved is not None:  # our own file names its model: a flag may agree, not contradict
+        check_requested(path, saved, model, width_mult)
     name = model or (saved["name"] if saved else None)
     if name is None:
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
+    if model_task(name) != "classification":
+        raise MobileNetError(f"{path} holds {name}, a {model_task(name)} model, not a classifier")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
     net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
-    classes = saved_classes(metadata, path)
-    if classes is None or len(classes) != net.num_classes:
-        classes = default_classes(net.num_classes)  # ImageNet's names for 1,000 classes
+    # Names of another count would be shifted or cut: refused, not replaced by numbers.
+    classes = checked_classes(metadata, path, net.num_classes)
     res = resolution or saved_resolution(metadata, path, net.eval_config.resolution)
     return Trained(net, classes, res, path, model_preprocess(net, res))
 
@@ -123,10 +128,11 @@ def evaluate_on(
         )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     dist = Distributed(0, 1, 0, resolve_device(device))
+    source = str(trained.path or "the model")
     if isinstance(trained.model, DeployedModel):
-        return evaluate(trained.model, loader, dist, channels_last=False)
+        return evaluate(trained.model, loader, dist, channels_last=False, source=source)
     model = trained.model.to(dist.device, memory_format=torch.channels_last)
-    return evaluate(model, loader, dist)
+    return evaluate(model, loader, dist, source=source)
 
 
 def check_image_files(paths: list[str]) -> None:
@@ -267,7 +273,9 @@ def predict(trained: Trained, images: list[str], top: int = 5, engine: str = "au
             raise MobileNetError(f"{image}: not a readable image ({e})") from None
     engine = choose_engine(trained, engine, len(images))
     model = inference_engine(trained, engine)
-    probs = model(torch.stack(batch)).softmax(1)
+    logits = model(torch.stack(batch))
+    require_finite(logits, str(trained.path or "the model"))
+    probs = logits.softmax(1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [

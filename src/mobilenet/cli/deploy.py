@@ -20,6 +20,7 @@ from .args import (
     width,
 )
 from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess, say_preprocess
+from .train import checkpoint_task_of
 
 __all__ = ["QUANTIZE_SUFFIXES", "add_parsers"]
 
@@ -39,7 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export to ONNX or a torch.export program (.pt2), checked against PyTorch"
     )
-    p.add_argument("--model", required=True, type=model_name(), help="model name")
+    p.add_argument("--model", type=model_name(),
+                   help="model name (default: the one --weights names)")  # fmt: skip
     add_model_args(p)
     p.add_argument("--weights", help="checkpoint (any format load_weights accepts)")
     p.add_argument(
@@ -153,18 +155,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     batch = "dynamic batch"
     if args.opset is not None and args.format != "onnx":
         raise MobileNetError(f"--opset applies to --format onnx, not {args.format}")
-    if args.weights and args.num_classes is not None:
-        raise MobileNetError("--num-classes applies without --weights: the file has its classes")
-    _check_preprocess_flags(args)
+    if args.model is None and not args.weights:
+        raise MobileNetError("give --model (a randomly initialised model) or --weights")
+    if args.weights and Path(args.weights).suffix in EXPORT_SUFFIXES.values():
+        raise MobileNetError(f"{args.weights} is already exported: export the float weights")
+    task = checkpoint_task_of(args.weights, args.model) if args.weights else None
+    task = task or model_task(args.model)
+    _check_preprocess_flags(args, task)
     _check_export_suffix(args)
-    if model_task(args.model) == "detection":
+    if task == "detection":
         return _export_detector(args)
-    if model_task(args.model) == "segmentation" and args.format != "onnx":
+    if task == "segmentation" and args.format != "onnx":
         raise MobileNetError("segmentation models export to ONNX only (--format onnx)")
     if isinstance(args.resolution, tuple) and args.format != "onnx":
         raise MobileNetError(f"--resolution HxW applies to --format onnx; {args.format} takes N")
+    if isinstance(args.resolution, tuple) and task == "classification":
+        # eval, predict and the preprocessing a file keeps take a square's side
+        raise MobileNetError(
+            "a classifier's input is square: --resolution N (HxW applies to segmentation models)"
+        )
     metadata: dict[str, str] = {}
-    if args.weights:
+    if args.weights and task == "segmentation":
+        model, resolution, metadata = _load_segmenter_for_export(args)
+    elif args.weights:
         model, resolution, metadata = _load_for_export(args)
     else:  # random initialisation: for checking a deployment path, not for use
         resolution = args.resolution or 224
@@ -225,8 +238,7 @@ def _load_for_export(args: argparse.Namespace):
     trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: export the float weights")
-    if trained.model.config.name != args.model:
-        raise MobileNetError(f"{args.weights} holds {trained.model.config.name}, not {args.model}")
+    _check_num_classes(args, trained.model.num_classes)
     check_memory(trained.model, trained.resolution, *_EXPORT_CHECK)
     if args.format == "torchscript":  # the file keeps no metadata: no preprocessing to name
         return trained.model, trained.resolution, {}
@@ -235,15 +247,39 @@ def _load_for_export(args: argparse.Namespace):
     return trained.model, trained.resolution, metadata
 
 
-def _check_preprocess_flags(args: argparse.Namespace) -> None:
+def _load_segmenter_for_export(args: argparse.Namespace):
+    """A trained segmentation model, its input size (``--resolution``, else the one it
+    was trained at) and the metadata its file keeps (its class names)."""
+    from ..segmentation.predict import load_segmenter
+
+    trained = load_segmenter(args.weights, args.model, args.width_mult)
+    _check_num_classes(args, trained.model.num_classes)
+    size = args.resolution or trained.size
+    check_memory(trained.model, size, *_EXPORT_CHECK)
+    return trained.model, size, {"classes": json.dumps(trained.classes)}
+
+
+def _check_num_classes(args: argparse.Namespace, count: int) -> None:
+    """``--num-classes`` with ``--weights`` may repeat the file's count, not change it."""
+    if args.num_classes is not None and args.num_classes != count:
+        raise MobileNetError(
+            f"--num-classes {args.num_classes} contradicts {args.weights}, which holds "
+            f"{count} classes"
+        )
+
+
+def _check_preprocess_flags(args: argparse.Namespace, task: str) -> None:
     """Refuse preprocessing flags where nothing would keep them."""
     given = [
         flag for dest, (_, flag) in PREPROCESS_FLAGS.items() if getattr(args, dest) is not None
     ]
     if not given:
         return
-    if model_task(args.model) != "classification":
-        raise MobileNetError(f"{given[0]} applies to classification models, not {args.model}")
+    if task != "classification":
+        what = args.model or args.weights
+        raise MobileNetError(
+            f"{given[0]} applies to classification models; {what} is a {task} model"
+        )
     if args.format == "torchscript":
         raise MobileNetError(f"{given[0]}: a TorchScript file keeps no metadata; use --format pt2")
 
@@ -263,6 +299,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from ..models.base import DeployedModel
 
     fmt = _quantize_format(args)
+    task = checkpoint_task_of(args.weights, args.model)
+    if task != "classification":  # before the calibration data is read
+        raise MobileNetError(f"quantize takes classifiers; {args.weights} holds a {task} model")
     trained = load_trained(args.weights, args.model)
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
@@ -414,11 +453,12 @@ def _export_detector(args: argparse.Namespace) -> int:
     if args.weights:
         from ..detection.predict import load_detector
 
-        trained = load_detector(args.weights, args.model)
-        if trained.model.config.name != args.model:
-            raise MobileNetError(
-                f"{args.weights} holds {trained.model.config.name}, not {args.model}"
-            )
+        trained = load_detector(args.weights, args.model, args.width_mult)
+        _check_num_classes(args, trained.model.num_classes)
+        size = trained.model.config.image_size  # its default boxes are laid out for it
+        if args.resolution is not None and args.resolution != size:
+            raise MobileNetError(f"{args.weights} holds a detector of {size}x{size} images, "
+                                 f"not {args.resolution}")  # fmt: skip
         model = trained.model
         metadata["categories"] = json.dumps([c.name for c in trained.categories])
         check_memory(model, model.config.image_size, *_EXPORT_CHECK)

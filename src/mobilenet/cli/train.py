@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..errors import MobileNetError
 from ..limits import check_memory
@@ -28,7 +29,7 @@ from .args import (
 )
 from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess, say_preprocess
 
-__all__ = ["add_detect_alias", "add_parsers"]
+__all__ = ["add_detect_alias", "add_parsers", "checkpoint_task_of", "saved_settings"]
 
 # Flags that only some tasks use: dest -> (task or tasks, flag). The others are shared.
 TASK_FLAGS = {
@@ -186,19 +187,68 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
             raise MobileNetError(f"{flag} applies to {owned} models; {what} is a {task} model")
     if task == "classification" or args.func is cmd_train:
         return
-    # eval and predict of a detector read these from the checkpoint, or do without them;
     # eval runs on --device with --workers loading the data, as a classifier's does.
-    refused = ("width_mult", "resolution")
     if args.func is not cmd_eval:
-        refused += ("workers", "device")
-    for dest in refused:
-        if getattr(args, dest, None) is not None:
+        for dest in ("workers", "device"):
+            if getattr(args, dest, None) is not None:
+                flag = "--" + dest.replace("_", "-")
+                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
+    _check_saved_settings(args, task, what)
+
+
+def _check_saved_settings(args: argparse.Namespace, task: str, what: str) -> None:
+    """A detector or segmentation model keeps its width and input size in its file:
+    ``--width-mult`` and ``--resolution`` may repeat them, not change them (nor be given
+    for a file that does not say them: torchvision's)."""
+    from ..deployed import check_requested
+    from ..models.pretrained import resolve_weights
+
+    if args.width_mult is None and args.resolution is None:
+        return
+    path = resolve_weights(args.weights)
+    config, size = saved_settings(path)
+    for dest, known in (("width_mult", config), ("resolution", size)):
+        if getattr(args, dest) is not None and known is None:
             flag = "--" + dest.replace("_", "-")
             raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
+    if config is not None:
+        check_requested(path, config, None, args.width_mult)
+    if args.resolution is not None and size != (args.resolution, args.resolution):
+        raise MobileNetError(
+            f"{path} takes {size[0]}x{size[1]} images, not {args.resolution}"  # type: ignore[index]
+        )
 
 
-def _checkpoint_task(weights: str, model: str | None) -> str:
-    """The task of ``--model``, else of the model the checkpoint holds."""
+def saved_settings(path: Path) -> tuple[dict | None, tuple[int, int] | None]:
+    """The model config and input ``(height, width)`` a detector's or segmentation
+    model's file names (each None where it names none)."""
+    from ..weights import FORMAT, saved_config
+    from ..weights.io import read_metadata
+
+    if path.suffix == ".onnx":  # an exported file keeps its config as ours do
+        from ..export.onnx import onnx_session
+        from ..export.onnx import read_metadata as read_onnx_metadata
+
+        metadata = {"format": FORMAT, **read_onnx_metadata(onnx_session(path))}
+    else:
+        metadata = read_metadata(path)
+    try:
+        config = saved_config(metadata)
+    except MobileNetError:  # the loader names the damage, with the file
+        return None, None
+    text = metadata.get("image_size") or metadata.get("resolution") or ""
+    if config is not None and isinstance(config.get("image_size"), int):
+        text = str(config["image_size"])  # a detector's
+    sides = text.split("x") if text else []
+    if not all(side.isdigit() for side in sides) or len(sides) not in (1, 2):
+        return config, None
+    height, width = int(sides[0]), int(sides[-1])
+    return config, (height, width)
+
+
+def checkpoint_task_of(weights: str, model: str | None) -> str:
+    """The task of ``--model``, else of the model the checkpoint holds (an exported
+    file's, from its metadata)."""
     if model is not None:
         return model_task(model)
     from ..models.pretrained import resolve_weights
@@ -207,7 +257,13 @@ def _checkpoint_task(weights: str, model: str | None) -> str:
     from ..weights.io import read_metadata
 
     path = resolve_weights(weights)
-    if path.suffix in (".onnx", ".pt2", ".pte", ".tflite"):
+    if path.suffix == ".onnx":
+        from ..export.onnx import onnx_session
+        from ..export.onnx import read_metadata as read_onnx_metadata
+
+        task = read_onnx_metadata(onnx_session(path)).get("task", "classification")
+        return task if task in ("classification", "segmentation") else "classification"
+    if path.suffix in (".pt2", ".pte", ".tflite"):
         return "classification"  # exported classifiers (detectors export raw heads)
     metadata = read_metadata(path)
     if metadata.get("task"):
@@ -304,7 +360,7 @@ def _detection_config(args: argparse.Namespace):
 
 def _weights_task(args: argparse.Namespace) -> str:
     """The task of ``--weights`` (or ``--model``), with the other task's flags refused."""
-    task = _checkpoint_task(args.weights, args.model)
+    task = checkpoint_task_of(args.weights, args.model)
     _check_flags(args, task, args.model or args.weights)
     return task
 
@@ -351,11 +407,13 @@ def _eval_detector(args: argparse.Namespace) -> int:
     from ..detection.predict import load_detector
     from ..train.distributed import resolve_device
 
-    trained = load_detector(args.weights, args.model)
+    trained = load_detector(args.weights, args.model, args.width_mult)
     split = "val" if args.data == "mnist-det" else "train"
     dataset = CocoDetection(dataset_root(args.data, split), eval_transform(), trained.categories)
     model = trained.model.to(resolve_device(args.device or "cpu"))
-    metrics = evaluate_detector(model, dataset, args.batch_size or 16, args.workers or 0)
+    metrics = evaluate_detector(
+        model, dataset, args.batch_size or 16, args.workers or 0, source=args.weights
+    )
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -394,7 +452,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from ..detection.predict import detect_images, load_detector
 
-    trained = load_detector(args.weights, args.model)
+    trained = load_detector(args.weights, args.model, args.width_mult)
     min_score = 0.5 if args.min_score is None else args.min_score
     results = detect_images(trained, args.images, args.draw, min_score)
     if args.json:

@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader
 from ..extras import require
 from .data import CocoDetection, collate, eval_transform
 
-__all__ = ["coco_map", "evaluate_detector", "predict_dataset"]
+__all__ = ["coco_map", "evaluate_detector", "predict_dataset", "prediction_layers"]
+
+
+def prediction_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that give a detector's class logits and box offsets: where NaN shows,
+    before the post-processing drops every box whose score is not above the threshold."""
+    return [*model.classification, *model.regression]  # type: ignore[misc]
 
 
 def coco_map(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> dict[str, float]:
@@ -49,11 +55,17 @@ def predict_dataset(
     batch_size: int = 16,
     workers: int = 0,
     indices: list[int] | None = None,
+    source: str | None = None,
 ) -> list[dict[str, Any]]:
     """The model's detections on ``dataset`` (or the ``indices`` of it), COCO-format,
-    labels as category ids of :meth:`CocoDetection.coco_ground_truth`."""
+    labels as category ids of :meth:`CocoDetection.coco_ground_truth`. With ``source``
+    (the weights file), NaN or infinite logits or box offsets are an error naming it:
+    they would leave no box above the score threshold, a mAP of 0 that looks measured."""
     from torch.utils.data import Subset
 
+    from ..train.evaluate import finite_outputs
+
+    checked = prediction_layers(model) if source is not None else []  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
     data = Subset(dataset, indices) if indices is not None else dataset
@@ -62,7 +74,8 @@ def predict_dataset(
     out: list[dict[str, Any]] = []
     try:
         for images, targets in loader:
-            results = model([image.to(device) for image in images])
+            with finite_outputs(checked, source or ""):
+                results = model([image.to(device) for image in images])
             for result, target in zip(results, targets, strict=True):
                 boxes = result["boxes"].cpu()
                 boxes[:, 2:] -= boxes[:, :2]
@@ -89,13 +102,15 @@ def evaluate_detector(
     batch_size: int = 16,
     workers: int = 0,
     indices: list[int] | None = None,
+    source: str | None = None,
 ) -> dict[str, float]:
     """COCO mAP of ``model`` on ``dataset`` (images at their own size; see
-    :func:`coco_map`), with ``images``, the number of images scored."""
+    :func:`coco_map`), with ``images``, the number of images scored; ``source``: see
+    :func:`predict_dataset`."""
     require("pycocotools", "detection", "COCO mAP")  # before the predictions
     if dataset.transform is None:
         dataset.transform = eval_transform()
-    detections = predict_dataset(model, dataset, batch_size, workers, indices)
+    detections = predict_dataset(model, dataset, batch_size, workers, indices, source)
     gt = dataset.coco_ground_truth()
     if indices is not None:
         ids = {dataset.images[i]["id"] for i in indices}

@@ -14,12 +14,15 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
 from ..data.images import load_rgb
+from ..deployed import check_requested
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import atomic_write
 from ..inference import check_image_files
 from ..models.registry import list_models, model_from_checkpoint
+from ..train.evaluate import finite_outputs
 from ..weights import read_checkpoint, saved_config
 from .data import Category
+from .evaluate import prediction_layers
 from .model import SSDLite
 
 __all__ = ["TrainedDetector", "detect_images", "drawing_names", "load_detector"]
@@ -29,32 +32,39 @@ __all__ = ["TrainedDetector", "detect_images", "drawing_names", "load_detector"]
 class TrainedDetector:
     model: SSDLite
     categories: list[Category]  # label i is categories[i - 1]
+    path: Path | None = None  # the weights file it came from
 
     def name_of(self, label: int) -> str:
         return self.categories[label - 1].name if 0 < label <= len(self.categories) else str(label)
 
 
-def load_detector(weights: str | Path, model: str | None = None) -> TrainedDetector:
+def load_detector(
+    weights: str | Path, model: str | None = None, width_mult: float | None = None
+) -> TrainedDetector:
     """A detector from our ``best.safetensors`` (its config and categories are inside) or
     from a torchvision SSDLite state dict (``model`` defaults to
-    ``ssdlite_mobilenet_v3_large``; labels are then COCO category ids)."""
+    ``ssdlite_mobilenet_v3_large``; labels are then COCO category ids). A ``model`` or
+    ``width_mult`` that contradicts the file's own config is refused."""
     state_dict, metadata = read_checkpoint(weights)
     try:
         saved = saved_config(metadata)
     except CheckpointError as e:  # its message does not say which file
         raise CheckpointError(f"{weights}: {e}") from None
+    if saved is not None:
+        check_requested(Path(weights), saved, model, width_mult)
     name = model or (saved["name"] if saved is not None else "ssdlite_mobilenet_v3_large")
     if name not in list_models(task="detection"):
         raise MobileNetError(
             f"{name} is not a detector: {', '.join(list_models(task='detection'))}"
         )
-    detector = model_from_checkpoint(name, state_dict, metadata, str(weights))
+    kwargs = {} if width_mult is None or saved is not None else {"width_mult": width_mult}
+    detector = model_from_checkpoint(name, state_dict, metadata, str(weights), **kwargs)
     assert isinstance(detector, SSDLite)
     if "categories" in metadata:
         categories = _saved_categories(metadata, weights, detector.num_classes)
     else:  # label == category id (torchvision's COCO models)
         categories = [Category(i, str(i)) for i in range(1, detector.num_classes)]
-    return TrainedDetector(detector.eval(), categories)
+    return TrainedDetector(detector.eval(), categories, Path(weights))
 
 
 def _saved_categories(
@@ -125,9 +135,11 @@ def detect_images(
         raise MobileNetError(f"{out} is a file, not a folder for the drawn images")
     names = drawing_names(paths)
     results = []
+    source = str(trained.path or "the model")
     for path, drawn_name in zip(paths, names, strict=True):
         image = _read_image(path)
-        det = trained.model([TF.to_dtype(image, torch.float32, scale=True)])[0]
+        with finite_outputs(prediction_layers(trained.model), source):
+            det = trained.model([TF.to_dtype(image, torch.float32, scale=True)])[0]
         keep = det["scores"] >= min_score
         boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
         labelled = [trained.name_of(int(label)) for label in labels]

@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import MobileNetError
 from .distributed import Distributed
 
-__all__ = ["ShardSampler", "evaluate"]
+__all__ = ["ShardSampler", "evaluate", "finite_outputs", "require_finite"]
+
+
+def require_finite(outputs: Any, source: str) -> None:
+    """Refuse NaN or infinite model outputs (a tensor, or a dict, list or tuple of them),
+    naming ``source``, the weights file. A softmax of them is NaN for every class and an
+    argmax picks class 0: a score or a prediction made of them looks like a result but
+    is none. One reduction per batch: cheap beside the model."""
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    tensors = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all()):
+            raise MobileNetError(
+                f"{source}: the model outputs NaN or infinite values (damaged or overflowing "
+                "weights); no result"
+            )
+
+
+@contextmanager
+def finite_outputs(modules: Iterable[nn.Module], source: str) -> Iterator[None]:
+    """Within the block, every output of ``modules`` is checked by :func:`require_finite`
+    (for models whose own forward turns the outputs into something else: a detector's
+    logits into boxes above a score, where NaN scores would leave no box at all)."""
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: require_finite(out, source)) for m in modules
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class ShardSampler(Sampler[int]):
@@ -32,8 +68,13 @@ def evaluate(
     dist: Distributed,
     channels_last: bool = True,
     amp: bool = False,
+    source: str | None = None,
 ) -> dict[str, float]:
-    """``{"loss", "top1", "top5", "images"}`` over the whole dataset (all ranks)."""
+    """``{"loss", "top1", "top5", "images"}`` over the whole dataset (all ranks).
+
+    With ``source`` (the weights file of ``mobilenet eval``), NaN or infinite logits are
+    an error naming it; without (during training, whose engine stops on a NaN loss), the
+    scores say what they are."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss, top1, top5, n
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -43,6 +84,8 @@ def evaluate(
         with torch.autocast(dist.device.type, enabled=amp):
             logits = model(images)
         logits = logits.float()
+        if source is not None:
+            require_finite(logits, source)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top == targets[:, None]
