@@ -333,6 +333,18 @@ def test_training_on_16_bit_masks_is_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_training_on_16_bit_masks_with_num_classes(tmp_path):
+    root = _seg_folder(tmp_path / "data", [_bands([0, 1, 2, IGNORE], np.uint16)] * 2)
+    out = tmp_path / "run"
+    result = mobilenet_command(
+        "train", "--model", "lraspp_mobilenet_v3_small", "--width-mult", "0.35",
+        "--data", str(root), "--resolution", "32", "--epochs", "1", "--batch-size", "2",
+        "--workers", "0", "--quiet", "--out", str(out), "--num-classes", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["train"]["num_classes"] == 3
+
+
 # --------------------------------------------------------------------------- Keras files
 
 

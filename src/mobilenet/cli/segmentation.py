@@ -23,7 +23,9 @@ def segmentation_config(args: argparse.Namespace):
 
     size = args.resolution  # an int: a square crop; or (height, width)
     crop = (size, size) if isinstance(size, int) else None if size is None else tuple(size)
-    return dense_task_config(SegTrainConfig, args, crop_size=crop, aux_loss=args.aux_loss)
+    return dense_task_config(
+        SegTrainConfig, args, crop_size=crop, aux_loss=args.aux_loss, num_classes=args.num_classes
+    )
 
 
 def trained_line(args: argparse.Namespace) -> tuple[Any, str]:

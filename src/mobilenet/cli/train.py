@@ -48,6 +48,7 @@ TASK_FLAGS = {
     "min_score": ("detection", "--min-score"),
     "draw": (("detection", "segmentation"), "--out"),
     "aux_loss": ("segmentation", "--aux-loss"),
+    "num_classes": ("segmentation", "--num-classes"),
     **PREPROCESS_FLAGS,
 }
 
@@ -127,6 +128,9 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     s = p.add_argument_group("segmentation")
     s.add_argument("--aux-loss", action="store_true", default=None,
                    help="train DeepLabv3's auxiliary head too (loss + 0.5 x its loss)")  # fmt: skip
+    s.add_argument("--num-classes", type=positive_int, default=None,
+                   help="the classes of masks without a classes.txt (needed for 16-bit "
+                   "masks; default: the largest value of 8-bit masks + 1)")  # fmt: skip
 
 
 def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:

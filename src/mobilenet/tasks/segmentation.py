@@ -52,6 +52,7 @@ class SegTrainConfig:
     scale: tuple[float, float] | None = None  # random resize, x the crop's shorter side;
     # default: (0.5, 2.0) as torchvision's reference, none on mnist-seg (it varies scale)
     aux_loss: bool = False  # DeepLabv3: train the auxiliary FCN head too
+    num_classes: int | None = None  # declared for masks without a classes.txt (16-bit ones)
     val_data: str | None = None  # default: a VOC folder's val split, a built-in's held-out
     epochs: int = 12
     batch_size: int = 16  # global, over all processes
@@ -129,7 +130,11 @@ class SegmentationTask:
         scale = cfg.scale or ((1.0, 1.0) if builtin else (0.5, 2.0))
         root, split = dataset_root(cfg.data, "train")
         train_set = SegmentationFolder(
-            root, split, augment(cfg.crop_size, mean, std, scale, flip), check=not builtin
+            root,
+            split,
+            augment(cfg.crop_size, mean, std, scale, flip),
+            check=not builtin,
+            num_classes=cfg.num_classes,
         )
         self.classes = train_set.classes
         val = _val_source(cfg, root, train_set.layout)
