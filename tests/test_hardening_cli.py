@@ -369,3 +369,15 @@ def test_detector_export_takes_its_own_size_and_refuses_another(tmp_path, capsys
     assert "at 64x64" in capsys.readouterr().out
     line = _error(capsys, [*args, "--resolution", "96"])
     assert f"{weights} holds a detector of 64x64 images, not 96" in line
+
+
+def test_export_of_a_model_that_outputs_nan_says_so(tmp_path, capsys):
+    model = random_model("mobilenet_v3_small", 32, 0.25)
+    with torch.no_grad():  # finite weights (NaN ones are refused at load) that overflow
+        model.classifier.weight.fill_(3e38)
+    weights = save_weights(model, tmp_path / "nan.safetensors")
+    out = tmp_path / "nan.onnx"
+    assert main(["export", "--weights", str(weights), "--out", str(out), "--resolution", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "outputs NaN or infinite values" in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -119,6 +119,11 @@ def _check(run, model: nn.Module, resolution: int | Sequence[int], what: str) ->
         x = torch.randn(batch, 3, *input_size(resolution), generator=g)
         with torch.no_grad():
             expected = _logits(model, x).numpy()
+        if not np.isfinite(expected).all():  # else "differs by nan", which says nothing
+            raise MobileNetError(
+                "the model outputs NaN or infinite values (damaged or overflowing weights); "
+                "nothing written"
+            )
         worst = max(worst, float(np.abs(run(x) - expected).max()))
         scale = max(scale, float(np.abs(expected).max()))
     if not worst <= TOLERANCE * scale:
