@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sympy
+import torch
 
 from mobilenet import CheckpointError, MobileNetError
 from mobilenet.cli import main
@@ -272,3 +273,19 @@ def test_predict_on_a_contradicting_file_is_one_line(good, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("mobilenet predict: error: ")
         assert CONTRADICTIONS[what][1] in err
+
+
+def test_a_program_that_fails_to_run_is_one_line():
+    from mobilenet.deployed import Pt2Model
+    from mobilenet.models import ModelConfig
+
+    def program(x):  # what a crafted program whose weights do not fit its operators does
+        raise RuntimeError("shape '[16, 3, 3, 3]' is invalid for input of size 7\nmore")
+
+    model = Pt2Model(program, ModelConfig(name="mobilenet_v3_small"), 32, "crafted.pt2")
+    with pytest.raises(MobileNetError) as error:
+        model(torch.zeros(1, 3, 32, 32))
+    assert str(error.value) == (
+        "crafted.pt2: the program fails to run (shape '[16, 3, 3, 3]' is invalid for input "
+        "of size 7)"
+    )

@@ -211,16 +211,25 @@ class Pt2Model(DeployedModel):
     where it was exported. The program is kept outside the module tree: its module refuses
     ``train()``/``eval()``, which ``evaluate`` calls on the wrapper."""
 
-    def __init__(self, program: nn.Module, config: ModelConfig, resolution: int) -> None:
+    def __init__(
+        self, program: nn.Module, config: ModelConfig, resolution: int, what: str = "the program"
+    ) -> None:
         super().__init__(config)
         self.__dict__["program"] = program  # not a submodule (see above)
         self.resolution = resolution
+        self.what = what  # the file, for messages
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The program's own guards are not run (they are code from the file): check here.
         _check_images(x, self.resolution)
-        with torch.no_grad():
-            logits = self.program(x.detach().cpu().float().contiguous())
+        try:
+            with torch.no_grad():
+                logits = self.program(x.detach().cpu().float().contiguous())
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            # A well-formed program whose operators do not fit its tensors (a crafted
+            # file): what the kernels say, in one line.
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MobileNetError(f"{self.what}: the program fails to run ({reason})") from None
         return logits.to(x.device)  # beside the targets evaluate() moved there
 
 
@@ -309,7 +318,7 @@ def load_pt2(
     config, res = _exported_settings(metadata, path, model, resolution, width_mult)
     classes = checked_classes(metadata, path, config.num_classes)
     preprocess = saved_preprocess(metadata, path, res)
-    return Trained(Pt2Model(program, config, res), classes, res, path, preprocess)
+    return Trained(Pt2Model(program, config, res, str(path)), classes, res, path, preprocess)
 
 
 def load_pte(
