@@ -20,6 +20,7 @@ from mobilenet.export.litert import (
     export_tflite_int8,
     read_tflite,
 )
+from mobilenet.integrity import reseal
 
 from .helpers import random_model
 
@@ -113,6 +114,9 @@ def _without_our_metadata(data: bytes) -> bytes:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    for entry in model.metadata:
+        if entry.name == litert.META_NAME.encode():
+            model.buffers[entry.buffer].data = None  # our JSON (and digest) gone too
     model.metadata = [m for m in model.metadata if m.name != litert.META_NAME.encode()]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
@@ -122,12 +126,13 @@ def _without_our_metadata(data: bytes) -> bytes:
     [
         (lambda d: b"", "not a .tflite file"),
         (lambda d: b"not a model" * 8, "not a .tflite file"),
-        (lambda d: d[: len(d) // 2], "not a model LiteRT can load"),
-        (lambda d: d[:8] + bytes(64) + d[72:], "not a model LiteRT can load"),
+        (lambda d: d[: len(d) // 2], "damaged: its bytes do not match the digest"),
+        (lambda d: d[:8] + bytes(64) + d[72:], "damaged: its bytes do not match the digest"),
+        (lambda d: reseal(d[:8] + bytes(64) + d[72:]), "not a model LiteRT can load"),
         (_without_our_metadata, "not a .tflite file written by mobilenet export"),
         (lambda d: litert._with_metadata(d, {"format": "other"}), "metadata is damaged"),
     ],
-    ids=["empty", "text", "truncated", "zeroed", "foreign", "bad-metadata"],
+    ids=["empty", "text", "truncated", "zeroed", "zeroed-resealed", "foreign", "bad-metadata"],
 )
 def test_damaged_or_foreign_file_is_one_line(damage, message, exported, tmp_path):
     _, good = exported("mobilenet_v3_small")

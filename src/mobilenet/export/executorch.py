@@ -5,6 +5,10 @@ dimension from 1 to :data:`MAX_BATCH`, is lowered with the XNNPACK partitioner a
 serialised into memory. Before a byte is written, ExecuTorch's own Python runtime loads the
 bytes and runs them on batches of 1 and 3, compared with PyTorch (1e-4 on unit-scale
 logits): what is written is what a device would run.
+The file is sealed with the digest of its bytes (:mod:`mobilenet.integrity`), checked
+when it is read; before ExecuTorch builds a file that this process has not just made, it
+reads it in a child process (:mod:`mobilenet.native`), where a damaged file that crashes
+the runtime's native code takes only the child down.
 
 ExecuTorch plans activation memory for the largest batch at export time, so the batch is
 bounded; :data:`MAX_BATCH` keeps that plan small for a phone (about 40 MB for
@@ -29,16 +33,11 @@ as the ONNX quantization does: random images of the training split, evaluation t
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import logging
-import os
-import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,10 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
+from ..integrity import MARKER, check_seal, seal, sealed_metadata
+from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
 from .int8 import calibrated_export, observe
+from .int8_check import SLACK, check_int8
 from .onnx import _check, _model_metadata
 from .prepare import integer_activations, prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -59,6 +61,7 @@ __all__ = [
     "META_METHOD",
     "export_pte",
     "export_pte_int8",
+    "probe_pte",
     "quantize_pte",
     "read_pte",
     "set_pte_threads",
@@ -68,9 +71,9 @@ __all__ = [
 FORMAT = "mobilenet-pte"
 META_METHOD = "mobilenet_metadata"
 MAX_BATCH = 8
-# How much further from the float model the int8 program may be than PyTorch's int8
-# reference of the same quantization (see _check_int8).
-INT8_SLACK = 2.0
+# How many times the network's own rounding noise the int8 program may be from the
+# quantized PyTorch reference it was lowered from (see mobilenet.export.int8_check).
+INT8_SLACK = SLACK
 
 _PURPOSE = "ExecuTorch export (.pte)"
 
@@ -88,11 +91,12 @@ def export_pte(
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
     program = _torch_export(prepared, resolution, _name(model))
-    meta = _metadata(model, resolution, metadata, "float32")
-    data = _lower(program, meta, _name(model))
-    method, _ = read_pte(data, "the exported program")
+    meta = sealed_metadata(_metadata(model, resolution, metadata, "float32"))
+    data = seal(_lower(program, meta, _name(model)))
+    method, _ = read_pte(data, "the exported program", verify=False)
     diff = _check(lambda t: _run(method, t), model, resolution, "ExecuTorch")
     write_bytes(path, data)
+    record_verified(data, "executorch")  # loaded and run above
     return diff
 
 
@@ -123,13 +127,14 @@ def export_pte_int8(
         seen, first = observe(observed, calibration_batches)
         reference = pt2e.convert_pt2e(observed)
     program = _torch_export(reference, resolution, name)
-    meta = _metadata(model, resolution, metadata, "int8")
+    meta = sealed_metadata(_metadata(model, resolution, metadata, "int8"))
     meta["calibration_images"] = str(seen)
     meta["integer_only"] = "true" if integer_only else "false"
-    data = _lower(program, meta, name)
-    method, _ = read_pte(data, "the exported int8 program")
+    data = seal(_lower(program, meta, name))
+    method, _ = read_pte(data, "the exported int8 program", verify=False)
     diff = _check_int8(method, model, reference, first)
     write_bytes(path, data)
+    record_verified(data, "executorch")  # loaded and run above
     return diff
 
 
@@ -166,18 +171,31 @@ def quantize_pte(
 
 
 def read_pte(
-    source: str | Path | bytes, name: str = ""
+    source: str | Path | bytes, name: str = "", verify: bool = True
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
     """The ``forward`` of a ``.pte`` written by :func:`export_pte` (a callable on an image
     batch, checked against the stored batch bound) and its metadata; anything else, or a
-    damaged file, is one error."""
+    damaged file, is one error.
+
+    The file's digest is checked first, then (``verify``) the runtime reads it in a child
+    process (:func:`mobilenet.native.verify_in_child`), once per file: a damaged program
+    can crash ExecuTorch's native code. ``verify=False`` is for bytes this process has
+    just made."""
     _require()
     from executorch.runtime import Runtime
 
-    what = name or str(source)
+    what = name or ("the program" if isinstance(source, bytes) else str(source))
     data = read_bytes(source, what)
+    if data[4:6] != b"ET":  # the flatbuffer's file identifier, ET and a version: no child
+        raise MobileNetError(f"{what}: not a program ExecuTorch can load (not a .pte file)")
+    sealed = MARKER.encode() in data
+    if sealed:
+        check_seal(data, what)
+    if verify:
+        verify_in_child(data, what, "executorch")
+    log = NativeLog()
     try:
-        with _quiet_native_stderr():
+        with quiet_native_stderr() as log:
             program = Runtime.get().load_program(data)
             names = set(program.method_names)
             if "forward" not in names or META_METHOD not in names:
@@ -187,9 +205,11 @@ def read_pte(
     except MobileNetError:
         raise
     except Exception as e:  # the runtime raises RuntimeError, ValueError ... on a bad file
-        message = f"{what}: not a program ExecuTorch can load ({_first_line(e)})"
-        raise MobileNetError(message) from None
+        reason = _first_line(e) + log.quote("ExecuTorch")
+        raise MobileNetError(f"{what}: not a program ExecuTorch can load ({reason})") from None
     metadata = _parse_metadata(text, what)
+    if not sealed:
+        check_seal(data, what)  # its note, for a file that loads: a refusal says enough
     max_batch = int(metadata["max_batch"])
 
     def run(images: torch.Tensor, _keep: tuple = (program, data)) -> torch.Tensor:
@@ -197,9 +217,21 @@ def read_pte(
         # neither holds a reference, and freeing them under the method crashes the process.
         if not 1 <= images.shape[0] <= max_batch:
             raise MobileNetError(f"{what} takes batches of 1 to {max_batch} images")
-        return forward.execute([images.contiguous()])[0]
+        try:  # not muted: this runs for every batch, and the file has run once already
+            return forward.execute([images.contiguous()])[0]
+        except RuntimeError as e:  # e.g. "method->execute() failed" on a damaged program
+            raise MobileNetError(f"{what}: ExecuTorch cannot run it ({_first_line(e)})") from None
 
     return run, metadata
+
+
+def probe_pte(data: bytes, what: str) -> None:
+    """Load ``data`` and run it once (batch 1, zeros) on one thread: what the child
+    process of :func:`mobilenet.native.verify_in_child` does with a ``.pte``."""
+    set_pte_threads(1)
+    run, metadata = read_pte(data, what, verify=False)
+    resolution = int(metadata["resolution"])
+    run(torch.zeros(1, 3, resolution, resolution))
 
 
 def set_pte_threads(threads: int) -> None:
@@ -211,7 +243,7 @@ def set_pte_threads(threads: int) -> None:
     _require()
     from executorch.extension.pybindings import portable_lib
 
-    with _quiet_native_stderr():  # the pool's creation logs its CPU probing
+    with quiet_native_stderr():  # the pool's creation logs its CPU probing
         if portable_lib._threadpool_get_thread_count() != threads:
             portable_lib._unsafe_reset_threadpool(threads)
 
@@ -286,49 +318,9 @@ def _run(method: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -
 
 
 def _check_int8(method, model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
-    """The int8 program's max abs difference from the float model, on calibration images
-    (batches of 1 and up to 3), refused when it exceeds :data:`INT8_SLACK` times the
-    quantized PyTorch reference's own.
-
-    Rounding in XNNPACK's int8 kernels differs from the reference's by a quantization step
-    here and there, and those steps compound over fifty layers, so the two int8 outputs
-    are not close to each other; what a wrong lowering changes is how far the result is
-    from the float model."""
-    ours, theirs, scale = 0.0, 0.0, 1.0
-    for x in (images[:1], images[:3]):
-        with torch.no_grad():
-            expected = model(x).numpy()
-            quantized = reference(x).numpy()
-        ours = max(ours, float(np.abs(_run(method, x) - expected).max()))
-        theirs = max(theirs, float(np.abs(quantized - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    if not ours <= INT8_SLACK * theirs + 1e-4 * scale:
-        raise MobileNetError(
-            f"ExecuTorch int8 differs from the float model by {ours:.2e}, more than "
-            f"{INT8_SLACK:g}x PyTorch int8 ({theirs:.2e}); nothing written"
-        )
-    return ours
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Keep the runtime's log lines (CPU probing, pool resets, load failures) off stderr: a
-    refusal is one line, and its reason is in the exception. The C++ code writes some to
-    file descriptor 2, the Python bindings others to ``sys.stderr``: both are sunk."""
-    with contextlib.suppress(AttributeError, ValueError):  # no sys.stderr, or closed
-        sys.stderr.flush()
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            saved = os.dup(2)
-        except OSError:  # no file descriptor 2 (embedded interpreters)
-            yield
-            return
-        try:
-            with tempfile.TemporaryFile() as sink:
-                os.dup2(sink.fileno(), 2)
-                try:
-                    yield
-                finally:
-                    os.dup2(saved, 2)
-        finally:
-            os.close(saved)
+    """The int8 program checked against the quantized PyTorch reference it was lowered
+    from, on calibration images, by :func:`mobilenet.export.int8_check.check_int8`: refused
+    when it is further from the reference than ``INT8_SLACK`` times this network's own
+    rounding noise, or picks a class the reference does not come close to; returns its max
+    abs difference from the float model."""
+    return check_int8(method, model, reference, images, "ExecuTorch", INT8_SLACK)

@@ -5,6 +5,10 @@ converter for PyTorch, and the flatbuffer is kept in memory. Before a byte is wr
 the LiteRT interpreter (``ai_edge_litert``, with its default XNNPACK delegate) loads the
 bytes and runs them on batches of 1 and 3, compared with PyTorch (1e-4 on unit-scale
 logits): what is written is what a device would run.
+The file is sealed with the digest of its bytes (:mod:`mobilenet.integrity`), checked
+when it is read; before LiteRT builds a file that this process has not just made, it
+reads it in a child process (:mod:`mobilenet.native`), where a damaged file that crashes
+the runtime's native code takes only the child down.
 
 The input is NCHW float32, as for every other engine of the toolkit. The converter moves
 the convolutions to NHWC inside the file either way; an NHWC input (its
@@ -53,8 +57,11 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
-from .executorch import INT8_SLACK, _name, _quiet_native_stderr
+from ..integrity import MARKER, check_seal, seal, sealed_metadata
+from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
+from .executorch import INT8_SLACK, _name
 from .int8 import calibrated_export, observe
+from .int8_check import check_int8
 from .onnx import _check, _model_metadata
 from .prepare import integer_activations, prepare_for_inference
 from .pt2 import _first_line, _quiet_torch_logs
@@ -64,6 +71,7 @@ __all__ = [
     "META_NAME",
     "export_tflite",
     "export_tflite_int8",
+    "probe_tflite",
     "quantize_tflite",
     "read_tflite",
 ]
@@ -92,10 +100,12 @@ def export_tflite(
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
     flat = _convert(prepared, resolution, _name(model))
-    data = _with_metadata(flat, _metadata(model, resolution, metadata, "float32"))
-    run, _ = read_tflite(data, "the exported model", threads=1)
+    meta = sealed_metadata(_metadata(model, resolution, metadata, "float32"))
+    data = seal(_with_metadata(flat, meta))
+    run, _ = read_tflite(data, "the exported model", threads=1, verify=False)
     diff = _check(lambda t: run(t).numpy(), model, resolution, "LiteRT")
     write_bytes(path, data)
+    record_verified(data, "litert")  # loaded and run above
     return diff
 
 
@@ -128,13 +138,14 @@ def export_tflite_int8(
         reference = pt2e.convert_pt2e(observed, fold_quantize=False)
     config = quant_config.QuantConfig(pt2e_quantizer=quantizer)
     flat = _convert(reference, resolution, name, config, litert_torch)
-    meta = _metadata(model, resolution, metadata, "int8")
+    meta = sealed_metadata(_metadata(model, resolution, metadata, "int8"))
     meta["calibration_images"] = str(seen)
     meta["batch"] = FIXED_BATCH  # see the module's docstring
-    data = _with_metadata(flat, meta)
-    run, _ = read_tflite(data, "the exported int8 model", threads=1)
+    data = seal(_with_metadata(flat, meta))
+    run, _ = read_tflite(data, "the exported int8 model", threads=1, verify=False)
     diff = _check_int8(run, model, reference, first)
     write_bytes(path, data)
+    record_verified(data, "litert")  # loaded and run above
     return diff
 
 
@@ -156,36 +167,58 @@ def quantize_tflite(
 
 
 def read_tflite(
-    source: str | Path | bytes, name: str = "", threads: int | None = None
+    source: str | Path | bytes, name: str = "", threads: int | None = None, verify: bool = True
 ) -> tuple[Runner, dict[str, str]]:
     """A runner of a ``.tflite`` written by this module (float NCHW image batch in,
     float logits out, any batch size: image by image for a file of fixed batch 1) and its
     metadata; anything else, or a damaged file, is one error. ``threads`` is the
     interpreter's thread count (LiteRT's Python interpreter takes one when it is None).
-    The runner is not thread-safe."""
+    The runner is not thread-safe.
+
+    The file's digest is checked first, then (``verify``) the interpreter reads it in a
+    child process (:func:`mobilenet.native.verify_in_child`), once per file: LiteRT
+    verifies the flatbuffer, but a file that passes can still crash its native code.
+    ``verify=False`` is for bytes this process has just made."""
     interpreter_module = require("ai_edge_litert.interpreter", "litert", _RUN_PURPOSE)
     if threads is not None and threads < 1:
         raise MobileNetError(f"threads must be at least 1, not {threads}")
-    what = name or str(source)
+    what = name or ("the model" if isinstance(source, bytes) else str(source))
     data = read_bytes(source, what)
     if data[4:8] != b"TFL3":  # the flatbuffer's file identifier
         raise MobileNetError(f"{what}: not a .tflite file")
+    sealed = MARKER.encode() in data
+    if sealed:
+        check_seal(data, what)
+    if verify:
+        verify_in_child(data, what, "litert")
+    log = NativeLog()
     try:
-        with _quiet_native_stderr():  # the delegate logs each creation
+        with quiet_native_stderr() as log:  # the delegate logs each creation
             # The interpreter verifies the flatbuffer before it reads anything from it.
             interpreter = interpreter_module.Interpreter(model_content=data, num_threads=threads)
             interpreter.allocate_tensors()
+            # Tensor names are decoded here: a damaged one is a UnicodeDecodeError.
+            inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     except Exception as e:  # ValueError, RuntimeError on a damaged file
-        message = f"{what}: not a model LiteRT can load ({_first_line(e)})"
-        raise MobileNetError(message) from None
+        reason = _first_line(e) + log.quote("LiteRT")
+        raise MobileNetError(f"{what}: not a model LiteRT can load ({reason})") from None
     metadata = _read_metadata(data, what)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if not sealed:
+        check_seal(data, what)  # its note, for a file that loads: a refusal says enough
     resolution = int(metadata["resolution"])
     shapes = [[int(n) for n in d["shape"][1:]] for d in inputs]
     if len(outputs) != 1 or shapes != [[3, resolution, resolution]]:
         raise MobileNetError(f"{what}: its input is not one {LAYOUT} image batch")
     fixed = metadata.get("batch") == FIXED_BATCH
     return _runner(interpreter, inputs[0], outputs[0], what, fixed), metadata
+
+
+def probe_tflite(data: bytes, what: str) -> None:
+    """Load ``data`` and run it once (batch 1, zeros) on one thread: what the child
+    process of :func:`mobilenet.native.verify_in_child` does with a ``.tflite``."""
+    run, metadata = read_tflite(data, what, threads=1, verify=False)
+    resolution = int(metadata["resolution"])
+    run(torch.zeros(1, 3, resolution, resolution))
 
 
 def _runner(interpreter: Any, image: dict, logits: dict, what: str, fixed: bool) -> Runner:
@@ -233,7 +266,7 @@ def _require_converter() -> Any:
     level = pytree.level
     pytree.setLevel(logging.ERROR)
     try:
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             require("ai_edge_litert.interpreter", "litert", _PURPOSE)
             return require("litert_torch", "litert", _PURPOSE)
     finally:
@@ -254,6 +287,9 @@ def _with_metadata(flat: bytes, meta: dict[str, str]) -> bytes:
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    for entry in model.metadata or []:
+        if entry.name == META_NAME.encode() and entry.buffer < len(model.buffers):
+            model.buffers[entry.buffer].data = None  # the old JSON, its digest with it
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     model.buffers.append(buffer)
@@ -315,25 +351,12 @@ def _convert(
 
 
 def _check_int8(run: Runner, model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
-    """The int8 file's max abs difference from the float model, on calibration images
-    (batches of 1 and up to 3), refused when it exceeds ``INT8_SLACK`` times the quantized
-    PyTorch reference's own: int8 kernels round differently from the reference by a step
-    here and there, so what a wrong conversion shows is the distance from the float model
-    (as for the ExecuTorch int8 check)."""
-    ours, theirs, scale = 0.0, 0.0, 1.0
-    for x in (images[:1], images[:3]):
-        with torch.no_grad():
-            expected = model(x).numpy()
-            quantized = reference(x).numpy()
-        ours = max(ours, float(np.abs(run(x).numpy() - expected).max()))
-        theirs = max(theirs, float(np.abs(quantized - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    if not ours <= INT8_SLACK * theirs + 1e-4 * scale:
-        raise MobileNetError(
-            f"LiteRT int8 differs from the float model by {ours:.2e}, more than "
-            f"{INT8_SLACK:g}x PyTorch int8 ({theirs:.2e}); nothing written"
-        )
-    return ours
+    """The int8 file checked against the quantized PyTorch reference it was lowered
+    from, on calibration images, by :func:`mobilenet.export.int8_check.check_int8`: refused
+    when it is further from the reference than ``INT8_SLACK`` times this network's own
+    rounding noise, or picks a class the reference does not come close to; returns its max
+    abs difference from the float model."""
+    return check_int8(run, model, reference, images, "LiteRT", INT8_SLACK)
 
 
 @contextlib.contextmanager
@@ -347,7 +370,7 @@ def _quiet_conversion() -> Iterator[None]:
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs(), _quiet_native_stderr():
+        with warnings.catch_warnings(), _quiet_torch_logs(), quiet_native_stderr():
             warnings.simplefilter("ignore")
             yield
     finally:
