@@ -11,6 +11,8 @@ that check a file before it is used are wrapped by timers:
   mobilenet.native:verify_in_child        a .pte/.tflite's verdict (a child process the
                                           first time a file is seen, then the cache)
   mobilenet.export.pt2:_inspect           a .pt2's archive, names, expressions, digest
+  mobilenet.deployed:_output_count        a .pte/.tflite run once on a blank image: its
+                                          class count against its metadata
 
 The checks' share is their time over the command's; the first run of each file (its
 verdict not yet cached: one child process that loads and runs it) is reported apart.
@@ -37,6 +39,7 @@ CHECKS = (
     "mobilenet.integrity:check_seal",
     "mobilenet.native:verify_in_child",
     "mobilenet.export.pt2:_inspect",
+    "mobilenet.deployed:_output_count",
 )
 # Run in the measured process: wrap every check by a timer wherever a module holds it,
 # then run the command; the checks' seconds are printed last, on stderr.
@@ -55,16 +58,20 @@ modules = sys.argv[1].split(",")
 checks = sys.argv[2].split(",")
 for name in modules:
     importlib.import_module(name)
-for check in checks:
-    module, _, function = check.partition(":")
-    target = getattr(importlib.import_module(module), function, None)
+def install(check):
+    module, _, name = check.partition(":")
+    target = getattr(importlib.import_module(module), name, None)
     if target is None:
-        continue
+        return
     wrapper = timed(target)
     for held in list(sys.modules.values()):
-        for key, value in list(vars(held).items()) if held else ():
+        if held is None or held.__name__ == "__main__":
+            continue
+        for key, value in list(vars(held).items()):
             if value is target:
                 setattr(held, key, wrapper)
+for check in checks:
+    install(check)
 atexit.register(lambda: print(f"checks_s {spent[0]:.6f}", file=sys.stderr))
 from mobilenet.cli import main
 code = main(sys.argv[3:])
