@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -203,3 +204,11 @@ def cli_json(capsys, *args: str):
 
     assert main([*args, "--json"]) == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out)
+
+
+# PyTorch's int8 models run on the x86 quantized engine (fbgemm/oneDNN); an ARM build of
+# torch has qnnpack only, and the int8 commands refuse in one line there (tested).
+needs_x86_int8 = pytest.mark.skipif(
+    "x86" not in torch.backends.quantized.supported_engines,
+    reason="PyTorch int8 models need the x86 quantized engine, absent from this torch build",
+)

@@ -14,7 +14,9 @@ from mobilenet.export.int8 import Int8Model, int8_from_checkpoint, quantize_mode
 from mobilenet.inference import load_trained
 from mobilenet.weights import sealed_safetensors
 
-from .helpers import randomize_bn
+from .helpers import needs_x86_int8, randomize_bn
+
+pytestmark = needs_x86_int8
 
 QUICK = ["--model", "mobilenet_v3_small", "--resolution", "32", "--batch-size", "64"]
 QUICK += ["--workers", "0", "--quiet"]
