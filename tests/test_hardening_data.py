@@ -30,7 +30,8 @@ from PIL import Image
 
 from mobilenet.data import shard_writer
 from mobilenet.data.datasets import TensorImages
-from mobilenet.data.shards import CLASSES_FILE, ShardStream, eval_set, list_shards
+from mobilenet.data.shard_sets import eval_set
+from mobilenet.data.shards import CLASSES_FILE, ShardStream, list_shards
 from mobilenet.errors import CheckpointError, MobileNetError
 from mobilenet.segmentation.data import IGNORE, SegmentationFolder
 

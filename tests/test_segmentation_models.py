@@ -104,9 +104,13 @@ def test_timm_v3_output_stride_gives_identical_feature_maps(ref_name, ours, outp
     x = _image(97, 131)
     with torch.no_grad():
         expected, actual = ref.eval()(x), model.eval().feature_maps(x)
-    assert _max_diff(expected[-1], actual[output_stride]) <= 1e-5  # the last 1x1 conv
-    if output_stride == 16:
-        assert _max_diff(expected[2], actual[8]) <= 1e-5  # the end of the stride-8 stage
+    # Relative to the maps' magnitude (up to ~100 here): kernels of another CPU sum in
+    # another order, a relative ~1e-6 after fifty layers; a wrong layer differs by O(1).
+    last = expected[-1]
+    assert _max_diff(last, actual[output_stride]) <= 1e-5 * max(1.0, float(last.abs().max()))
+    if output_stride == 16:  # the end of the stride-8 stage
+        scale = max(1.0, float(expected[2].abs().max()))
+        assert _max_diff(expected[2], actual[8]) <= 1e-5 * scale
 
 
 def test_torchvision_dilated_v3_gives_identical_features():

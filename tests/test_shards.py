@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader
 
 from mobilenet.cli import main
 from mobilenet.data.images import load_rgb
+from mobilenet.data.shard_sets import eval_set
 from mobilenet.data.shard_writer import write_shards
 from mobilenet.data.shards import (
     CLASSES_FILE,
     ShardImages,
     ShardStream,
-    eval_set,
     is_shards,
     list_shards,
 )

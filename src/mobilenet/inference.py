@@ -106,7 +106,8 @@ def evaluate_on(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Top-1, top-5 and loss on a folder (class names matched) or a built-in dataset."""
-    from .data.shards import eval_set, is_shards
+    from .data.shard_sets import eval_set
+    from .data.shards import is_shards
     from .train.distributed import Distributed, resolve_device
     from .train.evaluate import evaluate
 

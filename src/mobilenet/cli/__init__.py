@@ -1,9 +1,10 @@
 """The ``mobilenet`` command line: one module per command group.
 
 * :mod:`.models`: ``list``, ``cost``, ``convert``;
-* :mod:`.train`: ``train``, ``eval``, ``predict`` for every task (the model decides), and
+* :mod:`.train`: ``train``, ``eval``, ``predict`` for every task (the model decides; the
+  detection and segmentation commands in :mod:`.detection` and :mod:`.segmentation`), and
   ``detect train|eval|predict``, the same commands with a detector by default;
-* :mod:`.deploy`: ``export``, ``quantize``, ``bench``;
+* :mod:`.deploy`: ``export``, ``bench`` and the parsers of :mod:`.quantize`;
 * :mod:`.experiments`: ``memory``, ``experiment``;
 * :mod:`.args`: the argument types and shared arguments, defined once.
 

@@ -15,7 +15,6 @@ from ..errors import MobileNetError
 from ..limits import check_memory
 from ..models import model_task
 from .args import (
-    dense_task_config,
     finite_float,
     is_main_process,
     model_name,
@@ -299,8 +298,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result, best = trained_line(args)
     elif task == "detection":
         from ..tasks.detection import train_detector
+        from .detection import detection_config
 
-        result = train_detector(_detection_config(args))
+        result = train_detector(detection_config(args))
         best = (
             f"mAP {result.best_map:.3f}, mAP@.5 {result.best_map_50:.3f} "
             f"(epoch {result.best_epoch})"
@@ -347,21 +347,6 @@ def _classification_config(args: argparse.Namespace):
     )
 
 
-def _detection_config(args: argparse.Namespace):
-    from ..tasks.detection import DetectTrainConfig
-
-    return dense_task_config(
-        DetectTrainConfig,
-        args,
-        image_size=args.resolution,
-        min_scale=args.min_scale,
-        max_scale=args.max_scale,
-        focal=args.focal,
-        augment=args.augment,
-        cache=args.cache,
-    )
-
-
 def _weights_task(args: argparse.Namespace) -> str:
     """The task of ``--weights`` (or ``--model``), with the other task's flags refused."""
     task = checkpoint_task_of(args.weights, args.model)
@@ -385,7 +370,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         return eval_segmenter(args)
     if task == "detection":
-        return _eval_detector(args)
+        from .detection import eval_detector
+
+        return eval_detector(args)
     from ..inference import evaluate_on
 
     trained = _classifier(args, args.batch_size or 64, "the evaluation", args.device or "cpu")
@@ -404,32 +391,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_detector(args: argparse.Namespace) -> int:
-    from ..detection.builtin import dataset_root
-    from ..detection.data import CocoDetection, eval_transform
-    from ..detection.evaluate import evaluate_detector
-    from ..detection.predict import load_detector
-    from ..train.distributed import resolve_device
-
-    trained = load_detector(args.weights, args.model, args.width_mult)
-    split = "val" if args.data == "mnist-det" else "train"
-    dataset = CocoDetection(dataset_root(args.data, split), eval_transform(), trained.categories)
-    model = trained.model.to(resolve_device(args.device or "cpu"))
-    metrics = evaluate_detector(
-        model, dataset, args.batch_size or 16, args.workers or 0, source=args.weights
-    )
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        size = trained.model.config.image_size
-        print(
-            f"{trained.model.config.name} on {args.data}: mAP@[.5:.95] {metrics['map']:.3f}  "
-            f"mAP@.5 {metrics['map_50']:.3f}  mAP@.75 {metrics['map_75']:.3f}  "
-            f"({int(metrics['images'])} images, network input {size}x{size})"
-        )
-    return 0
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     task = _weights_task(args)
     if task == "segmentation":
@@ -437,7 +398,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         return segment(args)
     if task == "detection":
-        return _detect(args)
+        from .detection import detect
+
+        return detect(args)
     from ..inference import predict
 
     trained = _classifier(args, 1, "the prediction")
@@ -450,22 +413,4 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(result["image"])
         for entry in result["top"]:
             print(f"  {entry['probability']:7.2%}  {entry['class']}")
-    return 0
-
-
-def _detect(args: argparse.Namespace) -> int:
-    from ..detection.predict import detect_images, load_detector
-
-    trained = load_detector(args.weights, args.model, args.width_mult)
-    min_score = 0.5 if args.min_score is None else args.min_score
-    results = detect_images(trained, args.images, args.draw, min_score)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for result in results:
-        drawn = f"  -> {result['drawn']}" if "drawn" in result else ""
-        print(f"{result['image']}: {len(result['detections'])} objects{drawn}")
-        for d in result["detections"]:
-            box = ", ".join(f"{v:.0f}" for v in d["box"])
-            print(f"  {d['score']:6.2%}  {d['label']:<12} [{box}]")
     return 0

@@ -42,12 +42,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import MobileNetError
 from ..extras import require
-from .datasets import ImageFolder, Split
 from .images import to_rgb
 
 __all__ = ["CLASSES_FILE", "DECODE_ERRORS", "EXTENSIONS", "ShardImages", "ShardList",
-           "ShardStream", "eval_set", "is_shards", "list_shards", "read_index",
-           "shard_splits"]  # fmt: skip
+           "ShardStream", "is_shards", "list_shards", "read_index"]  # fmt: skip
 
 Transform = Callable[[object], torch.Tensor]
 CLASSES_FILE = "classes.json"
@@ -442,37 +440,3 @@ class ShardImages(Dataset):
             raise MobileNetError(f"{path}: image {i} does not decode ({e})") from None
         target = self.targets[i]
         return (self.transform(rgb) if self.transform else rgb), target
-
-
-# --------------------------------------------------------------------------- data sets
-
-
-def eval_set(
-    data: str, transform: Transform | None = None, classes: Sequence[str] | None = None
-) -> ShardImages:
-    """Shards for evaluation (``mobilenet eval --data``, ``--val-data``)."""
-    return ShardImages(list_shards(data), transform, classes)
-
-
-def shard_splits(
-    data: str,
-    val_data: str | None,
-    train_transform: Transform,
-    eval_transform: Transform,
-    seed: int = 0,
-    batch_size: int = 1,
-) -> Split:
-    """Training shards (streamed), with held-out shards or an image folder, or none.
-
-    ``batch_size`` is the global batch: the workers split each process's part in whole
-    batches of ``batch_size // world_size``, so the number of steps is exact.
-    """
-    train = ShardStream(list_shards(data), train_transform, seed=seed, batch_size=batch_size)
-    if val_data is None:
-        return Split(train, None, train.classes)
-    val: Dataset
-    if is_shards(val_data):
-        val = eval_set(val_data, eval_transform, train.classes)
-    else:
-        val = ImageFolder(val_data, eval_transform, classes=train.classes)
-    return Split(train, val, train.classes)

@@ -54,7 +54,8 @@ from .int8 import calibrated_export, observe
 from .int8_check import SLACK, check_int8
 from .onnx import _check, _model_metadata
 from .prepare import integer_activations, prepare_for_inference
-from .pt2 import _first_line, _quiet_torch_logs
+from .pt2 import _quiet_torch_logs
+from .pt2_program import first_line
 
 __all__ = [
     "MAX_BATCH",
@@ -205,7 +206,7 @@ def read_pte(
     except MobileNetError:
         raise
     except Exception as e:  # the runtime raises RuntimeError, ValueError ... on a bad file
-        reason = _first_line(e) + log.quote("ExecuTorch")
+        reason = first_line(e) + log.quote("ExecuTorch")
         raise MobileNetError(f"{what}: not a program ExecuTorch can load ({reason})") from None
     metadata = _parse_metadata(text, what)
     if not sealed:
@@ -220,7 +221,7 @@ def read_pte(
         try:  # not muted: this runs for every batch, and the file has run once already
             return forward.execute([images.contiguous()])[0]
         except RuntimeError as e:  # e.g. "method->execute() failed" on a damaged program
-            raise MobileNetError(f"{what}: ExecuTorch cannot run it ({_first_line(e)})") from None
+            raise MobileNetError(f"{what}: ExecuTorch cannot run it ({first_line(e)})") from None
 
     return run, metadata
 
@@ -292,7 +293,7 @@ def _torch_export(module: nn.Module, resolution: int, name: str) -> torch.export
             warnings.simplefilter("ignore")
             return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types for a model it cannot trace
-        raise MobileNetError(f"torch.export cannot export {name}: {_first_line(e)}") from None
+        raise MobileNetError(f"torch.export cannot export {name}: {first_line(e)}") from None
 
 
 def _lower(program: torch.export.ExportedProgram, meta: dict[str, str], name: str) -> bytes:
@@ -310,7 +311,7 @@ def _lower(program: torch.export.ExportedProgram, meta: dict[str, str], name: st
             )
             return bytes(edge.to_executorch().buffer)
     except Exception as e:  # ExecuTorch raises many types for a graph it cannot lower
-        raise MobileNetError(f"ExecuTorch cannot lower {name}: {_first_line(e)}") from None
+        raise MobileNetError(f"ExecuTorch cannot lower {name}: {first_line(e)}") from None
 
 
 def _run(method: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> np.ndarray:

@@ -327,8 +327,7 @@ FORMAT = "mobilenet-int8"
 
 
 def save_int8(model: Int8Model, path: str | Path, classes: list[str], resolution: int) -> Path:
-    """Write an int8 model as safetensors (integer values, scales, zero points), sealed
-    with the file's digest; atomically."""
+    """Write an int8 model as sealed safetensors (integer values, scales, zero points)."""
     from ..weights import sealed_safetensors
 
     tensors: dict[str, torch.Tensor] = {}

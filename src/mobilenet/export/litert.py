@@ -64,7 +64,8 @@ from .int8 import calibrated_export, observe
 from .int8_check import check_int8
 from .onnx import _check, _model_metadata
 from .prepare import integer_activations, prepare_for_inference
-from .pt2 import _first_line, _quiet_torch_logs
+from .pt2 import _quiet_torch_logs
+from .pt2_program import first_line
 
 __all__ = [
     "LAYOUT",
@@ -200,7 +201,7 @@ def read_tflite(
             # Tensor names are decoded here: a damaged one is a UnicodeDecodeError.
             inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     except Exception as e:  # ValueError, RuntimeError on a damaged file
-        reason = _first_line(e) + log.quote("LiteRT")
+        reason = first_line(e) + log.quote("LiteRT")
         raise MobileNetError(f"{what}: not a model LiteRT can load ({reason})") from None
     metadata = _read_metadata(data, what)
     if not sealed:
@@ -239,7 +240,7 @@ def _runner(interpreter: Any, image: dict, logits: dict, what: str, fixed: bool)
             interpreter.set_tensor(image["index"], _quantize(x, image))
             interpreter.invoke()
         except (RuntimeError, ValueError) as e:
-            raise MobileNetError(f"{what}: LiteRT cannot run it ({_first_line(e)})") from None
+            raise MobileNetError(f"{what}: LiteRT cannot run it ({first_line(e)})") from None
         return torch.from_numpy(_dequantize(interpreter.get_tensor(logits["index"]), logits))
 
     return run
@@ -333,7 +334,7 @@ def _capture(module: nn.Module, resolution: int, name: str) -> torch.fx.GraphMod
     try:
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types for a model it cannot trace
-        raise MobileNetError(f"torch.export cannot export {name}: {_first_line(e)}") from None
+        raise MobileNetError(f"torch.export cannot export {name}: {first_line(e)}") from None
     return program.module()
 
 
@@ -347,7 +348,7 @@ def _convert(
         with _quiet_conversion():
             return bytes(litert_torch.convert(module, example, quant_config=config).model_content())
     except Exception as e:  # the converter raises many types for a graph it cannot lower
-        raise MobileNetError(f"litert-torch cannot convert {name}: {_first_line(e)}") from None
+        raise MobileNetError(f"litert-torch cannot convert {name}: {first_line(e)}") from None
 
 
 def _check_int8(run: Runner, model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:

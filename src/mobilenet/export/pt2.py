@@ -37,12 +37,10 @@ one line.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import hashlib
 import io
 import json
-import keyword
 import logging
 import re
 import struct
@@ -51,7 +49,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,6 +59,7 @@ from ..fileio import read_bytes, write_bytes
 from ..integrity import DIGEST_KEY
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
+from .pt2_program import check_program, first_line, is_path
 
 __all__ = ["META_FILE", "export_pt2", "read_pt2", "records_digest"]
 
@@ -83,41 +82,6 @@ _REQUIRED = (
     "data/weights/model_weights_config.json",
     "data/constants/model_constants_config.json",
 )
-_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
-# Characters Python's tokenizer takes as a line end (besides \n) and other controls.
-_BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
-
-# Names torch.fx writes into generated code: not keywords, not builtins, not the globals of
-# that code (torch.fx's own rule for the names it makes), not the method's ``self``.
-_RESERVED = frozenset(
-    {*keyword.kwlist, *dir(builtins), "self", "inf", "nan", "NoneType", "torch", "device",
-     "fx_pytree", "pytree"}
-)  # fmt: skip
-_NAME_MAX = 200  # characters of one name; torch's longest are parameter paths made flat
-_PATH_MAX = 1000
-_SYMBOL = re.compile(r"[a-z]\d{1,9}")  # s77: torch's names of shape symbols
-# Argument kinds that hold no name (constants); tensors and symbols are checked by name, and
-# the rest (graphs of higher-order operators, custom objects, operators as values, dicts of
-# arguments) our export never writes.
-_CONSTANT_ARGUMENTS = frozenset(
-    {"as_none", "as_int", "as_ints", "as_float", "as_floats", "as_string", "as_strings",
-     "as_scalar_type", "as_memory_format", "as_layout", "as_device", "as_bool", "as_bools",
-     "as_complex", "as_int_lists", "as_float_lists"}
-)  # fmt: skip
-_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
-
-# Shape expressions as torch.export.save writes them (sympy's srepr): calls of these
-# functions on symbols and integers, e.g. Symbol('s77', positive=True, integer=True).
-_EXPR_TOKEN = re.compile(
-    r"\s*(?:(?P<name>[A-Za-z_]\w*)|(?P<int>\d+)|'(?P<str>[^']*)'|(?P<op>[(),=-]))"
-)
-_EXPR_FUNCTIONS = frozenset(
-    {"Add", "Mul", "FloorDiv", "CeilDiv", "CleanDiv", "Mod", "PythonMod", "Max", "Min"}
-)
-_EXPR_FLAGS = frozenset({"positive", "nonnegative", "integer"})
-_EXPR_MAX_LENGTH = 1000
-_EXPR_MAX_DEPTH = 16
-_EXPR_MAX_INT = 2**31
 
 
 def export_pt2(
@@ -140,7 +104,7 @@ def export_pt2(
             warnings.simplefilter("ignore")
             program = torch.export.export(prepared, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types for a model it cannot trace
-        raise MobileNetError(f"torch.export cannot export {name}: {_first_line(e)}") from None
+        raise MobileNetError(f"torch.export cannot export {name}: {first_line(e)}") from None
     meta = {**_model_metadata(model, resolution), **(metadata or {}), "format": FORMAT}
     meta[DIGEST_KEY] = "0" * 64  # the digest's length: filled in without moving a byte
     buffer = io.BytesIO()
@@ -164,7 +128,7 @@ def read_pt2(source: str | Path | bytes, name: str = "") -> tuple[nn.Module, dic
             program = torch.export.load(io.BytesIO(data))
             module = program.module(check_guards=False)  # guards are code from the file
     except Exception as e:  # torch raises many types for a damaged program
-        message = f"{what}: not a program torch.export can load ({_first_line(e)})"
+        message = f"{what}: not a program torch.export can load ({first_line(e)})"
         raise MobileNetError(message) from None
     return module, metadata
 
@@ -248,7 +212,7 @@ def _inspect(data: bytes, what: str) -> dict[str, str]:
             reader = PT2ArchiveReader(io.BytesIO(data))
             listed = reader.get_file_names()
     except Exception as e:  # RuntimeError, AssertionError ...
-        raise MobileNetError(f"{what}: not a .pt2 archive ({_first_line(e)})") from None
+        raise MobileNetError(f"{what}: not a .pt2 archive ({first_line(e)})") from None
     records = set(listed)
     if len(listed) != len(records) or records != names:  # the bytes checked, torch loads
         raise MobileNetError(f"{what}: not a .pt2 archive (its records read two ways)")
@@ -268,20 +232,20 @@ def _inspect(data: bytes, what: str) -> dict[str, str]:
             for path, entry in config["config"].items():
                 if entry["use_pickle"] or not re.fullmatch(rf"{prefix}\d+", entry["path_name"]):
                     raise MobileNetError(f"{what}: holds pickled {kind}; only tensors load")
-                if not _is_path(path):
+                if not is_path(path):
                     raise MobileNetError(f"{what}: its program names {kind} {path[:80]!r}")
         graph = json.loads(contents["models/model.json"])
     except MobileNetError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise MobileNetError(f"{what}: damaged .pt2 archive ({_first_line(e)})") from None
+        raise MobileNetError(f"{what}: damaged .pt2 archive ({first_line(e)})") from None
     sample = contents["data/sample_inputs/model.pt"]
     if sample:
         try:  # else torch retries with weights_only=False
             torch.load(io.BytesIO(sample), weights_only=True)
         except Exception as e:  # torch raises many types for a bad or unsafe pickle
             raise MobileNetError(f"{what}: sample inputs are not plain tensors ({e})") from None
-    _check_graph(graph, what)
+    check_program(graph, what)
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise MobileNetError(f"{what}: not a .pt2 file written by mobilenet export")
     if not all(isinstance(v, str) for v in metadata.values()):
@@ -305,7 +269,7 @@ def _check_archive(data: bytes, what: str) -> set[str]:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
     except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError ...
-        raise MobileNetError(f"{what}: not a .pt2 archive ({_first_line(e)})") from None
+        raise MobileNetError(f"{what}: not a .pt2 archive ({first_line(e)})") from None
     if "version" in names:  # the pre-2.8 layout, whose loader falls back to unpickling
         raise MobileNetError(f"{what}: an old torch.export archive; export it again")
     folders = {n.split("/", 1)[0] for n in names}
@@ -324,7 +288,7 @@ def _check_archive(data: bytes, what: str) -> set[str]:
                 while record.read(1 << 20):
                     pass
         except Exception as e:  # zipfile.BadZipFile (CRC, header), EOFError ...
-            raise CheckpointError(f"{what}: damaged: record {name!r} ({_first_line(e)})") from None
+            raise CheckpointError(f"{what}: damaged: record {name!r} ({first_line(e)})") from None
     return seen
 
 
@@ -363,7 +327,7 @@ def _check_shapes(metadata: Mapping[str, str], graph: Any, what: str) -> None:
         image = shape("user_input", signature["input_specs"])
         logits = shape("user_output", signature["output_specs"])
     except (KeyError, TypeError, AttributeError) as e:
-        raise MobileNetError(f"{what}: damaged .pt2 archive ({_first_line(e)})") from None
+        raise MobileNetError(f"{what}: damaged .pt2 archive ({first_line(e)})") from None
     if image is None or len(image) != 4 or image[1] != 3 or None in image[2:]:
         raise MobileNetError(f"{what}: its program does not take (batch, 3, H, W) images")
     if "resolution" in metadata:
@@ -395,258 +359,6 @@ def _check_shapes(metadata: Mapping[str, str], graph: Any, what: str) -> None:
             )
 
 
-def _check_graph(graph: Any, what: str) -> None:
-    """Only ATen operators as node targets, only expressions of our grammar as shapes, no
-    line-ending control characters in any string, no guard code, and only plain names
-    wherever torch makes a Python identifier of one."""
-
-    def walk(value: Any, key: str | None) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(k, None)
-                walk(v, k)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str):
-            if _BAD_CHARS.search(value):
-                raise MobileNetError(f"{what}: control characters in its program")
-            if key == "target" and not _TARGET.fullmatch(value):
-                raise MobileNetError(f"{what}: calls {value[:80]!r}; only ATen operators load")
-            if key == "expr_str" and not _safe_expression(value):
-                raise MobileNetError(f"{what}: unexpected shape expression {value[:80]!r}")
-
-    try:
-        walk(graph, None)
-        if graph.get("guards_code"):
-            raise MobileNetError(f"{what}: holds guard code; only programs without load")
-        _check_names(graph, what)
-    except MobileNetError:
-        raise
-    except RecursionError:
-        raise MobileNetError(f"{what}: damaged .pt2 archive (nested too deeply)") from None
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise MobileNetError(f"{what}: damaged .pt2 archive ({_first_line(e)})") from None
-
-
-def _check_names(program: dict[str, Any], what: str) -> None:
-    """Every name of the serialised program (``torch/_export/serde/schema.py``) that torch
-    turns into a Python identifier, by where the schema keeps it: a plain identifier (see
-    :func:`_is_value_name`); parameter, buffer and module paths dotted identifiers."""
-
-    def refuse(kind: str, name: object) -> NoReturn:
-        text = name[:80] if isinstance(name, str) else name
-        raise MobileNetError(f"{what}: its program names {kind} {text!r}; only plain names load")
-
-    def value(name: object) -> None:
-        if not _is_value_name(name):
-            refuse("a value", name)
-
-    def tensor(arg: dict[str, Any]) -> None:  # TensorArgument, TokenArgument
-        if set(arg) != {"name"}:
-            refuse("an argument of fields", sorted(arg))
-        value(arg["name"])
-
-    def symbol(arg: dict[str, Any]) -> None:  # SymIntArgument and its float, bool kinds
-        ((kind, v),) = arg.items()
-        if kind == "as_name":
-            value(v)
-        elif kind not in ("as_int", "as_float", "as_bool"):
-            refuse("a symbol of kind", kind)
-
-    def optional(arg: dict[str, Any]) -> None:  # OptionalTensorArgument
-        ((kind, v),) = arg.items()
-        if kind == "as_tensor":
-            tensor(v)
-        elif kind != "as_none":
-            refuse("an optional tensor of kind", kind)
-
-    def argument(arg: dict[str, Any]) -> None:  # the Argument union: one kind, one value
-        ((kind, v),) = arg.items()
-        if kind in _CONSTANT_ARGUMENTS:
-            return
-        one = {"as_tensor": tensor, "as_optional_tensor": optional}
-        many = {"as_tensors": tensor, "as_optional_tensors": optional}
-        many |= dict.fromkeys(("as_sym_ints", "as_sym_floats", "as_sym_bools"), symbol)
-        if kind in one:
-            one[kind](v)
-        elif kind in ("as_sym_int", "as_sym_float", "as_sym_bool"):
-            symbol(v)
-        elif kind in many:
-            for item in v:
-                many[kind](item)
-        elif kind == "as_nested_tensors":
-            for items in v:
-                for item in items:
-                    tensor(item)
-        else:
-            refuse("an argument of kind", kind)
-
-    module = program["graph_module"]
-    graph = module["graph"]
-    for arg in [*graph["inputs"], *graph["outputs"]]:
-        argument(arg)
-    for node in graph["nodes"]:
-        if node.get("name") is not None:
-            value(node["name"])
-        for named in node["inputs"]:
-            if not _is_identifier(named["name"]):  # the operator's schema's (``input``)
-                refuse("an argument", named["name"])
-            argument(named["arg"])
-        for arg in node["outputs"]:
-            argument(arg)
-    for table in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"):
-        for name in graph.get(table, {}):
-            value(name)
-    if graph.get("custom_obj_values"):
-        refuse("custom objects", sorted(graph["custom_obj_values"])[0])
-    signature = module["signature"]
-    for spec in [*signature["input_specs"], *signature["output_specs"]]:
-        ((kind, fields),) = spec.items()
-        if kind == "custom_obj":
-            refuse("a custom object", fields.get("custom_obj_name"))
-        for key, v in fields.items():
-            if key == "arg":
-                if "name" in v:  # a TensorArgument, else an Argument (user inputs, outputs)
-                    tensor(v)
-                else:
-                    argument(v)
-            elif key in ("parameter_name", "buffer_name", "tensor_constant_name"):
-                if not _is_path(v):
-                    refuse("a parameter", v)
-            elif key in ("name", "user_input_name"):
-                value(v)
-    for entry in module["module_call_graph"]:
-        if entry["fqn"] and not _is_path(entry["fqn"]):
-            refuse("a module", entry["fqn"])
-        call = entry.get("signature")
-        if call:
-            for arg in [*call["inputs"], *call["outputs"]]:
-                argument(arg)
-            for name in call.get("forward_arg_names") or []:
-                value(name)
-            for spec in (call["in_spec"], call["out_spec"]):
-                _check_treespec(json.loads(spec)[1], refuse, depth=0)
-    if module.get("treespec_namedtuple_fields"):
-        refuse("named tuples", sorted(module["treespec_namedtuple_fields"])[0])
-    for name in program["range_constraints"]:
-        if not _SYMBOL.fullmatch(name):
-            refuse("a symbol", name)
-
-
-def _check_treespec(spec: dict[str, Any], refuse, depth: int) -> None:
-    """A pytree spec of ``forward``'s arguments or results: tuples, lists and dicts whose
-    keys (which name ``forward``'s keyword arguments) are plain names."""
-    if depth > 8 or spec["type"] not in _TREESPEC_TYPES:
-        refuse("a structure", spec["type"])
-    if spec["type"] == "builtins.dict":
-        for key in json.loads(spec["context"]):
-            if not _is_value_name(key):
-                refuse("a keyword argument", key)
-    for child in spec["children_spec"]:
-        _check_treespec(child, refuse, depth + 1)
-
-
-def _is_identifier(name: object) -> bool:
-    return (
-        isinstance(name, str) and 0 < len(name) <= _NAME_MAX and name.isascii()
-        and name.isidentifier()
-    )  # fmt: skip
-
-
-def _is_value_name(name: object) -> bool:
-    """Whether ``name`` can be a variable of the code torch.fx generates: an ASCII
-    identifier that is no keyword, builtin, global of that code, or dunder."""
-    return (
-        _is_identifier(name) and name not in _RESERVED
-        and not (name.startswith("__") and name.endswith("__"))  # type: ignore[union-attr]
-    )  # fmt: skip
-
-
-def _is_path(path: object) -> bool:
-    """Whether ``path`` is a module attribute's path (``features.0.conv.weight``): names
-    and indices, which torch.fx writes as ``self.features`` and ``getattr(.., "0")``."""
-    if not isinstance(path, str) or not 0 < len(path) <= _PATH_MAX:
-        return False
-    return all(
-        (part.isascii() and part.isdecimal())
-        or (_is_identifier(part) and not keyword.iskeyword(part) and not part.startswith("__"))
-        for part in path.split(".")
-    )
-
-
-def _safe_expression(text: str) -> bool:
-    """Whether ``text`` is a shape expression of our grammar, which follows what
-    ``torch.export.save`` writes (sympy's ``srepr``)::
-
-        expr := "Symbol(" 'NAME' ("," FLAG "=" ("True" | "False"))* ")"
-              | "Integer(" ["-"] DIGITS ")"
-              | FUNCTION "(" expr ("," expr)* ")"
-
-    NAME like ``s77``, FLAG one of :data:`_EXPR_FLAGS`, FUNCTION one of
-    :data:`_EXPR_FUNCTIONS`, integers at most 2**31, nesting and length bounded. No power,
-    no operator: what it accepts ``sympify`` evaluates at once."""
-    if len(text) > _EXPR_MAX_LENGTH:
-        return False
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(text):
-        match = _EXPR_TOKEN.match(text, pos)
-        if match is None:
-            return False
-        kind = match.lastgroup
-        tokens.append((kind, match.group(kind)))  # type: ignore[arg-type]
-        pos = match.end()
-    tokens.append(("end", ""))
-    at = 0
-
-    def take(kind: str, *values: str) -> str:
-        nonlocal at
-        got_kind, got = tokens[at]
-        if got_kind != kind or (values and got not in values):
-            raise ValueError(got)
-        at += 1
-        return got
-
-    def peek(value: str) -> bool:
-        return tokens[at] == ("op", value)
-
-    def expr(depth: int) -> None:
-        if depth > _EXPR_MAX_DEPTH:
-            raise ValueError("too deep")
-        function = take("name")
-        take("op", "(")
-        if function == "Symbol":
-            if not _SYMBOL.fullmatch(take("str")):
-                raise ValueError("symbol")
-            while peek(","):
-                take("op", ",")
-                take("name", *_EXPR_FLAGS)
-                take("op", "=")
-                take("name", "True", "False")
-        elif function == "Integer":
-            if peek("-"):
-                take("op", "-")
-            digits = take("int")
-            if len(digits) > 10 or int(digits) > _EXPR_MAX_INT:
-                raise ValueError(digits)
-        elif function in _EXPR_FUNCTIONS:
-            expr(depth + 1)
-            while peek(","):
-                take("op", ",")
-                expr(depth + 1)
-        else:
-            raise ValueError(function)
-        take("op", ")")
-
-    try:
-        expr(0)
-        take("end")
-    except ValueError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _quiet_torch_logs() -> Iterator[None]:
     """Keep torch.export's logged warnings (with tracebacks) off stderr: a refusal is
@@ -660,8 +372,3 @@ def _quiet_torch_logs() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, saved, strict=True):
             lg.setLevel(level)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

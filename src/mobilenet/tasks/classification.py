@@ -208,7 +208,8 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _datasets(cfg: TrainConfig, model: MobileNet, preprocess: Preprocess) -> Split:
-    from ..data.shards import eval_set, is_shards, shard_splits
+    from ..data.shard_sets import eval_set, shard_splits
+    from ..data.shards import is_shards
 
     # Transforms follow from the model's own evaluation config (mean, std, crop ratio).
     res, aug = cfg.recipe.resolution, cfg.recipe.augment
