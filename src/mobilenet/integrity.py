@@ -23,7 +23,15 @@ import warnings
 
 from .errors import CheckpointError
 
-__all__ = ["DIGEST_KEY", "PLACEHOLDER", "check_seal", "reseal", "seal", "sealed_metadata"]
+__all__ = [
+    "DIGEST_KEY",
+    "PLACEHOLDER",
+    "check_seal",
+    "note_unsealed",
+    "reseal",
+    "seal",
+    "sealed_metadata",
+]
 
 DIGEST_KEY = "digest"
 MARKER = "mobilenet-sha256:"
@@ -56,16 +64,24 @@ def reseal(data: bytes) -> bytes:
     return seal(data[:start] + b"0" * 64 + data[start + 64 :])
 
 
-def check_seal(data: bytes, what: str) -> bool:
-    """Whether ``data`` carries a seal (True) or none (False, with a one-line note); a seal
-    that does not match the bytes is a :class:`CheckpointError` naming ``what``."""
+def note_unsealed(what: str) -> None:
+    """The one-line note for a file that carries no digest."""
+    warnings.warn(
+        f"{what} carries no digest (written by an older version, or not by mobilenet): "
+        "it cannot be checked for damage",
+        stacklevel=3,
+    )
+
+
+def check_seal(data: bytes, what: str, note: bool = True) -> bool:
+    """Whether ``data`` carries a seal (True) or none (False, with the note of
+    :func:`note_unsealed` unless ``note`` is False: a reader that may still refuse the file
+    gives it once the file has loaded); a seal that does not match the bytes is a
+    :class:`CheckpointError` naming ``what``."""
     found = list(_SEAL.finditer(data))
     if not found:
-        warnings.warn(
-            f"{what} carries no digest (written by an older version, or not by "
-            "mobilenet): it cannot be checked for damage",
-            stacklevel=2,
-        )
+        if note:
+            note_unsealed(what)
         return False
     if len(found) > 1:
         raise CheckpointError(f"{what}: damaged (more than one digest)")

@@ -48,7 +48,7 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
-from ..integrity import MARKER, check_seal, seal, sealed_metadata
+from ..integrity import check_seal, note_unsealed, seal, sealed_metadata
 from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
 from .int8 import calibrated_export, observe
 from .int8_check import SLACK, check_int8
@@ -189,9 +189,7 @@ def read_pte(
     data = read_bytes(source, what)
     if data[4:6] != b"ET":  # the flatbuffer's file identifier, ET and a version: no child
         raise MobileNetError(f"{what}: not a program ExecuTorch can load (not a .pte file)")
-    sealed = MARKER.encode() in data
-    if sealed:
-        check_seal(data, what)
+    sealed = check_seal(data, what, note=False)  # its note once the file has loaded
     if verify:
         verify_in_child(data, what, "executorch")
     log = NativeLog()
@@ -209,8 +207,8 @@ def read_pte(
         reason = first_line(e) + log.quote("ExecuTorch")
         raise MobileNetError(f"{what}: not a program ExecuTorch can load ({reason})") from None
     metadata = _parse_metadata(text, what)
-    if not sealed:
-        check_seal(data, what)  # its note, for a file that loads: a refusal says enough
+    if not sealed:  # a refused file gets one line, not two
+        note_unsealed(what)
     max_batch = int(metadata["max_batch"])
 
     def run(images: torch.Tensor, _keep: tuple = (program, data)) -> torch.Tensor:

@@ -57,7 +57,7 @@ from torch import nn
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
-from ..integrity import MARKER, check_seal, seal, sealed_metadata
+from ..integrity import check_seal, note_unsealed, seal, sealed_metadata
 from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
 from .executorch import INT8_SLACK, _name
 from .int8 import calibrated_export, observe
@@ -187,9 +187,7 @@ def read_tflite(
     data = read_bytes(source, what)
     if data[4:8] != b"TFL3":  # the flatbuffer's file identifier
         raise MobileNetError(f"{what}: not a .tflite file")
-    sealed = MARKER.encode() in data
-    if sealed:
-        check_seal(data, what)
+    sealed = check_seal(data, what, note=False)  # its note once the file has loaded
     if verify:
         verify_in_child(data, what, "litert")
     log = NativeLog()
@@ -204,8 +202,8 @@ def read_tflite(
         reason = first_line(e) + log.quote("LiteRT")
         raise MobileNetError(f"{what}: not a model LiteRT can load ({reason})") from None
     metadata = _read_metadata(data, what)
-    if not sealed:
-        check_seal(data, what)  # its note, for a file that loads: a refusal says enough
+    if not sealed:  # a refused file gets one line, not two
+        note_unsealed(what)
     resolution = int(metadata["resolution"])
     shapes = [[int(n) for n in d["shape"][1:]] for d in inputs]
     if len(outputs) != 1 or shapes != [[3, resolution, resolution]]:

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import read_bytes, write_bytes
-from ..integrity import DIGEST_KEY
+from ..integrity import DIGEST_KEY, note_unsealed
 from .onnx import _check, _model_metadata
 from .prepare import prepare_for_inference
 from .pt2_program import check_program, first_line, is_path
@@ -254,11 +254,7 @@ def _inspect(data: bytes, what: str) -> dict[str, str]:
     sealed = _check_digest(metadata, contents, what)
     _check_shapes(metadata, graph, what)
     if not sealed:  # after every refusal: a refused file gets one line, not two
-        warnings.warn(
-            f"{what} carries no digest (written by an older version, or not by mobilenet): "
-            "it cannot be checked for damage",
-            stacklevel=3,
-        )
+        note_unsealed(what)
     return metadata
 
 
