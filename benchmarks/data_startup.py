@@ -161,7 +161,7 @@ def measure(root: Path, mode: str, processes: int, home: Path) -> dict:
 
 
 def run(sizes: list[int], before_up_to: int, workdir: str | None) -> dict:
-    from mobilenet.bench import machine
+    from mobilenet.machine import machine
 
     idle = cpu_times()
     time.sleep(2)

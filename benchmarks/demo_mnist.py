@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import machine
-from mobilenet.tasks.classification import TrainConfig, train
+from mobilenet.classification.task import TrainConfig, train
+from mobilenet.machine import machine
 from mobilenet.train import get_recipe
 
 

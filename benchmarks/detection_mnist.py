@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import machine
 from mobilenet.detection.builtin import dataset_root
 from mobilenet.detection.data import CocoDetection, eval_transform
 from mobilenet.detection.evaluate import evaluate_detector
 from mobilenet.detection.predict import load_detector
-from mobilenet.tasks.detection import DetectTrainConfig, train_detector
+from mobilenet.detection.task import DetectTrainConfig, train_detector
+from mobilenet.machine import machine
 
 
 def main() -> None:

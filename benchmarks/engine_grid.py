@@ -25,9 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mobilenet.bench import BUSY_WARNING, cpu, machine
-from mobilenet.engines import fastest, recorded_medians
+from mobilenet.bench import BUSY_WARNING
 from mobilenet.extras import available
+from mobilenet.formats.records import fastest, recorded_medians
+from mobilenet.machine import cpu, machine
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 ENGINES = (

@@ -200,8 +200,7 @@ def scores(stdout: str) -> list:
 
 
 def main() -> None:
-    from mobilenet.bench import cpu
-    from mobilenet.machine import load_snapshot, others_since
+    from mobilenet.machine import cpu, load_snapshot, others_since
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=40, help="changed files per format and kind")

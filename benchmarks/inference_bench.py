@@ -20,11 +20,10 @@ from mobilenet.bench import (
     BUSY_WARNING,
     ENGINES,
     BenchConfig,
-    cpu,
     format_table,
-    machine,
     run_bench,
 )
+from mobilenet.machine import cpu, machine
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import machine
+from mobilenet.machine import machine
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 METHODS = {

@@ -27,9 +27,8 @@ from unittest import mock
 import torch
 
 from mobilenet import create_model
-from mobilenet.bench import cpu, machine
 from mobilenet.export import litert
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.machine import cpu, load_snapshot, machine, others_since
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 FILES = ("fp32", "int8 float h-swish", "int8")

@@ -129,8 +129,7 @@ def cold_predict(path: Path, image: Path, env: dict[str, str]) -> tuple[float, f
 
 
 def main() -> None:
-    from mobilenet.bench import cpu
-    from mobilenet.machine import load_snapshot, others_since
+    from mobilenet.machine import cpu, load_snapshot, others_since
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from mobilenet import create_model
-from mobilenet.bench import machine
 from mobilenet.export import prepare_for_inference
 from mobilenet.fileio import atomic_write
+from mobilenet.machine import machine
 from mobilenet.memory import memory_efficient, memory_report
 
 HERE = Path(__file__).parent

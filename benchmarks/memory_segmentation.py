@@ -49,9 +49,9 @@ import torch
 from torch import nn
 
 from mobilenet import create_model
-from mobilenet.bench import cpu
 from mobilenet.export import prepare_for_inference
 from mobilenet.fileio import atomic_write
+from mobilenet.machine import cpu
 from mobilenet.memory import compare_forwards, format_report, memory_report
 
 HERE = Path(__file__).parent

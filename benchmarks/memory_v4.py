@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import machine
 from mobilenet.fileio import atomic_write
+from mobilenet.machine import machine
 from mobilenet.memory import memory_report
 
 HERE = Path(__file__).parent

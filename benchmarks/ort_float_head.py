@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilenet.bench import cpu, machine
-from mobilenet.bench_engines import ort_session, timing_model
+from mobilenet.bench import timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.quantize import float_modules, quantize_file
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.formats.onnx import ort_session
+from mobilenet.machine import cpu, load_snapshot, machine, others_since
 
 MODELS = (
     "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3_large_minimal",

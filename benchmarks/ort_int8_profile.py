@@ -3,7 +3,7 @@
 The deploy issue asks for V3-Large int8 at <= 0.6x its float32 time (batch 1, 1 thread).
 This script says how far the int8 graph's parts are from that: it exports the model
 (random weights, BatchNorm statistics measured on random images as ``mobilenet bench``
-times it: ``bench_engines.timing_model``), quantizes it as ``mobilenet quantize --format
+times it: ``bench.timing_model``), quantizes it as ``mobilenet quantize --format
 onnx`` does (integer h-swish, its shift folded into a Clip of integers, padded depthwise
 channels, V3's stem and first block in float32, or every operator in int8 with
 ``--integer-only``; calibrated on 8 random images), and runs both files with ONNX
@@ -37,11 +37,10 @@ import numpy as np
 import torch
 from ort_float_head import timed  # one interleaved timing loop for both scripts
 
-from mobilenet.bench import cpu, machine
-from mobilenet.bench_engines import timing_model
+from mobilenet.bench import timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.quantize import float_modules, quantize_file
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.machine import cpu, load_snapshot, machine, others_since
 
 CONVS = {"Conv", "QLinearConv", "FusedConv"}
 

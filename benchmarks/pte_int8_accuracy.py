@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import cpu, machine
+from mobilenet.machine import cpu, machine
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 TARGET_DROP = {"mobilenet_v2": 0.5, "mobilenet_v3_large": 1.0, "mobilenet_v3_small": 1.0}
@@ -52,9 +52,9 @@ def float_operators(weights: Path) -> dict[str, int]:
     depend on the calibration images)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    from mobilenet.classification.predict import load_trained
     from mobilenet.export.executorch import xnnpack_quantizer
     from mobilenet.export.prepare import prepare_for_inference
-    from mobilenet.inference import load_trained
 
     trained = load_trained(str(weights))
     model = prepare_for_inference(trained.model.eval(), channels_last=False)

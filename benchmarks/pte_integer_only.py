@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 
 from mobilenet import create_model
-from mobilenet.bench import cpu, machine
 from mobilenet.export.executorch import export_pte, export_pte_int8, read_pte, set_pte_threads
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.machine import cpu, load_snapshot, machine, others_since
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pte_int8_accuracy import mobilenet, top1

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from mobilenet import create_model
-from mobilenet.bench import cpu
 from mobilenet.export import prepare_for_inference
 from mobilenet.export.executorch import export_pte, read_pte, set_pte_threads
+from mobilenet.machine import cpu
 from mobilenet.train.cpu import keep_freed_memory
 
 

@@ -2,7 +2,7 @@
 MobileNetV3-Small trained from scratch on mnist-seg, within 15 minutes on 2 CPU cores.
 
 Runs exactly the command recorded (``mobilenet train`` with the segmentation task's
-defaults: 128x128 crops, AdamW, cosine decay; see :mod:`mobilenet.tasks.segmentation`),
+defaults: 128x128 crops, AdamW, cosine decay; see :mod:`mobilenet.segmentation.task`),
 then ``mobilenet eval --json`` on the 500 held-out images, and records the command, the
 CPU, the wall time of training, mIoU, per-class IoU, pixel accuracy, the per-epoch
 history, and how busy the machine was (``uptime`` before and after, and the cores other
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.bench import machine
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.machine import load_snapshot, machine, others_since
 from mobilenet.segmentation.builtin import dataset_root
 
 

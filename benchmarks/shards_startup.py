@@ -146,8 +146,8 @@ def main() -> None:
 
     import warnings
 
-    from mobilenet.bench import machine
     from mobilenet.data.shard_writer import write_shards
+    from mobilenet.machine import machine
 
     before = cpu_times()
     time.sleep(1)

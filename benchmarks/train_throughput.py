@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from mobilenet.bench import machine
+from mobilenet.machine import machine
 
 VARIANTS = {
     # name: (library, channels_last, keep freed memory)

@@ -18,11 +18,10 @@ from mobilenet.bench import (
     ENGINES,
     BenchConfig,
     check_engines,
-    cpu,
     format_table,
-    machine,
     run_bench,
 )
+from mobilenet.machine import cpu, machine
 
 HERE = Path(__file__).parent
 

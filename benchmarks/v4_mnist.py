@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mobilenet.bench import machine
-from mobilenet.machine import load_snapshot, others_since
+from mobilenet.machine import load_snapshot, machine, others_since
 
 MOBILENET = str(Path(sys.executable).with_name("mobilenet"))
 

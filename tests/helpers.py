@@ -165,7 +165,7 @@ def kill_mid_epoch(args: list[str], out: Path) -> int:
 
 def digits_config(out: Path, epochs: int, workers: int = 0):
     """A quick classification run on the built-in digits at 32x32, batch 64."""
-    from mobilenet.tasks.classification import TrainConfig
+    from mobilenet.classification.task import TrainConfig
     from mobilenet.train import get_recipe
 
     recipe = get_recipe("demo", epochs=epochs, batch_size=64, resolution=32)
@@ -174,7 +174,7 @@ def digits_config(out: Path, epochs: int, workers: int = 0):
 
 def poison_losses(monkeypatch, after: int = 0) -> None:
     """Make classification losses NaN after ``after`` batches."""
-    import mobilenet.tasks.classification as task
+    import mobilenet.classification.task as task
 
     real, calls = task.F.cross_entropy, {"n": 0}
 

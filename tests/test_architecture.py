@@ -1,5 +1,5 @@
-"""The shape of the package: no import circles, a light ``import mobilenet``, short
-modules and functions."""
+"""The shape of the package: layers that import only downwards, no import circles, no
+private name imported from another module, a light ``import mobilenet``, short functions."""
 
 import ast
 import subprocess
@@ -9,8 +9,19 @@ from pathlib import Path
 import mobilenet
 
 PACKAGE = Path(mobilenet.__file__).parent
-MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
+# The layers, lowest first: a module imports its own layer's and lower layers' modules
+# only. A name stands for the module or package of that name and everything under it.
+LAYERS = (
+    ("base", ("errors", "fileio", "integrity", "paths", "machine", "extras", "native")),
+    ("weights, data", ("weights", "data")),
+    ("nn", ("layers", "blocks", "models", "cost", "limits")),
+    ("card, formats", ("card", "deployed", "export", "formats")),
+    ("train", ("train",)),
+    ("tasks", ("classification", "detection", "segmentation")),
+    ("bench, memory, experiments", ("bench", "memory", "experiments")),
+    ("cli", ("cli", "__main__")),
+)
 
 
 def _module_name(path: Path) -> str:
@@ -102,7 +113,7 @@ def test_weights_know_no_task_and_no_model():
 def test_import_mobilenet_is_light():
     code = (
         "import sys, mobilenet\n"
-        "heavy = ('mobilenet.detection', 'mobilenet.segmentation', 'mobilenet.tasks', "
+        "heavy = ('mobilenet.detection', 'mobilenet.segmentation', 'mobilenet.classification', "
         "'mobilenet.cli', 'onnx', 'onnxruntime', 'pycocotools', 'skimage', 'sklearn', "
         "'mlxtend')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
@@ -120,16 +131,86 @@ def test_detectors_register_on_first_use():
     assert "ssdlite_mobilenet_v3_small" not in list_models()  # classifiers by default
 
 
-def test_modules_and_functions_are_short():
-    long_modules, long_functions = [], []
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of a module of the package (None: the package itself)."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return None
+    found = [i for i, (_, names) in enumerate(LAYERS) if parts[0] in names]
+    assert len(found) == 1, f"{module} belongs to {len(found)} layers: place it in LAYERS"
+    return found[0]
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    climbs = []
+    for module, imported in sorted(import_graph().items()):
+        here = layer_of(module)
+        for target in sorted(imported):
+            there = layer_of(target)
+            if here is not None and there is not None and there > here:
+                climbs.append(f"{module} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
+    assert not climbs, "imports up the layers:\n" + "\n".join(climbs)
+
+
+def test_the_layer_check_sees_a_climb():
+    assert layer_of("mobilenet.weights.io") < layer_of("mobilenet.card") < layer_of("mobilenet.cli")
+    assert layer_of("mobilenet.formats.onnx") == layer_of("mobilenet.export.onnx")
+
+
+def test_functions_are_short():
+    long_functions = []
     for path in PACKAGE.rglob("*.py"):
-        text = path.read_text()
-        if len(text.splitlines()) > MAX_MODULE_LINES:
-            long_modules.append(f"{path.name} ({len(text.splitlines())})")
-        for node in ast.walk(ast.parse(text)):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
                 if lines > MAX_FUNCTION_LINES:
                     long_functions.append(f"{path.name}:{node.name} ({lines})")
-    assert not long_modules, long_modules
     assert not long_functions, long_functions
+
+
+def _private_imports(source: str, name: str, is_package: bool = False) -> list[str]:
+    """``from <a module of the package> import _name`` in ``source`` (module ``name``),
+    relative or absolute, at any depth; dunder names (``__version__``) are public."""
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = here[: len(here) - node.level + 1] if node.level else []
+        module = ".".join([*base, *([node.module] if node.module else [])])
+        if module.partition(".")[0] != PACKAGE.name:
+            continue  # another package's private names (torch.onnx._constants) are its own
+        for alias in node.names:
+            dunder = alias.name.startswith("__") and alias.name.endswith("__")
+            if alias.name.startswith("_") and not dunder:
+                found.append(f"{node.lineno}: from {module} import {alias.name}")
+    return found
+
+
+def test_the_private_import_finder_finds_private_imports():
+    source = (
+        "from .onnx import _check, export_onnx\n"
+        "from mobilenet.memory.ops import _Ledger\n"
+        "from .. import __version__\n"
+        "from torch.onnx import _constants\n"
+        "def f():\n"
+        "    from . import _hidden\n"
+    )
+    assert _private_imports(source, "mobilenet.export.pt2") == [
+        "1: from mobilenet.export.onnx import _check",
+        "2: from mobilenet.memory.ops import _Ledger",
+        "6: from mobilenet.export import _hidden",
+    ]
+
+
+def test_no_module_imports_another_modules_private_name():
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for line in _private_imports(
+            path.read_text(), _module_name(path), path.name == "__init__.py"
+        )
+    ]
+    assert not found, (
+        "private names imported from another module (give them a public name):\n" + "\n".join(found)
+    )

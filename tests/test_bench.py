@@ -6,6 +6,7 @@ import pytest
 
 from mobilenet import MobileNetError, bench, machine
 from mobilenet.cli import main
+from mobilenet.formats.onnx import ort_session
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -19,12 +20,12 @@ STAT = "cpu  {user} 0 {system} {idle} {iowait} 0 10 {steal} 0 0\ncpu0 1 2 3 4 5 
 
 
 def test_cpu_model_and_isa_features_from_cpuinfo():
-    info = bench.cpu(CPUINFO)
+    info = machine.cpu(CPUINFO)
     assert info["model"] == "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
     assert info["isa"] == ["AVX2", "AVX-512", "VNNI", "AMX"]  # no avx512_bf16: no BF16
     laptop = "model name : AMD Ryzen 7\nflags : sse avx2 avx_vnni avx512_bf16\n"
-    assert bench.cpu(laptop)["isa"] == ["AVX2", "VNNI", "BF16"]
-    assert bench.cpu("")["isa"] == [] and bench.cpu("")["model"]  # not Linux: the arch
+    assert machine.cpu(laptop)["isa"] == ["AVX2", "VNNI", "BF16"]
+    assert machine.cpu("")["isa"] == [] and machine.cpu("")["model"]  # not Linux: the arch
 
 
 def test_busy_cores_of_other_processes_from_two_stat_snapshots():
@@ -79,35 +80,20 @@ def test_run_bench_records_the_machine_and_the_allocator(monkeypatch):
     for row in rows.values():
         assert row["ratio_to_best"] > 0 and row["median_ms"] > 0 and row["peak_rss_bytes"] > 0
         assert row["keep_freed_memory"] is True  # glibc: freed activations stay in the heap
-    assert result["cpu"] == bench.cpu()
+    assert result["cpu"] == machine.cpu()
     assert result["busy_other_cores"] >= 0
     assert isinstance(result["onnxruntime_spinning"], bool)
-
-
-def test_openvino_bf16_only_where_the_cpu_has_bf16(monkeypatch):
-    flags = {"cpu": CPUINFO}  # AMX tiles and VNNI, but no bf16
-    monkeypatch.setattr(bench, "_read", lambda path: flags["cpu"] if "cpuinfo" in path else "")
-    monkeypatch.setattr(bench, "available", lambda module: True)  # as if OpenVINO were there
-    names = ["eager", "openvino", "openvino-bf16"]
-    assert bench.check_engines(names, "mobilenet_v2", 1.0) == ["eager", "openvino"]
-    with pytest.raises(MobileNetError, match="openvino-bf16 needs bf16 instructions"):
-        bench.check_engines(names, "mobilenet_v2", 1.0, explicit=True)
-    flags["cpu"] = CPUINFO.replace("amx_int8", "amx_int8 amx_bf16")
-    assert bench.check_engines(names, "mobilenet_v2", 1.0, explicit=True) == names
-    assert bench.openvino_config("openvino", 2)["INFERENCE_PRECISION_HINT"] == "f32"
-    assert bench.openvino_config("openvino-bf16", 2)["INFERENCE_PRECISION_HINT"] == "bf16"
 
 
 def test_executorch_engines_only_within_the_programs_batch_bound(monkeypatch):
     from mobilenet.export.executorch import MAX_BATCH
 
-    monkeypatch.setattr(bench, "available", lambda module: module != "openvino")
     names = ["eager", "executorch", "executorch-int8"]
     assert bench.check_engines(names, "mobilenet_v2", 1.0, batch=MAX_BATCH) == names
     assert bench.check_engines(names, "mobilenet_v2", 1.0, batch=MAX_BATCH + 1) == ["eager"]
     with pytest.raises(MobileNetError, match=f"executorch runs batches of 1 to {MAX_BATCH}"):
         bench.check_engines(names, "mobilenet_v2", 1.0, explicit=True, batch=MAX_BATCH + 1)
-    assert set(bench.EXECUTORCH_ENGINES) <= set(bench.ENGINES)
+    assert set(names) <= set(bench.ENGINES)
 
 
 @pytest.mark.slow  # two .pte exports, one of them int8: about 25 s
@@ -135,10 +121,10 @@ def test_onnx_runtime_spins_only_with_a_core_to_spare(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, tmp_path / "m.onnx")
     key = "session.{}_op.allow_spinning"
-    quiet = bench.ort_session(tmp_path / "m.onnx", 2, spin=False).get_session_options()
+    quiet = ort_session(tmp_path / "m.onnx", 2, spin=False).get_session_options()
     assert [quiet.get_session_config_entry(key.format(p)) for p in ("intra", "inter")] == ["0"] * 2
     assert quiet.intra_op_num_threads == 2
-    spinning = bench.ort_session(tmp_path / "m.onnx", 1, spin=True).get_session_options()
+    spinning = ort_session(tmp_path / "m.onnx", 1, spin=True).get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):
         spinning.get_session_config_entry(key.format("intra"))  # ONNX Runtime's default: spin
 
@@ -183,9 +169,10 @@ def test_bench_unknown_engine(capsys):
 
 
 def test_classifier_only_engines_are_left_out_or_refused_for_other_inputs():
-    from mobilenet.bench import SQUARE_CLASSIFIERS_ONLY, check_engines
+    from mobilenet.bench import check_engines
 
-    names = ["eager", "onnxruntime", *SQUARE_CLASSIFIERS_ONLY]
+    square_only = ["torch-int8", "executorch", "executorch-int8", "litert", "litert-int8"]
+    names = ["eager", "onnxruntime", *square_only]
     kept = check_engines(names, "lraspp_mobilenet_v3_small", 1.0)
     assert kept == ["eager", "onnxruntime"]
     assert check_engines(names, "mobilenet_v2", 1.0, square=False) == ["eager", "onnxruntime"]

@@ -128,7 +128,7 @@ def test_training_resize_matches_the_detectors_own(tmp_path):
 
 
 def test_caching_is_refused_with_crops_before_the_resize(tmp_path):
-    from mobilenet.tasks.detection import DetectTrainConfig, train_detector
+    from mobilenet.detection.task import DetectTrainConfig, train_detector
 
     root = _folder(
         tmp_path / "d",

@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mobilenet import MobileNetError, create_model, engines, save_weights
+from mobilenet import MobileNetError, create_model, save_weights
+from mobilenet.classification.predict import choose_engine
 from mobilenet.cli import main
+from mobilenet.deployed import Trained
 from mobilenet.extras import available
-from mobilenet.inference import PteModel, Trained, choose_engine
+from mobilenet.formats import records as engines
+from mobilenet.formats.executorch import PteModel
 
 XEON = {"model": "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", "cores": 8, "isa": ["AVX2", "VNNI"]}
 EPYC = {"model": "AMD EPYC 7763 64-Core Processor", "cores": 8, "isa": ["AVX2"]}
@@ -30,7 +33,7 @@ def _result(medians: dict[str, float], info=XEON, batch=1, threads=1, resolution
 @pytest.fixture
 def here(monkeypatch):
     """This machine is the Xeon above."""
-    monkeypatch.setattr("mobilenet.bench.cpu", lambda cpuinfo=None: XEON)
+    monkeypatch.setattr("mobilenet.machine.cpu", lambda cpuinfo=None: XEON)
 
 
 @pytest.fixture
@@ -81,11 +84,11 @@ def test_auto_ignores_int8_engines_for_float_weights(here, trained):
 def test_auto_may_pick_executorch_for_float_weights_and_int8_only_for_int8_files(
     here, trained, monkeypatch
 ):
-    monkeypatch.setattr("mobilenet.inference.available", lambda module: True)  # installed
+    monkeypatch.setattr("mobilenet.formats.available", lambda module: True)  # installed
     medians = {"executorch-int8": 1.0, "executorch": 3.0, "onnxruntime": 4.0, "eager": 9.0}
     engines.save_measurements(_result(medians))
     assert choose_engine(trained) == "executorch"  # the fastest float engine
-    monkeypatch.setattr("mobilenet.inference.available", lambda module: module != "executorch")
+    monkeypatch.setattr("mobilenet.formats.available", lambda module: module != "executorch")
     assert choose_engine(trained) == "onnxruntime"  # not installed: not a candidate
     # A .pte runs on its own engine, float or int8, whatever was recorded; another engine
     # asked for is refused, not ignored.

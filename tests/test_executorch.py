@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("executorch")
 
 from mobilenet import MobileNetError, list_models, save_weights
+from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
 from mobilenet.export import executorch as et
 from mobilenet.export.executorch import (
@@ -22,7 +23,7 @@ from mobilenet.export.executorch import (
     read_pte,
     set_pte_threads,
 )
-from mobilenet.inference import PteModel, load_trained
+from mobilenet.formats.executorch import PteModel
 
 from .helpers import cli_json, noise_image, random_model
 
@@ -196,18 +197,18 @@ def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypa
     weights = _weights(tmp_path, "mobilenet_v1_conv", width_mult=0.25)
     base = ["quantize", "--weights", weights, "--data", "digits"]
     refused = {
-        ("--out", "m.pte", "--method", "qat"): "--method qat writes PyTorch int8 models",
+        ("--out", "m.pte", "--method", "qat"): "--method qat writes torch int8 models",
         ("--out", "m.pte", "--epochs", "2"): "--epochs applies to --method qat, not ptq",
         ("--out", "m.pte", "--lr", "0.1"): "--lr applies to --method qat, not ptq",
         ("--format", "pte", "--out", "m.onnx"): "--format pte writes a .pte file, not m.onnx",
         ("--format", "pte", "--out", "m.bin"): "--format pte writes a .pte file, not m.bin",
         ("--format", "torch", "--out", "m.pte"): "--format torch writes a .safetensors file",
-        ("--integer-only", "--out", "m.tflite"): "--integer-only applies to --format pte and onnx",
+        ("--integer-only", "--out", "m.tflite"): "--integer-only applies to --format onnx and pte",
         (
             "--integer-only",
             "--out",
             "m.pt",
-        ): "--integer-only applies to --format pte and onnx, not torch",
+        ): "--integer-only applies to --format onnx and pte, not torch",
         ("--method", "qat", "--calibration-images", "8", "--out", "m.safetensors"): (
             "--calibration-images applies to --method ptq, not qat"
         ),

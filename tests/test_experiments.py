@@ -108,7 +108,7 @@ def test_an_ablation_end_to_end_and_reused(tmp_path, monkeypatch):
     _outputs_written(tmp_path, "ablation-bottleneck.png")
     # Finished runs are read back, not trained again.
     retrain = lambda *a, **k: pytest.fail("retrained")  # noqa: E731
-    monkeypatch.setattr("mobilenet.tasks.classification.train", retrain)
+    monkeypatch.setattr("mobilenet.classification.task.train", retrain)
     again = run_ablation("ablation-bottleneck", tmp_path, quick=True)
     assert again == summary
 

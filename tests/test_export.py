@@ -117,9 +117,9 @@ def test_export_refuses_bad_weights_and_writes_nothing(tmp_path, capsys):
 
 
 def test_a_failed_check_leaves_no_file(tmp_path, monkeypatch):
-    import mobilenet.export.onnx as onnx_export
+    import mobilenet.export.check as check
 
-    monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)
+    monkeypatch.setattr(check, "TOLERANCE", -1.0)
     with pytest.raises(MobileNetError, match="nothing written"):
         export_onnx(_model("mobilenet_v3_small"), tmp_path / "m.onnx", 64)
     assert list(tmp_path.iterdir()) == []

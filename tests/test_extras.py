@@ -82,8 +82,8 @@ def test_onnx_export_needs_deploy(monkeypatch, tmp_path, package):
 
 
 def test_onnx_quantization_needs_deploy(monkeypatch, tmp_path):
+    from mobilenet.classification.predict import load_trained
     from mobilenet.export.quantize import quantize_file, quantize_onnx
-    from mobilenet.inference import load_trained
 
     trained = load_trained(str(_weights(tmp_path)), resolution=32)
     _missing(monkeypatch, "onnxruntime")
@@ -112,7 +112,7 @@ def test_bench_reports_onnx_engines_it_cannot_run(monkeypatch):
 
     assert missing_extra("onnxruntime") is None
     _missing(monkeypatch, "onnxruntime")
-    for engine in ("onnxruntime", "onnxruntime-int8", "openvino"):
+    for engine in ("onnxruntime", "onnxruntime-int8"):
         assert missing_extra(engine) == f"needs onnxruntime: {DEPLOY}"
     for engine in ("eager", "eager-fused", "torch-int8"):
         assert missing_extra(engine) is None
@@ -122,15 +122,15 @@ def test_bench_reports_onnx_engines_it_cannot_run(monkeypatch):
 
 
 def test_predict_auto_engine_falls_back_to_eager_fused(monkeypatch, tmp_path):
-    from mobilenet.inference import (
-        PREDICT_ENGINES,
-        OnnxModel,
+    from mobilenet.classification.predict import (
         inference_engine,
         load_trained,
         predict,
+        predict_engines,
     )
+    from mobilenet.formats.onnx import OnnxModel
 
-    assert PREDICT_ENGINES[0] == "auto"
+    assert predict_engines()[0] == "auto"
     trained = load_trained(str(_weights(tmp_path)), resolution=32)
     image = tmp_path / "x.png"
     Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(image)

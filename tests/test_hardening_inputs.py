@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 from mobilenet import create_model
+from mobilenet.card import Category
+from mobilenet.classification.predict import load_trained, predict
 from mobilenet.cli import main
-from mobilenet.detection.data import Category, CocoDetection
-from mobilenet.detection.predict import TrainedDetector, detect_images, load_detector
+from mobilenet.deployed import Trained
+from mobilenet.detection.data import CocoDetection
+from mobilenet.detection.predict import detect_images, load_detector, trained_detector
 from mobilenet.errors import CheckpointError, MobileNetError
-from mobilenet.inference import Trained, load_trained, predict
 from mobilenet.weights import save_weights
 
 # --------------------------------------------------------------------------- COCO files
@@ -153,12 +155,12 @@ _CATEGORIES = json.dumps([{"id": 3, "name": "a"}, {"id": 7, "name": "b"}])
 
 
 @pytest.fixture(scope="module")
-def detector() -> TrainedDetector:
+def detector() -> Trained:
     torch.manual_seed(0)
     model = create_model(
         "ssdlite_mobilenet_v3_small", width_mult=0.35, num_classes=3, image_size=64
     )
-    return TrainedDetector(model.eval(), [Category(3, "a"), Category(7, "b")])
+    return trained_detector(model.eval(), [Category(3, "a"), Category(7, "b")])
 
 
 def test_drawings_of_inputs_with_the_same_name_do_not_overwrite(tmp_path, detector):
@@ -279,12 +281,16 @@ def test_int8_file_with_a_bad_resolution_is_one_checkpoint_error(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mobilenet.export.int8 import quantize_model, save_int8
+    from mobilenet.card import ModelCard
+    from mobilenet.export.int8 import quantize_model
+    from mobilenet.export.int8_file import save_int8
     from mobilenet.weights import sealed_safetensors
 
     model = create_model("mobilenet_v3_small", width_mult=0.35, num_classes=3).eval()
     int8 = quantize_model(model, [torch.randn(2, 3, 32, 32)], resolution=32)
-    path = save_int8(int8, tmp_path / "m.safetensors", ["x", "y", "z"], 32)
+    path = save_int8(
+        int8, tmp_path / "m.safetensors", ModelCard(classes=("x", "y", "z"), input_size=(32, 32))
+    )
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
     for key, value in (("resolution", "-1"), ("classes", "[")):
@@ -317,15 +323,16 @@ def float_trained() -> Trained:
 def test_ptq_on_fewer_images_than_asked_says_how_many(tmp_path, small_folder, float_trained):
     from safetensors import safe_open
 
-    from mobilenet.export.int8 import quantize_torch, save_int8
+    from mobilenet.export.int8 import quantize_torch
+    from mobilenet.export.int8_file import save_int8
 
     told = []
     int8 = quantize_torch(float_trained, small_folder, "ptq", 512, progress=told.append)
     assert int8.calibration_images == 4
     assert told == [f"{small_folder} holds 4 images: calibrating on all 4"]
-    path = save_int8(int8, tmp_path / "m.safetensors", float_trained.classes, 32)
+    path = save_int8(int8, tmp_path / "m.safetensors", float_trained.model_card())
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["calibration_images"] == "4"
+        assert json.loads(f.metadata()["quantization"])["calibration_images"] == 4
     assert load_trained(str(path)).model.calibration_images == 4
 
 

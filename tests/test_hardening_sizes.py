@@ -184,7 +184,7 @@ def test_bench_refuses_before_starting_a_process(monkeypatch):
     def no_process(*args, **kwargs):
         raise AssertionError("a worker process was started")
 
-    monkeypatch.setattr(bench.subprocess, "Popen", no_process)
+    monkeypatch.setattr("subprocess.Popen", no_process)
     cfg = bench.BenchConfig("mobilenet_v2", resolution=100_000)
     with pytest.raises(MobileNetError, match="in 2 processes"):
         bench.run_bench(cfg, ["eager", "eager-fused"])
@@ -202,7 +202,7 @@ def test_memory_report_refuses_a_huge_batch():
 
 def test_export_reads_the_width_and_classes_of_the_file(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from mobilenet.inference import load_trained
+    from mobilenet.classification.predict import load_trained
 
     model = create_model("mobilenet_v3_small", width_mult=0.5, num_classes=3)
     weights = tmp_path / "best.safetensors"

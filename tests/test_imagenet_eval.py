@@ -175,13 +175,13 @@ def test_export_keeps_the_preprocessing(imagenet_run, tmp_path, capsys):
     assert "preprocess keras: crop_pct 0.875 (shorter side 73), centre crop 64" in (
         capsys.readouterr().err
     )
-    from mobilenet.inference import load_trained
+    from mobilenet.classification.predict import load_trained
 
     trained = load_trained(str(out))
     assert trained.eval_preprocess() == KNOWN["keras"].at(64)
     assert trained.classes == imagenet_names()
     assert main(["export", *args[1:], "--format", "torchscript", "--crop-pct", "0.9"]) == 2
-    assert "TorchScript file keeps no metadata" in capsys.readouterr().err
+    assert "a torchscript file keeps no metadata" in capsys.readouterr().err
 
 
 def test_timm_files_take_their_default_tag_and_tf_ones_inception_scaling(tmp_path):

@@ -80,7 +80,7 @@ def _refused(args: list[str], capsys) -> str:
             ["memory", "lraspp_mobilenet_v3_small", "--resolution", "100000x200000"],
             "100000x200000, batch 1",
         ),
-        ([*PT2, "lraspp_mobilenet_v3_small"], "segmentation models export to ONNX only"),
+        ([*PT2, "lraspp_mobilenet_v3_small"], "segmentation models export to --format onnx only"),
         ([*PT2, "mobilenet_v2", "--resolution", "64x96"], "--resolution HxW applies to --format"),
         ([*ONNX, "ssdlite_mobilenet_v3_small", "--resolution", "64x96"], "input is square"),
     ],

@@ -8,10 +8,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mobilenet import create_model, list_models
+from mobilenet.card import ModelCard
+from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
 from mobilenet.errors import CheckpointError
-from mobilenet.export.int8 import Int8Model, int8_from_checkpoint, quantize_model, save_int8
-from mobilenet.inference import load_trained
+from mobilenet.export.int8 import Int8Model, quantize_model
+from mobilenet.export.int8_file import int8_from_checkpoint, save_int8
 from mobilenet.weights import sealed_safetensors
 
 from .helpers import needs_x86_int8, randomize_bn
@@ -47,7 +49,8 @@ def test_quantize_cli_torch_int8(method, digits_weights, tmp_path, capsys):
     with safe_open(str(out), framework="pt") as f:
         metadata = f.metadata()
     dtypes = {t.dtype for t in load_file(str(out)).values()}
-    assert metadata["precision"] == "int8" and metadata["quantization"] == f"x86-{method}"
+    scheme = json.loads(metadata["quantization"])
+    assert metadata["precision"] == "int8" and scheme["method"] == method
     assert torch.int8 in dtypes and torch.float32 in dtypes  # int8 weights, float scales
 
     quantized, reference = _eval(str(out), capsys), _eval(digits_weights, capsys)
@@ -92,10 +95,10 @@ def test_saved_and_reloaded_int8_models_are_identical(name, tmp_path):
     expected, reference = int8(x), model(x)
     # Quantized, it still computes the float network's function.
     assert (expected - reference).abs().max() < 0.25 * reference.abs().max()
-    path = save_int8(int8, tmp_path / "m.safetensors", [str(i) for i in range(7)], 64)
+    path = save_int8(int8, tmp_path / "m.safetensors", _card(7, 64))
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    reloaded = int8_from_checkpoint(load_file(str(path)), metadata, str(path))
+    reloaded, _ = int8_from_checkpoint(load_file(str(path)), metadata, str(path))
     assert torch.equal(reloaded(x), expected)
 
 
@@ -103,7 +106,7 @@ def test_damaged_int8_files_fail_cleanly(digits_weights, tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", width_mult=0.5, num_classes=10).eval()
     int8 = quantize_model(model, [torch.randn(4, 3, 32, 32)], resolution=32)
-    path = save_int8(int8, tmp_path / "m.safetensors", [str(i) for i in range(10)], 32)
+    path = save_int8(int8, tmp_path / "m.safetensors", _card(10, 32))
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
@@ -140,3 +143,7 @@ def test_quantize_bad_requests_write_nothing(digits_weights, tmp_path, capsys):
     assert main([*base[:-1], str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "data not found" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _card(classes: int, resolution: int) -> ModelCard:
+    return ModelCard(classes=tuple(map(str, range(classes))), input_size=(resolution, resolution))

@@ -16,8 +16,9 @@ pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
 from mobilenet import save_weights
+from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
-from mobilenet.inference import TfliteModel, load_trained
+from mobilenet.formats.litert import TfliteModel
 
 from .helpers import cli_json, noise_image, random_model
 

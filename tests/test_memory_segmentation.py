@@ -22,7 +22,7 @@ from mobilenet.layers import ConvBNAct
 from mobilenet.memory import MemoryEfficientSegmenter, measure_peak, memory_report
 from mobilenet.memory.backbone import backbone_segments
 from mobilenet.memory.heads import upsample_rows
-from mobilenet.memory.ops import _Window
+from mobilenet.memory.ops import ConvWindow
 
 from .helpers import randomize_bn
 
@@ -98,12 +98,12 @@ def test_same_outputs_at_output_stride_8(name):
 
 
 def test_dilated_window_reads_a_halo_of_dilation_rows():
-    win = _Window(kernel=3, stride=1, padding=4, dilation=4)  # as ConvBNAct pads it
+    win = ConvWindow(kernel=3, stride=1, padding=4, dilation=4)  # as ConvBNAct pads it
     assert win.out_size(50) == 50
     assert win.rows_needed(10, 20, 50) == (6, 24, 0, 0)  # 4 rows above and below
     assert win.rows_needed(0, 5, 50) == (0, 9, 4, 0)  # zeros from the padding on top
     assert win.rows_needed(48, 50, 50) == (44, 50, 0, 4)  # row 49 reads up to row 53
-    k5 = _Window(kernel=5, stride=2, padding=4, dilation=2)
+    k5 = ConvWindow(kernel=5, stride=2, padding=4, dilation=2)
     conv = nn.Conv2d(1, 1, 5, stride=2, padding=4, dilation=2)
     assert k5.out_size(37) == conv(torch.zeros(1, 1, 37, 1)).shape[2]
 
@@ -213,3 +213,17 @@ def test_refusals_in_one_line(capsys):
             main(["memory", *args])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_the_heads_register_their_forms_and_others_are_refused():
+    from mobilenet.memory.forms import EXECUTOR_FORMS
+    from mobilenet.segmentation import DeepLabHead, FCNHead, LRASPPHead
+
+    model = create_model("lraspp_mobilenet_v3_small", width_mult=0.5)
+    memory_efficient(model, splits=2)
+    assert {LRASPPHead, DeepLabHead, FCNHead} <= set(EXECUTOR_FORMS)
+    model.head = nn.Identity()  # a head the table has no row for
+    with pytest.raises(
+        MobileNetError, match=r"no form of Identity \(in lraspp_mobilenet_v3_small\)$"
+    ):
+        memory_efficient(model, splits=2)

@@ -11,7 +11,8 @@ import mobilenet
 from mobilenet import MobileNetError, create_model, memory_efficient
 from mobilenet.cli import main
 from mobilenet.memory import memory_report
-from mobilenet.memory.v4 import _MQA, _UIB, _Conv
+from mobilenet.memory.ops import Stem
+from mobilenet.memory.v4 import FullConv, GroupedUIB, WholeMQA
 
 from .helpers import randomize_bn, unit_scale_logits
 
@@ -69,12 +70,12 @@ def test_tiled_leading_convs_and_fused_ib(band_rows, resolution):
 def test_layers_of_each_block():
     small = memory_efficient(create_model("mobilenet_v4_conv_small"), splits=2)
     tiled, *rest = small.segments
-    assert [type(layer).__name__ for layer in tiled.layers] == ["_Stem", "_Conv", "_Conv", "_Conv"]
-    assert {type(s.layers[0]) for s in rest} == {_Conv, _UIB}
+    assert [type(layer) for layer in tiled.layers] == [Stem, FullConv, FullConv, FullConv]
+    assert {type(s.layers[0]) for s in rest} == {FullConv, GroupedUIB}
     hybrid = memory_efficient(create_model("mobilenet_v4_hybrid_medium"), splits=2)
     kinds = [type(s.layers[-1]) for s in hybrid.segments]
-    assert kinds[0] is _Conv and hybrid.segments[0].layers[-1].fused  # stem + fused IB
-    assert kinds.count(_MQA) == 8 and _UIB in kinds
+    assert kinds[0] is FullConv and hybrid.segments[0].layers[-1].fused  # stem + fused IB
+    assert kinds.count(WholeMQA) == 8 and GroupedUIB in kinds
 
 
 def test_conv_medium_at_512_analytic_equals_measured():
@@ -109,3 +110,13 @@ def test_cli_runs_on_v4(capsys):
     assert main([*args, "--splits", "2"]) == 0
     out = capsys.readouterr().out
     assert "mobilenet_v4_conv_small" in out and "measured peak" in out
+
+
+def test_a_block_without_an_executor_form_is_refused_by_name():
+    model = create_model("mobilenet_v4_conv_small", width_mult=0.5)
+    model.features[3] = torch.nn.Identity()  # a layer the table has no row for
+    message = (
+        r"^the memory-efficient executor has no form of Identity \(in mobilenet_v4_conv_small\)$"
+    )
+    with pytest.raises(MobileNetError, match=message):
+        memory_efficient(model, splits=2)

@@ -11,10 +11,10 @@ import torch
 
 from mobilenet import MobileNetError, create_model, list_models, save_weights
 from mobilenet.blocks import MobileMQA
+from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
 from mobilenet.export import export_pt2, read_pt2
 from mobilenet.export.prepare import attention_norm_foldable
-from mobilenet.inference import load_trained
 
 from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
 
@@ -52,7 +52,7 @@ def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
-    from mobilenet.tasks.classification import TrainConfig, train
+    from mobilenet.classification.task import TrainConfig, train
     from mobilenet.train.recipes import get_recipe
 
     out = tmp_path_factory.mktemp("digits") / "run"
@@ -102,9 +102,9 @@ def test_torchscript_still_exports_with_one_deprecation_line(tmp_path, capsys):
 
 
 def test_a_refused_export_writes_nothing(tmp_path, monkeypatch):
-    import mobilenet.export.onnx as onnx_export
+    import mobilenet.export.check as check
 
-    monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)
+    monkeypatch.setattr(check, "TOLERANCE", -1.0)
     with pytest.raises(MobileNetError, match="nothing written"):
         export_pt2(_model("mobilenet_v3_small", width_mult=0.5), tmp_path / "m.pt2", RES)
     assert list(tmp_path.iterdir()) == []
@@ -213,9 +213,10 @@ def test_a_pt2_refuses_images_of_another_size(tmp_path):
 
 def test_pt2_export_keeps_the_export_cli_rules(tmp_path, capsys):
     weights = save_weights(
-        _model("mobilenet_v3_small", num_classes=3), tmp_path / "w.safetensors",
+        _model("mobilenet_v3_small", num_classes=3),
+        tmp_path / "w.safetensors",
         {"classes": '["a","b","c"]'},
-    )  # fmt: skip
+    )
     out = tmp_path / "m.pt2"
     args = ["export", "--model", "mobilenet_v3_small", "--weights", str(weights)]
     assert main([*args, "--format", "pt2", "--opset", "17", "--out", str(out)]) == 2

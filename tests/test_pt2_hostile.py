@@ -249,7 +249,7 @@ CONTRADICTIONS = {
     ),
     "not a size": (
         lambda m: {**m, "resolution": "32px"},
-        "metadata 'resolution' must be a positive integer, got '32px'",
+        "metadata 'resolution' must be a positive integer or HxW, got '32px'",
     ),
 }
 
@@ -276,7 +276,7 @@ def test_predict_on_a_contradicting_file_is_one_line(good, tmp_path, capsys):
 
 
 def test_a_program_that_fails_to_run_is_one_line():
-    from mobilenet.deployed import Pt2Model
+    from mobilenet.formats.pt2 import Pt2Model
     from mobilenet.models import ModelConfig
 
     def program(x):  # what a crafted program whose weights do not fit its operators does

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mobilenet import create_model
-from mobilenet.bench_engines import timing_model
+from mobilenet.bench import timing_model
 from mobilenet.export import export_onnx
 from mobilenet.export.qdq import (
     MARK,

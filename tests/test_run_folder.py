@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from mobilenet.classification.task import train
 from mobilenet.cli import main
 from mobilenet.errors import MobileNetError
-from mobilenet.tasks.classification import train
 from mobilenet.train import run_folder
 from mobilenet.train.run_folder import LOCK, RunFolder, claim
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from mobilenet.cli import main
-from mobilenet.tasks.segmentation import SegmentationTask, SegTrainConfig, train_segmenter
+from mobilenet.segmentation.task import SegmentationTask, SegTrainConfig, train_segmenter
 
 from .test_segmentation_data import pairs_folder
 
@@ -104,7 +104,7 @@ def test_non_square_crops_train_and_are_saved(tmp_path):
     result = train_segmenter(cfg)
     assert result.best_miou is None  # a pairs folder without --val-data: no held-out set
     _, metadata = read_checkpoint(tmp_path / "run" / "best.safetensors")
-    assert metadata["image_size"] == "32x48" and metadata["task"] == "segmentation"
+    assert metadata["resolution"] == "32x48" and metadata["task"] == "segmentation"
 
 
 @pytest.mark.parametrize(

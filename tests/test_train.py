@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from mobilenet import create_model
+from mobilenet.classification.task import TrainConfig, train
 from mobilenet.cli import main
-from mobilenet.tasks.classification import TrainConfig, train
 from mobilenet.train import TrainingDiverged, get_recipe
 from mobilenet.weights import read_checkpoint
 
@@ -267,12 +267,13 @@ def test_int8_quantization_through_onnx_runtime(tmp_path, capsys):
 
     # V3's stem and first block stay in float32 (faster), unless --integer-only
     assert "features.0, features.1 in float32" in capsys.readouterr().out
-    assert read_metadata(onnx_session(int8))["float_modules"] == "features.0,features.1"
+    scheme = json.loads(read_metadata(onnx_session(int8))["quantization"])
+    assert scheme["float_modules"] == ["features.0", "features.1"]
     every = tmp_path / "every.onnx"
     args[-1] = str(every)
     assert main([*args, "--calibration-images", "32", "--integer-only"]) == 0
     assert "every operator in int8" in capsys.readouterr().out
-    assert read_metadata(onnx_session(every))["float_modules"] == ""
+    assert json.loads(read_metadata(onnx_session(every))["quantization"])["float_modules"] == []
     stem = next(n for n in onnx.load(str(every)).graph.node if n.name.endswith("0/conv/Conv"))
     assert stem.input[1].endswith("DequantizeLinear_Output")  # int8 weights
 
@@ -287,7 +288,7 @@ def test_int8_quantization_through_onnx_runtime(tmp_path, capsys):
     assert reference["top1"] > 80 and quantized["top1"] >= reference["top1"] - 8
 
     # Reloaded, the int8 file computes exactly what it computed before.
-    from mobilenet.inference import load_trained
+    from mobilenet.classification.predict import load_trained
 
     first, second = load_trained(str(int8)), load_trained(str(int8))
     assert first.classes == [str(i) for i in range(10)] and first.resolution == 32

@@ -1,10 +1,11 @@
-"""What the machine can hold and who else uses it: the memory still free on a device, in
-readable units; the cores this process may use and the load other processes put on them
-(``mobilenet bench`` records it beside its timings)."""
+"""What the machine is, can hold and who else uses it: the CPU with its ISA features, the
+memory still free on a device, in readable units; the cores this process may use and the
+load other processes put on them (``mobilenet bench`` records them beside its timings)."""
 
 from __future__ import annotations
 
 import os
+import platform
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +17,12 @@ __all__ = [
     "available_memory",
     "busy_jiffies",
     "cores",
+    "cpu",
     "format_bytes",
     "free_cores",
+    "has_bf16",
     "load_snapshot",
+    "machine",
     "other_busy_cores",
     "others_since",
 ]
@@ -98,3 +102,44 @@ def free_cores(sample_s: float = 0.2) -> float:
 def _read(path: str) -> str:
     """A /proc file's text; empty where there is none (not Linux)."""
     return Path(path).read_text() if Path(path).is_file() else ""
+
+
+ISA = {  # the features that decide which kernels an engine can use, by /proc/cpuinfo names
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+    "BF16": ("avx512_bf16",),
+    "AMX": ("amx_tile",),
+}
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _read(path: str) -> str:
+    """A /proc file's text; empty where there is none (not Linux)."""
+    return Path(path).read_text() if Path(path).is_file() else ""
+
+
+def _field(cpuinfo: str, name: str) -> str:
+    """The first processor's ``name`` field in a /proc/cpuinfo text (empty when absent)."""
+    lines = cpuinfo.splitlines()
+    return next((ln.partition(":")[2].strip() for ln in lines if ln.startswith(name)), "")
+
+
+def has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (what ``openvino-bf16`` needs)."""
+    return bool(set(_field(_read("/proc/cpuinfo"), "flags").split()) & set(BF16_FLAGS))
+
+
+def cpu(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name, core count and ISA features, for recorded results: int8 and
+    bf16 speed depend on VNNI, BF16 and AMX more than on anything else."""
+    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
+    flags = set(_field(text, "flags").split())
+    isa = [name for name, names in ISA.items() if flags & set(names)]
+    model = _field(text, "model name") or platform.machine()
+    return {"model": model, "cores": os.cpu_count(), "isa": isa}
+
+
+def machine() -> str:
+    """The CPU model and core count, for recorded results."""
+    return "{model}, {cores} cores".format(**cpu())

@@ -53,6 +53,7 @@ __all__ = [
     "last_message",
     "quiet_native_stderr",
     "record_verified",
+    "register_runtime",
     "verified_path",
     "verify_in_child",
 ]
@@ -79,7 +80,7 @@ class NativeRuntime:
     probe: str
 
 
-RUNTIMES = {
+RUNTIMES = {  # the file formats' runtimes add theirs with register_runtime
     "executorch": NativeRuntime(
         "ExecuTorch", "executorch", "executorch.runtime", "mobilenet.export.executorch:probe_pte"
     ),
@@ -90,6 +91,14 @@ RUNTIMES = {
         "mobilenet.export.litert:probe_tflite",
     ),
 }
+
+
+def register_runtime(key: str, runtime: NativeRuntime) -> None:
+    """Add a format's native runtime to :data:`RUNTIMES`, so its files are read in a child
+    process first (a format module calls it when it is imported). A key is one runtime's."""
+    known = RUNTIMES.setdefault(key, runtime)
+    if known != runtime:
+        raise RuntimeError(f"two native runtimes are registered as {key!r}")
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """The ``mobilenet`` command line: one module per command group.
 
 * :mod:`.models`: ``list``, ``cost``, ``convert``;
-* :mod:`.train`: ``train``, ``eval``, ``predict`` for every task (the model decides; the
-  detection and segmentation commands in :mod:`.detection` and :mod:`.segmentation`), and
+* :mod:`.train`: ``train``, ``eval``, ``predict`` for every task (the model decides), and
   ``detect train|eval|predict``, the same commands with a detector by default;
 * :mod:`.deploy`: ``export``, ``bench`` and the parsers of :mod:`.quantize`;
+* :mod:`.tasks`: what those commands do for each task, found by the task's name: the
+  task's own module here (:mod:`.classification`, :mod:`.detection`,
+  :mod:`.segmentation`);
 * :mod:`.experiments`: ``memory``, ``experiment``;
 * :mod:`.args`: the argument types and shared arguments, defined once.
 

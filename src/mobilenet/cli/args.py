@@ -173,9 +173,15 @@ def is_main_process() -> bool:
 
 # The training flags detection and segmentation share (None: the config's default).
 DENSE_FLAGS = (
-    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "ema_decay",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "ema_decay",
     "flip",
-)  # fmt: skip
+)
 
 
 def dense_task_config(config_class: type, args: argparse.Namespace, **given: Any) -> Any:

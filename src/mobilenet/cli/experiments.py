@@ -57,9 +57,14 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     report = memory_report(
-        args.model, args.width_mult, args.splits, args.resolution, args.batch, args.band_rows,
+        args.model,
+        args.width_mult,
+        args.splits,
+        args.resolution,
+        args.batch,
+        args.band_rows,
         args.repeats,
-    )  # fmt: skip
+    )
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 

@@ -20,14 +20,15 @@ __all__ = [
     "say_preprocess",
 ]
 
-# dest -> (task, flag): refused for the other tasks' models, which would ignore them.
+# dest -> flag: a classifier's (.classification), refused for the other tasks' models,
+# which would ignore them.
 PREPROCESS_FLAGS = {
-    "preprocess": ("classification", "--preprocess"),
-    "mean": ("classification", "--mean"),
-    "std": ("classification", "--std"),
-    "crop_pct": ("classification", "--crop-pct"),
-    "resize": ("classification", "--resize"),
-    "interpolation": ("classification", "--interpolation"),
+    "preprocess": "--preprocess",
+    "mean": "--mean",
+    "std": "--std",
+    "crop_pct": "--crop-pct",
+    "resize": "--resize",
+    "interpolation": "--interpolation",
 }
 
 
@@ -56,16 +57,35 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "preprocessing (default: the checkpoint's own; see docs/preprocessing.md)"
     )
-    g.add_argument("--preprocess", type=known_name, default=None, metavar="NAME",
-                   help="a known one: mobilenet_v2.tv2_in1k, mobilenetv3_large_100.ra_in1k, "
-                   "keras, imagenet, ...")  # fmt: skip
-    g.add_argument("--mean", type=finite_float, nargs=3, default=None, metavar=("R", "G", "B"),
-                   help="per channel, on pixels in [0, 1]")  # fmt: skip
+    g.add_argument(
+        "--preprocess",
+        type=known_name,
+        default=None,
+        metavar="NAME",
+        help="a known one: mobilenet_v2.tv2_in1k, mobilenetv3_large_100.ra_in1k, "
+        "keras, imagenet, ...",
+    )
+    g.add_argument(
+        "--mean",
+        type=finite_float,
+        nargs=3,
+        default=None,
+        metavar=("R", "G", "B"),
+        help="per channel, on pixels in [0, 1]",
+    )
     g.add_argument("--std", type=positive_float, nargs=3, default=None, metavar=("R", "G", "B"))
-    g.add_argument("--crop-pct", type=crop_fraction, default=None,
-                   help="shorter side: floor(resolution / crop-pct) (timm)")  # fmt: skip
-    g.add_argument("--resize", type=positive_int, default=None,
-                   help="resize the shorter side to this (torchvision's resize_size)")  # fmt: skip
+    g.add_argument(
+        "--crop-pct",
+        type=crop_fraction,
+        default=None,
+        help="shorter side: floor(resolution / crop-pct) (timm)",
+    )
+    g.add_argument(
+        "--resize",
+        type=positive_int,
+        default=None,
+        help="resize the shorter side to this (torchvision's resize_size)",
+    )
     g.add_argument("--interpolation", choices=INTERPOLATIONS, default=None)
 
 

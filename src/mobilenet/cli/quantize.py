@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from ..errors import MobileNetError
+from ..formats import Format, QuantizeRequest, formats
+from .tasks import task_named
 from .train import checkpoint_task_of
 
-__all__ = ["QUANTIZE_SUFFIXES", "cmd_quantize"]
+__all__ = ["cmd_quantize", "quantize_formats"]
 
-# quantize --format -> the file it writes; eval and predict tell the formats by the suffix
-QUANTIZE_SUFFIXES = {"torch": ".safetensors", "onnx": ".onnx", "pte": ".pte", "tflite": ".tflite"}
 # Flags of one quantization method: dest -> (method, flag).
 _METHOD_FLAGS = {
     "calibration_images": ("ptq", "--calibration-images"),
@@ -22,55 +22,39 @@ _METHOD_FLAGS = {
 }
 
 
+DEFAULT_FORMAT = "torch"  # where --out's suffix names no format: PyTorch int8 safetensors
+
+
+def quantize_formats() -> dict[str, Format]:
+    """The formats ``quantize`` writes, by name."""
+    return {name: f for name, f in formats().items() if f.quantizes}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..inference import load_trained
+    from ..classification.predict import load_trained
     from ..models.base import DeployedModel
 
     fmt = _quantize_format(args)
     task = checkpoint_task_of(args.weights, args.model)
-    if task != "classification":  # before the calibration data is read
+    if not task_named(task).quantizes:  # before the calibration data is read
         raise MobileNetError(f"quantize takes classifiers; {args.weights} holds a {task} model")
     trained = load_trained(args.weights, args.model)
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
+    fmt.require(f"{fmt.name} quantization")  # before the calibration data is read
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    images = args.calibration_images or 512
-    if fmt == "onnx":
-        from ..export.onnx import onnx_session, read_metadata
-        from ..export.quantize import quantize_onnx
-
-        out = quantize_onnx(
-            trained, args.data, args.out, images, progress=log, integer_only=args.integer_only
-        )
-        written = read_metadata(onnx_session(out))  # what the file says, not a second guess
-        kept = written["float_modules"].replace(",", ", ")
-        every = f"{kept} in float32, " if kept else "every operator in int8, "
-        used = written["calibration_images"]
-        how = f"ONNX QDQ, {every}calibrated on {used} images of {args.data}"
-    elif fmt == "pte":
-        from ..export.executorch import quantize_pte
-
-        used, diff = quantize_pte(
-            trained, args.data, args.out, images, progress=log, integer_only=args.integer_only
-        )
-        out = args.out
-        every = "every operator in int8, " if args.integer_only else ""
-        how = (
-            f"ExecuTorch program for XNNPACK, {every}calibrated on {used} images of {args.data}; "
-            f"max abs difference from the float model {diff:.2e}"
-        )
-    elif fmt == "tflite":
-        from ..export.litert import quantize_tflite
-
-        used, diff = quantize_tflite(trained, args.data, args.out, images, progress=log)
-        out = args.out
-        how = (
-            f"full-integer LiteRT model, batch 1 (larger batches run image by image), "
-            f"calibrated on {used} images of {args.data}; "
-            f"max abs difference from the float model {diff:.2e}"
-        )
-    else:
-        out, how = _quantize_torch(args, trained, images, log)
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    request = QuantizeRequest(
+        data=args.data,
+        out=Path(args.out),
+        images=args.calibration_images or 512,
+        integer_only=args.integer_only,
+        method=args.method,
+        qat={k: v for k, v in given.items() if v is not None},
+        progress=log,
+    )
+    how = fmt.quantize(trained, request)
+    out = args.out
     print(
         f"wrote {out}: {trained.model.config.name} int8 ({how}; per-channel weights); "
         f"evaluate it with `mobilenet eval --weights {out} --data ...`"
@@ -78,37 +62,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_format(args: argparse.Namespace) -> str:
+def _quantize_format(args: argparse.Namespace) -> Format:
     """The format ``quantize`` writes (``--format``, else the suffix of ``--out``), with
     every flag that format or ``--method`` would ignore refused."""
+    written = quantize_formats()
     suffix = Path(args.out).suffix
-    implied = next((f for f, s in QUANTIZE_SUFFIXES.items() if s == suffix), None)
-    fmt = args.format or implied or "torch"
+    implied = next((n for n, f in written.items() if f.names_files and f.suffix == suffix), None)
+    fmt = written[args.format or implied or DEFAULT_FORMAT]
     # A PyTorch int8 file may have any name; the others are read back by their suffix.
-    if implied not in (None, fmt) or (fmt != "torch" and suffix != QUANTIZE_SUFFIXES[fmt]):
+    if implied not in (None, fmt.name) or (fmt.names_files and suffix != fmt.suffix):
+        name = Path(args.out).name
+        raise MobileNetError(f"--format {fmt.name} writes a {fmt.suffix} file, not {name}")
+    if args.integer_only and not fmt.integer_only:
+        takes = " and ".join(n for n, f in written.items() if f.integer_only)
+        raise MobileNetError(f"--integer-only applies to --format {takes}, not {fmt.name}")
+    if args.method not in fmt.methods:
+        takes = [n for n, f in written.items() if args.method in f.methods]
         raise MobileNetError(
-            f"--format {fmt} writes a {QUANTIZE_SUFFIXES[fmt]} file, not {Path(args.out).name}"
+            f"--method {args.method} writes {' or '.join(takes)} int8 models: use --format "
+            f"{takes[0]}"
         )
-    if args.integer_only and fmt not in ("pte", "onnx"):
-        raise MobileNetError(f"--integer-only applies to --format pte and onnx, not {fmt}")
-    if fmt != "torch" and args.method == "qat":
-        raise MobileNetError("--method qat writes PyTorch int8 models: use --format torch")
     for dest, (method, flag) in _METHOD_FLAGS.items():
         if method != args.method and getattr(args, dest) is not None:
             raise MobileNetError(f"{flag} applies to --method {method}, not {args.method}")
     return fmt
-
-
-def _quantize_torch(args: argparse.Namespace, trained, images: int, log) -> tuple[str, str]:
-    """PyTorch int8 (x86), PTQ or QAT: the file written and how it was made."""
-    from ..export.int8 import QATConfig, quantize_torch, save_int8
-
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    qat = QATConfig(**{k: v for k, v in given.items() if v is not None})
-    model = quantize_torch(trained, args.data, args.method, images, qat, progress=log)
-    out = save_int8(model, args.out, trained.classes, trained.resolution)
-    if args.method == "ptq":
-        how = f"PyTorch x86, calibrated on {model.calibration_images} images of {args.data}"
-    else:
-        how = f"PyTorch x86, {qat.epochs} epochs of QAT on {args.data}"
-    return str(out), how

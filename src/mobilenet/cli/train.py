@@ -1,18 +1,19 @@
 """``mobilenet train``, ``eval``, ``predict``: one command for every task.
 
 The model's registered task (or, for ``eval`` and ``predict``, the checkpoint's) decides
-what runs; a flag that only another task uses is refused rather than ignored.
-``mobilenet detect train|eval|predict`` is the same commands with a detector by default.
+what runs: the commands hand over to that task's :class:`~.tasks.TaskCommands`. A flag
+that only another task uses is refused rather than ignored. ``mobilenet detect
+train|eval|predict`` is the same commands with a detector by default.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from ..card import TASKS, ModelCard
 from ..errors import MobileNetError
-from ..limits import check_memory
+from ..formats import format_of
 from ..models import model_task
 from .args import (
     finite_float,
@@ -22,34 +23,13 @@ from .args import (
     positive_float,
     positive_int,
     resolution,
-    run_settings,
     seed,
     width,
 )
-from .preprocess import PREPROCESS_FLAGS, add_preprocess_args, apply_preprocess, say_preprocess
+from .preprocess import add_preprocess_args
+from .tasks import flag_owners, task_named
 
 __all__ = ["add_detect_alias", "add_parsers", "checkpoint_task_of", "saved_settings"]
-
-# Flags that only some tasks use: dest -> (task or tasks, flag). The others are shared.
-TASK_FLAGS = {
-    "recipe": ("classification", "--recipe"),
-    "val_fraction": ("classification", "--val-fraction"),
-    "pretrained": ("classification", "--pretrained"),
-    "channels_last": ("classification", "--no-channels-last"),
-    "top": ("classification", "--top"),
-    "engine": ("classification", "--engine"),
-    "min_scale": ("detection", "--min-scale"),
-    "max_scale": ("detection", "--max-scale"),
-    "focal": ("detection", "--focal"),
-    "augment": ("detection", "--augment"),
-    "cache": ("detection", "--cache"),
-    "flip": (("detection", "segmentation"), "--flip/--no-flip"),
-    "min_score": ("detection", "--min-score"),
-    "draw": (("detection", "segmentation"), "--out"),
-    "aux_loss": ("segmentation", "--aux-loss"),
-    "num_classes": ("segmentation", "--num-classes"),
-    **PREPROCESS_FLAGS,
-}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -95,8 +75,13 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     p.add_argument("--weight-decay", type=finite_float, help="default: the recipe's")
     p.add_argument("--warmup-epochs", type=finite_float, help="linear warm-up before the decay")
     p.add_argument("--ema-decay", type=positive_float, help="keep an EMA of the weights")
-    p.add_argument("--resolution", "--image-size", dest="resolution", type=resolution,
-                   help="input size (default: the recipe's; detection: 320)")  # fmt: skip
+    p.add_argument(
+        "--resolution",
+        "--image-size",
+        dest="resolution",
+        type=resolution,
+        help="input size (default: the recipe's; detection: 320)",
+    )
     p.add_argument("--eval-every", type=positive_int, default=1, help="epochs between evals")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -125,11 +110,19 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     flip.add_argument("--flip", dest="flip", action="store_true", default=None)
     flip.add_argument("--no-flip", dest="flip", action="store_false")
     s = p.add_argument_group("segmentation")
-    s.add_argument("--aux-loss", action="store_true", default=None,
-                   help="train DeepLabv3's auxiliary head too (loss + 0.5 x its loss)")  # fmt: skip
-    s.add_argument("--num-classes", type=positive_int, default=None,
-                   help="the classes of masks without a classes.txt (needed for 16-bit "
-                   "masks; default: the largest value of 8-bit masks + 1)")  # fmt: skip
+    s.add_argument(
+        "--aux-loss",
+        action="store_true",
+        default=None,
+        help="train DeepLabv3's auxiliary head too (loss + 0.5 x its loss)",
+    )
+    s.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="the classes of masks without a classes.txt (needed for 16-bit "
+        "masks; default: the largest value of 8-bit masks + 1)",
+    )
 
 
 def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
@@ -151,7 +144,7 @@ def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
-    from ..inference import PREDICT_ENGINES
+    from ..classification.predict import predict_engines
 
     p = sub.add_parser(
         "predict", help="classify images, detect the objects in them or segment them"
@@ -165,14 +158,21 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
     c.add_argument("--width-mult", type=width, default=None, help="width multiplier alpha")
     c.add_argument("--resolution", type=resolution, default=None, help="input size")
     c.add_argument("--top", type=positive_int, default=None, help="classes per image (5)")
-    c.add_argument("--engine", choices=PREDICT_ENGINES, default=None,
-                   help="auto (default: the fastest float engine that bench --save "
-                   "measured on this machine, else ONNX Runtime where installed), onnxruntime, "
-                   "executorch, eager-fused, eager; an exported file runs on its own")  # fmt: skip
+    c.add_argument(
+        "--engine",
+        choices=predict_engines(),
+        default=None,
+        help="auto (default: the fastest float engine that bench --save measured on this "
+        "machine, else ONNX Runtime where installed); an exported file runs on its own",
+    )
     d = p.add_argument_group("detection")
     d.add_argument("--min-score", type=finite_float, default=None, help="report above (0.5)")
-    d.add_argument("--out", dest="draw", help="folder for the images with their boxes drawn "
-                   "(segmentation: for the masks and overlays)")  # fmt: skip
+    d.add_argument(
+        "--out",
+        dest="draw",
+        help="folder for the images with their boxes drawn "
+        "(segmentation: for the masks and overlays)",
+    )
     add_preprocess_args(p)
 
 
@@ -183,20 +183,12 @@ def _check_flags(args: argparse.Namespace, task: str, what: str) -> None:
     """Refuse a flag of another task: it would be ignored."""
     if args.task is not None and task != args.task:
         raise MobileNetError(f"{what} is a {task} model; `mobilenet detect` takes detectors")
-    for dest, (owner, flag) in TASK_FLAGS.items():
-        owners = (owner,) if isinstance(owner, str) else owner
+    for dest, (flag, owners) in flag_owners().items():
         if task not in owners and getattr(args, dest, None) is not None:
             owned = " and ".join(owners)
             raise MobileNetError(f"{flag} applies to {owned} models; {what} is a {task} model")
-    if task == "classification" or args.func is cmd_train:
-        return
-    # eval runs on --device with --workers loading the data, as a classifier's does.
-    if args.func is not cmd_eval:
-        for dest in ("workers", "device"):
-            if getattr(args, dest, None) is not None:
-                flag = "--" + dest.replace("_", "-")
-                raise MobileNetError(f"{flag} applies to classifiers; {what} is a {task} model")
-    _check_saved_settings(args, task, what)
+    if task_named(task).keeps_settings and args.func is not cmd_train:
+        _check_saved_settings(args, task, what)
 
 
 def _check_saved_settings(args: argparse.Namespace, task: str, what: str) -> None:
@@ -228,25 +220,19 @@ def saved_settings(path: Path) -> tuple[dict | None, tuple[int, int] | None]:
     from ..weights import FORMAT, saved_config
     from ..weights.io import read_metadata
 
-    if path.suffix == ".onnx":  # an exported file keeps its config as ours do
-        from ..export.onnx import onnx_session
-        from ..export.onnx import read_metadata as read_onnx_metadata
-
-        metadata = {"format": FORMAT, **read_onnx_metadata(onnx_session(path))}
+    exported = format_of(path)
+    if exported is not None:  # an exported file keeps its config as ours do
+        metadata = {"format": FORMAT, **exported.metadata(path)}
     else:
         metadata = read_metadata(path)
     try:
         config = saved_config(metadata)
+        size = ModelCard.read(metadata, str(path)).input_size
     except MobileNetError:  # the loader names the damage, with the file
         return None, None
-    text = metadata.get("image_size") or metadata.get("resolution") or ""
     if config is not None and isinstance(config.get("image_size"), int):
-        text = str(config["image_size"])  # a detector's
-    sides = text.split("x") if text else []
-    if not all(side.isdigit() for side in sides) or len(sides) not in (1, 2):
-        return config, None
-    height, width = int(sides[0]), int(sides[-1])
-    return config, (height, width)
+        size = (config["image_size"],) * 2  # a detector's: its default boxes' layout
+    return config, size
 
 
 def checkpoint_task_of(weights: str, model: str | None) -> str:
@@ -260,17 +246,13 @@ def checkpoint_task_of(weights: str, model: str | None) -> str:
     from ..weights.io import read_metadata
 
     path = resolve_weights(weights)
-    if path.suffix == ".onnx":
-        from ..export.onnx import onnx_session
-        from ..export.onnx import read_metadata as read_onnx_metadata
-
-        task = read_onnx_metadata(onnx_session(path)).get("task", "classification")
-        return task if task in ("classification", "segmentation") else "classification"
-    if path.suffix in (".pt2", ".pte", ".tflite"):
-        return "classification"  # exported classifiers (detectors export raw heads)
+    exported = format_of(path)
+    if exported is not None:
+        return exported.task_of(path)
     metadata = read_metadata(path)
-    if metadata.get("task"):
-        return metadata["task"]
+    task = metadata.get("task")
+    if task:  # one this mobilenet does not know is refused by the card's reader, in one line
+        return task if task in TASKS else "classification"
     if metadata.get("format", "").startswith("mobilenet") and "config" not in metadata:
         return "classification"  # int8 classifiers
     return checkpoint_task(*read_checkpoint(path))
@@ -284,36 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_flags(args, task, args.model)
     if args.optimizer is not None and args.lr is None:
         raise MobileNetError("--optimizer changes the recipe's optimizer: give --lr too")
-    if task == "classification" and args.val_fraction is not None and args.val_data is None:
-        from ..data.shards import is_shards
-
-        if is_shards(args.data):
-            raise MobileNetError(
-                "--val-fraction cannot hold out part of tar shards: give the held-out shards "
-                "with --val-data"
-            )
-    if task == "segmentation":
-        from .segmentation import trained_line
-
-        result, best = trained_line(args)
-    elif task == "detection":
-        from ..tasks.detection import train_detector
-        from .detection import detection_config
-
-        result = train_detector(detection_config(args))
-        best = (
-            f"mAP {result.best_map:.3f}, mAP@.5 {result.best_map_50:.3f} "
-            f"(epoch {result.best_epoch})"
-            if result.best_map is not None
-            else "-"
-        )
-        best = f"best held-out {best}"
-    else:
-        from ..tasks.classification import train
-
-        result = train(_classification_config(args))
-        best = f"{result.best_top1:.2f}% (epoch {result.best_epoch})" if result.best_top1 else "-"
-        best = f"best validation top-1 {best}"
+    result, best = task_named(task).train(args)
     if is_main_process():
         print(
             f"done in {result.seconds:.0f} s: {best}\n"
@@ -324,29 +277,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classification_config(args: argparse.Namespace):
-    from ..tasks.classification import TrainConfig
-    from ..train.recipes import get_recipe
-
-    overrides = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "resolution": args.resolution,
-        "optimizer": args.optimizer,
-        "weight_decay": args.weight_decay,
-        "warmup_epochs": args.warmup_epochs,
-        "ema_decay": args.ema_decay,
-    }
-    return TrainConfig(
-        **run_settings(args),
-        recipe=get_recipe(args.recipe or "demo", **overrides),
-        val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
-        lr=args.lr,
-        channels_last=args.channels_last is not False,
-        pretrained=args.pretrained,
-    )
-
-
 def _weights_task(args: argparse.Namespace) -> str:
     """The task of ``--weights`` (or ``--model``), with the other task's flags refused."""
     task = checkpoint_task_of(args.weights, args.model)
@@ -354,63 +284,9 @@ def _weights_task(args: argparse.Namespace) -> str:
     return task
 
 
-def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "cpu"):
-    """The trained classifier of ``--weights``, once it is known to fit in memory."""
-    from ..inference import load_trained
-
-    trained = load_trained(args.weights, args.model, args.width_mult, args.resolution)
-    check_memory(trained.model, trained.resolution, batch, what, device=device)
-    return apply_preprocess(args, trained, say=False)  # said once it has run
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    task = _weights_task(args)
-    if task == "segmentation":
-        from .segmentation import eval_segmenter
-
-        return eval_segmenter(args)
-    if task == "detection":
-        from .detection import eval_detector
-
-        return eval_detector(args)
-    from ..inference import evaluate_on
-
-    trained = _classifier(args, args.batch_size or 64, "the evaluation", args.device or "cpu")
-    metrics = evaluate_on(
-        trained, args.data, args.batch_size or 64, args.workers or 0, args.device or "cpu"
-    )
-    say_preprocess(trained.preprocess)  # after the run: a refused one stays one error line
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(
-            f"{trained.model.config.name} on {args.data}: top-1 {metrics['top1']:.2f}%  "
-            f"top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-            f"({metrics['images']} images at {trained.resolution}x{trained.resolution})"
-        )
-    return 0
+    return task_named(_weights_task(args)).evaluate(args)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    task = _weights_task(args)
-    if task == "segmentation":
-        from .segmentation import segment
-
-        return segment(args)
-    if task == "detection":
-        from .detection import detect
-
-        return detect(args)
-    from ..inference import predict
-
-    trained = _classifier(args, 1, "the prediction")
-    results = predict(trained, args.images, args.top or 5, args.engine or "auto")
-    say_preprocess(trained.preprocess)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for result in results:
-        print(result["image"])
-        for entry in result["top"]:
-            print(f"  {entry['probability']:7.2%}  {entry['class']}")
-    return 0
+    return task_named(_weights_task(args)).predict(args)

@@ -23,8 +23,16 @@ from .datasets import BUILTIN
 
 __all__ = ["TEXTURES", "textures", "write_digit_splits"]
 
-TEXTURES = ("brick", "grass", "gravel", "moon", "hubble_deep_field", "immunohistochemistry",
-            "coffee", "rocket")  # fmt: skip
+TEXTURES = (
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coffee",
+    "rocket",
+)
 
 # (folder, count, digits, labels, textures, rng): writes one split
 SplitWriter = Callable[

@@ -35,15 +35,26 @@ except ImportError:  # not POSIX: no lock, each process checks on its own
 __all__ = [
     "IMAGE_EXTENSIONS",
     "check_headers",
+    "check_image_files",
     "find_broken",
     "header_problem",
     "load_rgb",
+    "require_regular_file",
     "to_rgb",
 ]
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
-)  # fmt: skip
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -106,6 +117,12 @@ def require_regular_file(path: str | Path) -> None:
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else _SPECIAL.get(stat.S_IFMT(mode), "special")
         raise MobileNetError(f"{path}: not a readable image ({kind}, not a regular file)")
+
+
+def check_image_files(paths: list[str]) -> None:
+    """Refuse every input that is missing or not a regular file before any is read."""
+    for path in paths:
+        require_regular_file(path)
 
 
 _SPECIAL = {

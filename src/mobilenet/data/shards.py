@@ -44,15 +44,32 @@ from ..errors import MobileNetError
 from ..extras import require
 from .images import to_rgb
 
-__all__ = ["CLASSES_FILE", "DECODE_ERRORS", "EXTENSIONS", "ShardImages", "ShardList",
-           "ShardStream", "is_shards", "list_shards", "read_index"]  # fmt: skip
+__all__ = [
+    "CLASSES_FILE",
+    "DECODE_ERRORS",
+    "EXTENSIONS",
+    "ShardImages",
+    "ShardList",
+    "ShardStream",
+    "is_shards",
+    "list_shards",
+    "read_index",
+]
 
 Transform = Callable[[object], torch.Tensor]
 CLASSES_FILE = "classes.json"
 SHUFFLE_BUFFER = 1000  # samples (encoded bytes) a worker shuffles among
 # PIL format -> the extension WebDataset readers decode it by
-EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
-              "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}  # fmt: skip
+EXTENSIONS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "PPM": "ppm",
+}
 _IMAGE_EXTS = frozenset({*EXTENSIONS.values(), "jpeg", "pgm", "tif"})
 _END = object()  # the end of an iterator whose items may be None
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, Image.DecompressionBombError)

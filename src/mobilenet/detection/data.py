@@ -28,7 +28,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..card import Category
 from ..data.images import check_headers, load_rgb
 from ..errors import MobileNetError
 
@@ -53,12 +53,6 @@ __all__ = [
 
 ANNOTATIONS = "annotations.json"
 Target = dict[str, Any]
-
-
-@dataclass(frozen=True, order=True)
-class Category:
-    id: int
-    name: str
 
 
 class CocoDetection(Dataset):
@@ -290,9 +284,11 @@ class CocoDetection(Dataset):
         for info, target in zip(self.images, self.targets, strict=True):
             images.append({"id": int(info["id"]), "width": info["width"], "height": info["height"]})
             for box, label, crowd in zip(
-                target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist(),
+                target["boxes"].tolist(),
+                target["labels"].tolist(),
+                target["iscrowd"].tolist(),
                 strict=True,
-            ):  # fmt: skip
+            ):
                 w, h = box[2] - box[0], box[3] - box[1]
                 annotations.append(
                     {

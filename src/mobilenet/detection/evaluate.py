@@ -80,9 +80,11 @@ def predict_dataset(
                 boxes = result["boxes"].cpu()
                 boxes[:, 2:] -= boxes[:, :2]
                 for box, score, label in zip(
-                    boxes.tolist(), result["scores"].tolist(), result["labels"].tolist(),
+                    boxes.tolist(),
+                    result["scores"].tolist(),
+                    result["labels"].tolist(),
                     strict=True,
-                ):  # fmt: skip
+                ):
                     out.append(
                         {
                             "image_id": target["image_id"],

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import MobileNetError
 from ..export.onnx import DEFAULT_OPSET, onnx_session, with_metadata
 from ..export.prepare import prepare_for_inference
@@ -86,12 +87,12 @@ def export_detector_onnx(
             opset_version=opset,
             dynamo=False,
         )
+    card = ModelCard.read(metadata or {}, "the detector's card").replace(
+        config=model.config.to_dict(), task="detection", input_size=size
+    )
     meta = {
-        "task": "detection",
-        "config": json.dumps(model.config.to_dict()),
-        "resolution": str(size),
+        **card.metadata(),
         "box_coder_weights": json.dumps(list(model.box_coder.weights)),
-        **(metadata or {}),
     }
     data = with_metadata(buffer.getvalue(), meta)
     worst, scale = _worst_difference(reference, onnx_session(data), size)

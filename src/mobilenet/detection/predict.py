@@ -1,10 +1,7 @@
-"""Loading trained detectors and drawing their detections."""
+"""Loading trained detectors, scoring them (COCO mAP) and drawing their detections."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +10,41 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_bounding_boxes
 
-from ..data.images import load_rgb
-from ..deployed import check_requested
+from ..card import Category, ModelCard
+from ..data.images import check_image_files, load_rgb
+from ..deployed import Trained, check_requested
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import atomic_write
-from ..inference import check_image_files
 from ..models.registry import list_models, model_from_checkpoint
 from ..train.evaluate import finite_outputs
 from ..weights import read_checkpoint, saved_config
-from .data import Category
-from .evaluate import prediction_layers
+from .evaluate import evaluate_detector, prediction_layers
 from .model import SSDLite
 
-__all__ = ["TrainedDetector", "detect_images", "drawing_names", "load_detector"]
+__all__ = ["detect_images", "drawing_names", "evaluate_on", "load_detector", "trained_detector"]
 
 
-@dataclass
-class TrainedDetector:
-    model: SSDLite
-    categories: list[Category]  # label i is categories[i - 1]
-    path: Path | None = None  # the weights file it came from
-
-    def name_of(self, label: int) -> str:
-        return self.categories[label - 1].name if 0 < label <= len(self.categories) else str(label)
+def trained_detector(
+    model: SSDLite,
+    categories: list[Category],
+    path: Path | None = None,
+    card: ModelCard | None = None,
+) -> Trained:
+    """A detector and its categories (label i is ``categories[i - 1]``) as a loaded model,
+    its card (its file's, else a new one) saying them."""
+    card = (card or ModelCard()).replace(
+        config=model.config.to_dict(),
+        task="detection",
+        classes=tuple(c.name for c in categories),
+        category_ids=tuple(c.id for c in categories),
+        input_size=(model.config.image_size,) * 2,
+    )
+    return Trained(model, [c.name for c in categories], model.config.image_size, path, card=card)
 
 
 def load_detector(
     weights: str | Path, model: str | None = None, width_mult: float | None = None
-) -> TrainedDetector:
+) -> Trained:
     """A detector from our ``best.safetensors`` (its config and categories are inside) or
     from a torchvision SSDLite state dict (``model`` defaults to
     ``ssdlite_mobilenet_v3_large``; labels are then COCO category ids). A ``model`` or
@@ -60,37 +64,46 @@ def load_detector(
     kwargs = {} if width_mult is None or saved is not None else {"width_mult": width_mult}
     detector = model_from_checkpoint(name, state_dict, metadata, str(weights), **kwargs)
     assert isinstance(detector, SSDLite)
-    if "categories" in metadata:
-        categories = _saved_categories(metadata, weights, detector.num_classes)
+    card = ModelCard.read(metadata, str(weights))
+    if card.classes is not None:
+        categories = _saved_categories(card, weights, detector.num_classes)
     else:  # label == category id (torchvision's COCO models)
         categories = [Category(i, str(i)) for i in range(1, detector.num_classes)]
-    return TrainedDetector(detector.eval(), categories, Path(weights))
+    return trained_detector(detector.eval(), categories, Path(weights), card)
 
 
-def _saved_categories(
-    metadata: Mapping[str, str], weights: str | Path, num_classes: int
-) -> list[Category]:
-    """The ``categories`` training saved: a JSON list of ``{"id": int, "name": str}``, one
-    per label after the background. Anything else is a damaged file, said in one line
-    rather than a traceback later, when a label is named."""
-    where = f"{weights}: metadata 'categories'"
-    try:
-        saved = json.loads(metadata["categories"])
-    except ValueError as e:
-        raise CheckpointError(f"{where} is not JSON ({e})") from None
-    if not isinstance(saved, list) or not all(
-        isinstance(c, dict)
-        and isinstance(c.get("id"), int)
-        and not isinstance(c.get("id"), bool)
-        and isinstance(c.get("name"), str)
-        for c in saved
-    ):
-        raise CheckpointError(f'{where} is not a list of {{"id": integer, "name": string}}')
-    if len(saved) != num_classes - 1:
+def _saved_categories(card: ModelCard, weights: str | Path, num_classes: int) -> list[Category]:
+    """The categories training saved in the card: one per label after the background,
+    with their dataset ids. A count that does not fit the detector is a damaged file,
+    said in one line rather than a traceback later, when a label is named."""
+    names = card.classes or ()
+    ids = card.category_ids or tuple(range(1, len(names) + 1))
+    if len(ids) != len(names):
         raise CheckpointError(
-            f"{where} lists {len(saved)} categories; the detector has {num_classes - 1}"
+            f"{weights}: metadata 'category_ids' lists {len(ids)} ids for {len(names)} classes"
         )
-    return [Category(c["id"], c["name"]) for c in saved]
+    if len(names) != num_classes - 1:
+        raise CheckpointError(
+            f"{weights}: metadata 'categories' lists {len(names)} categories; the detector "
+            f"has {num_classes - 1}"
+        )
+    return [Category(i, name) for i, name in zip(ids, names, strict=True)]
+
+
+def evaluate_on(
+    trained: Trained, data: str, batch_size: int = 16, workers: int = 0, device: str = "cpu"
+) -> dict[str, float]:
+    """COCO mAP of ``trained`` on ``data``: mnist-det's held-out split, or a COCO-format
+    folder (its images and annotations.json) whose categories are the detector's."""
+    from ..train.distributed import resolve_device
+    from .builtin import dataset_root
+    from .data import CocoDetection, eval_transform
+
+    split = "val" if data == "mnist-det" else "train"
+    dataset = CocoDetection(dataset_root(data, split), eval_transform(), trained.categories)
+    model = trained.model.to(resolve_device(device))
+    source = str(trained.path or "the model")
+    return evaluate_detector(model, dataset, batch_size, workers, source=source)
 
 
 def drawing_names(paths: list[str]) -> list[str]:
@@ -122,7 +135,7 @@ def _read_image(path: str) -> torch.Tensor:
 
 @torch.no_grad()
 def detect_images(
-    trained: TrainedDetector,
+    trained: Trained,
     paths: list[str],
     out: str | Path | None = None,
     min_score: float = 0.5,

@@ -164,16 +164,23 @@ def train_variant(
     A finished run in ``out`` is read back instead of trained again, an interrupted one
     resumed.
     """
-    from ..tasks.classification import TrainConfig, build_model, train
+    from ..classification.task import TrainConfig, build_model, train
     from ..train import get_recipe
 
     if (out / "summary.json").is_file():
         return _history(out)
     recipe = dataclasses.replace(get_recipe("demo"), epochs=cfg.epochs, resolution=cfg.resolution)
     train_cfg = TrainConfig(
-        model_name, cfg.data, out, recipe, width_mult=cfg.width_mult, seed=seed, workers=0,
-        progress=False, resume=(out / "last.pt").is_file(),
-    )  # fmt: skip
+        model_name,
+        cfg.data,
+        out,
+        recipe,
+        width_mult=cfg.width_mult,
+        seed=seed,
+        workers=0,
+        progress=False,
+        resume=(out / "last.pt").is_file(),
+    )
     torch.manual_seed(seed)  # the variant's initial weights
     model = change(build_model(train_cfg))
     train(train_cfg, model=model)

@@ -50,11 +50,12 @@ from ..extras import require
 from ..fileio import read_bytes, write_bytes
 from ..integrity import check_seal, note_unsealed, seal, sealed_metadata
 from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
-from .int8 import calibrated_export, observe
+from .calibration import calibrated_export, observe
+from .check import check_against_pytorch
 from .int8_check import SLACK, check_int8
-from .onnx import _check, _model_metadata
+from .metadata import model_metadata, model_name
 from .prepare import integer_activations, prepare_for_inference
-from .pt2 import _quiet_torch_logs
+from .pt2 import quiet_torch_export_logs
 from .pt2_program import first_line
 
 __all__ = [
@@ -91,11 +92,11 @@ def export_pte(
     _require()
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
-    program = _torch_export(prepared, resolution, _name(model))
+    program = _torch_export(prepared, resolution, model_name(model))
     meta = sealed_metadata(_metadata(model, resolution, metadata, "float32"))
-    data = seal(_lower(program, meta, _name(model)))
+    data = seal(_lower(program, meta, model_name(model)))
     method, _ = read_pte(data, "the exported program", verify=False)
-    diff = _check(lambda t: _run(method, t), model, resolution, "ExecuTorch")
+    diff = check_against_pytorch(lambda t: _run(method, t), model, resolution, "ExecuTorch")
     write_bytes(path, data)
     record_verified(data, "executorch")  # loaded and run above
     return diff
@@ -117,12 +118,12 @@ def export_pte_int8(
     quantizer = xnnpack_quantizer()
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "mobile", _PURPOSE)
     model = model.eval()
-    name = _name(model)
+    name = model_name(model)
     prepared = prepare_for_inference(model, channels_last=False)
     if integer_only:
         integer_activations(prepared)
     captured = _torch_export(prepared, resolution, name).module()
-    with warnings.catch_warnings(), _quiet_torch_logs():
+    with warnings.catch_warnings(), quiet_torch_export_logs():
         warnings.simplefilter("ignore")
         observed = pt2e.prepare_pt2e(captured, quantizer)
         seen, first = observe(observed, calibration_batches)
@@ -160,7 +161,7 @@ def quantize_pte(
     progress: Callable[[str], None] | None = None,
     integer_only: bool = False,
 ) -> tuple[int, float]:
-    """Write an int8 program of ``trained`` (a :class:`mobilenet.inference.Trained`) to
+    """Write an int8 program of ``trained`` (a :class:`mobilenet.deployed.Trained`) to
     ``out``, calibrated on ``calibration_images`` images of ``data`` drawn at random (all it
     holds when that is fewer: ``progress`` is told); returns how many images were used and
     the program's max abs difference from the float model (see :func:`export_pte_int8`).
@@ -259,14 +260,10 @@ def _require() -> None:
         pytree.setLevel(level)
 
 
-def _name(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "name", type(model).__name__)
-
-
 def _metadata(
     model: nn.Module, resolution: int, extra: dict[str, str] | None, dtype: str
 ) -> dict[str, str]:
-    meta = {**_model_metadata(model, resolution), **(extra or {})}
+    meta = {**model_metadata(model, resolution), **(extra or {})}
     return {**meta, "dtype": dtype, "max_batch": str(MAX_BATCH), "format": FORMAT}
 
 
@@ -287,7 +284,7 @@ def _torch_export(module: nn.Module, resolution: int, name: str) -> torch.export
     example = torch.randn(2, 3, resolution, resolution)  # batch 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
             return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types for a model it cannot trace
@@ -300,7 +297,7 @@ def _lower(program: torch.export.ExportedProgram, meta: dict[str, str], name: st
     from executorch.exir import to_edge_transform_and_lower
 
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
             edge = to_edge_transform_and_lower(
                 program,

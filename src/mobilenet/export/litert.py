@@ -59,12 +59,13 @@ from ..extras import require
 from ..fileio import read_bytes, write_bytes
 from ..integrity import check_seal, note_unsealed, seal, sealed_metadata
 from ..native import NativeLog, quiet_native_stderr, record_verified, verify_in_child
-from .executorch import INT8_SLACK, _name
-from .int8 import calibrated_export, observe
+from .calibration import calibrated_export, observe
+from .check import check_against_pytorch
+from .executorch import INT8_SLACK
 from .int8_check import check_int8
-from .onnx import _check, _model_metadata
+from .metadata import model_metadata, model_name
 from .prepare import integer_activations, prepare_for_inference
-from .pt2 import _quiet_torch_logs
+from .pt2 import quiet_torch_export_logs
 from .pt2_program import first_line
 
 __all__ = [
@@ -100,11 +101,11 @@ def export_tflite(
     _require_converter()
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
-    flat = _convert(prepared, resolution, _name(model))
+    flat = _convert(prepared, resolution, model_name(model))
     meta = sealed_metadata(_metadata(model, resolution, metadata, "float32"))
     data = seal(_with_metadata(flat, meta))
     run, _ = read_tflite(data, "the exported model", threads=1, verify=False)
-    diff = _check(lambda t: run(t).numpy(), model, resolution, "LiteRT")
+    diff = check_against_pytorch(lambda t: run(t).numpy(), model, resolution, "LiteRT")
     write_bytes(path, data)
     record_verified(data, "litert")  # loaded and run above
     return diff
@@ -126,7 +127,7 @@ def export_tflite_int8(
     from litert_torch.quantize import pt2e_quantizer, quant_config
 
     model = model.eval()
-    name = _name(model)
+    name = model_name(model)
     prepared = integer_activations(prepare_for_inference(model, channels_last=False))
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
@@ -158,7 +159,7 @@ def quantize_tflite(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[int, float]:
-    """Write an int8 LiteRT model of ``trained`` (a :class:`mobilenet.inference.Trained`)
+    """Write an int8 LiteRT model of ``trained`` (a :class:`mobilenet.deployed.Trained`)
     to ``out``, calibrated on ``calibration_images`` images of ``data`` drawn at random
     (all it holds when that is fewer: ``progress`` is told); returns how many images were
     used and the model's max abs difference from the float model."""
@@ -275,7 +276,7 @@ def _require_converter() -> Any:
 def _metadata(
     model: nn.Module, resolution: int, extra: dict[str, str] | None, dtype: str
 ) -> dict[str, str]:
-    meta = {**_model_metadata(model, resolution), **(extra or {})}
+    meta = {**model_metadata(model, resolution), **(extra or {})}
     return {**meta, "dtype": dtype, "layout": LAYOUT, "format": FORMAT}
 
 
@@ -369,7 +370,7 @@ def _quiet_conversion() -> Iterator[None]:
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs(), quiet_native_stderr():
+        with warnings.catch_warnings(), quiet_torch_export_logs(), quiet_native_stderr():
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +26,8 @@ from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
 from ..integrity import MARKER, check_seal, seal, sealed_metadata
+from .check import check_against_pytorch
+from .metadata import input_size, model_metadata
 from .prepare import prepare_for_inference
 
 __all__ = [
@@ -36,11 +36,9 @@ __all__ = [
     "export_torchscript",
     "input_size",
     "onnx_session",
-    "size_text",
 ]
 
 DEFAULT_OPSET = 17  # HardSwish (14+) and HardSigmoid are standard ops at this opset
-TOLERANCE = 1e-4  # max abs difference, for logits of unit scale (see _check)
 
 
 def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str = ""):
@@ -73,65 +71,17 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str
     return session
 
 
-def input_size(resolution: int | Sequence[int]) -> tuple[int, int]:
-    """``(height, width)`` of a square's side or of a pair."""
-    if isinstance(resolution, int):
-        return resolution, resolution
-    h, w = resolution
-    return int(h), int(w)
-
-
-def size_text(resolution: int | Sequence[int]) -> str:
-    """How metadata and messages write a size: ``224`` for a square, ``1024x2048`` else."""
-    h, w = input_size(resolution)
-    return str(h) if h == w else f"{h}x{w}"
-
-
 class _MainOutput(nn.Module):
     """A segmentation model's ``"out"`` logits as its only output: the dict of its forward
     is not a graph output ONNX can carry, and ``"aux"`` serves training only."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, key: str) -> None:
         super().__init__()
         self.model = model
+        self.key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's logits: a classifier's output, a segmentation model's ``"out"``."""
-    out = model(x)
-    return out["out"] if isinstance(out, dict) else out
-
-
-def _check(run, model: nn.Module, resolution: int | Sequence[int], what: str) -> float:
-    """Max abs difference between ``run`` and the PyTorch model on random batches of 1 and 3,
-    at a side or ``(height, width)``; a segmentation model is compared on its ``"out"``.
-
-    The tolerance is 1e-4 for logits up to 1 in magnitude and scales with larger ones:
-    float32 kernels that sum in another order differ by a relative ~1e-6 per layer, so
-    logits of 20 may differ by more than 1e-4 without anything being wrong.
-    """
-    g = torch.Generator().manual_seed(0)
-    worst, scale = 0.0, 1.0
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, *input_size(resolution), generator=g)
-        with torch.no_grad():
-            expected = _logits(model, x).numpy()
-        if not np.isfinite(expected).all():  # else "differs by nan", which says nothing
-            raise MobileNetError(
-                "the model outputs NaN or infinite values (damaged or overflowing weights); "
-                "nothing written"
-            )
-        worst = max(worst, float(np.abs(run(x) - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    if not worst <= TOLERANCE * scale:
-        raise MobileNetError(
-            f"{what} differs from PyTorch by {worst:.2e} (tolerance {TOLERANCE * scale:.1e}); "
-            "nothing written"
-        )
-    return worst
+        return self.model(x)[self.key]
 
 
 def export_onnx(
@@ -157,8 +107,9 @@ def export_onnx(
     path = Path(path)
     model = model.eval()
     prepared = prepare_for_inference(model, channels_last=False)
-    if getattr(model, "task", None) == "segmentation":
-        prepared = _MainOutput(prepared)
+    key = getattr(model, "main_output", None)
+    if key is not None:  # a segmentation model's dict of maps: the main one
+        prepared = _MainOutput(prepared, key)
     x = torch.randn(1, 3, *input_size(resolution))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -173,25 +124,14 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    meta = {**_model_metadata(model, resolution), **(metadata or {})}
+    meta = {**model_metadata(model, resolution), **(metadata or {})}
     data = with_metadata(buffer.getvalue(), meta)
     session = onnx_session(data)
-    diff = _check(
+    diff = check_against_pytorch(
         lambda t: session.run(None, {"images": t.numpy()})[0], model, resolution, "ONNX Runtime"
     )
     write_bytes(path, data)
     return diff
-
-
-def _model_metadata(model: nn.Module, resolution: int | Sequence[int]) -> dict[str, str]:
-    config = getattr(model, "config", None)
-    meta = {"resolution": size_text(resolution), "task": getattr(model, "task", "classification")}
-    if config is not None:
-        meta["config"] = json.dumps(config.to_dict())
-    preprocess = getattr(model, "preprocess", None)  # a classifier loaded from a checkpoint
-    if preprocess is not None and not callable(preprocess):  # (a detector's is a method)
-        meta["preprocess"] = preprocess.at(resolution).to_json()
-    return meta
 
 
 def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
@@ -229,6 +169,8 @@ def export_torchscript(model: nn.Module, path: str | Path, resolution: int = 224
         traced = torch.jit.trace(prepared, torch.randn(1, 3, resolution, resolution))
         torch.jit.save(traced, buffer)
         loaded = torch.jit.load(io.BytesIO(buffer.getvalue()))
-    diff = _check(lambda t: loaded(t).detach().numpy(), model, resolution, "TorchScript")
+    diff = check_against_pytorch(
+        lambda t: loaded(t).detach().numpy(), model, resolution, "TorchScript"
+    )
     write_bytes(path, buffer.getvalue())
     return diff

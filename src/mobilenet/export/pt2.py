@@ -54,14 +54,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import read_bytes, write_bytes
 from ..integrity import DIGEST_KEY, note_unsealed
-from .onnx import _check, _model_metadata
+from .check import check_against_pytorch
+from .metadata import model_metadata, model_name
 from .prepare import prepare_for_inference
 from .pt2_program import check_program, first_line, is_path
 
-__all__ = ["META_FILE", "export_pt2", "read_pt2", "records_digest"]
+__all__ = ["META_FILE", "export_pt2", "quiet_torch_export_logs", "read_pt2", "records_digest"]
 
 META_FILE = "mobilenet.json"  # stored as extra/mobilenet.json in the archive
 FORMAT = "mobilenet-pt2"
@@ -98,20 +100,22 @@ def export_pt2(
     prepared = prepare_for_inference(model, channels_last=False)
     example = torch.randn(2, 3, resolution, resolution)  # batch 1 would be specialised
     batch = torch.export.Dim("batch", min=1)
-    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    name = model_name(model)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
             program = torch.export.export(prepared, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch raises many types for a model it cannot trace
         raise MobileNetError(f"torch.export cannot export {name}: {first_line(e)}") from None
-    meta = {**_model_metadata(model, resolution), **(metadata or {}), "format": FORMAT}
+    meta = {**model_metadata(model, resolution), **(metadata or {}), "format": FORMAT}
     meta[DIGEST_KEY] = "0" * 64  # the digest's length: filled in without moving a byte
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
     data = _sealed(buffer.getvalue(), meta)
     loaded, _ = read_pt2(data, "the exported program")  # what eval will load, checked
-    diff = _check(lambda t: loaded(t).detach().numpy(), model, resolution, "torch.export")
+    diff = check_against_pytorch(
+        lambda t: loaded(t).detach().numpy(), model, resolution, "torch.export"
+    )
     write_bytes(path, data)
     return diff
 
@@ -123,7 +127,7 @@ def read_pt2(source: str | Path | bytes, name: str = "") -> tuple[nn.Module, dic
     data = read_bytes(source, what)
     metadata = _inspect(data, what)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
             program = torch.export.load(io.BytesIO(data))
             module = program.module(check_guards=False)  # guards are code from the file
@@ -326,39 +330,32 @@ def _check_shapes(metadata: Mapping[str, str], graph: Any, what: str) -> None:
         raise MobileNetError(f"{what}: damaged .pt2 archive ({first_line(e)})") from None
     if image is None or len(image) != 4 or image[1] != 3 or None in image[2:]:
         raise MobileNetError(f"{what}: its program does not take (batch, 3, H, W) images")
-    if "resolution" in metadata:
-        text = metadata["resolution"]
-        if not (text.isascii() and text.isdecimal() and int(text) > 0):
-            raise CheckpointError(
-                f"{what}: metadata 'resolution' must be a positive integer, got {text[:80]!r}"
-            )
-        if image[2:] != [int(text)] * 2:
-            raise CheckpointError(
-                f"{what}: its metadata says {text}x{text} images, its program takes "
-                f"{image[2]}x{image[3]}"
-            )
+    card = ModelCard.read(metadata, what)  # damage is one line naming the file
+    if card.input_size is not None and image[2:] != list(card.input_size):
+        height, width = card.input_size
+        raise CheckpointError(
+            f"{what}: its metadata says {height}x{width} images, its program takes "
+            f"{image[2]}x{image[3]}"
+        )
     counts = []  # (what the metadata says, the number)
-    with contextlib.suppress(ValueError):  # not JSON: said by the caller that reads it
-        classes = json.loads(metadata.get("classes", "null"))
-        if isinstance(classes, list):
-            counts.append(("names {} classes", len(classes)))
-    with contextlib.suppress(ValueError):
-        config = json.loads(metadata.get("config", "null"))
-        if isinstance(config, dict) and isinstance(config.get("num_classes"), int):
-            counts.append(("config has num_classes {}", config["num_classes"]))
+    if card.classes is not None:
+        counts.append(("names {} classes", len(card.classes)))
+    if card.num_classes is not None:
+        counts.append(("config has num_classes {}", card.num_classes))
     if counts and (logits is None or len(logits) != 2 or logits[1] is None):
         raise CheckpointError(f"{what}: its program's output is not (batch, classes) logits")
     for says, count in counts:
         if count != logits[1]:  # type: ignore[index]
+            outputs = logits[1]  # type: ignore[index]
             raise CheckpointError(
-                f"{what}: its metadata {says.format(count)}, its program outputs {logits[1]} logits"  # type: ignore[index]
+                f"{what}: its metadata {says.format(count)}, its program outputs {outputs} logits"
             )
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """Keep torch.export's logged warnings (with tracebacks) off stderr: a refusal is
-    one line."""
+def quiet_torch_export_logs() -> Iterator[None]:
+    """Keep torch.export's logged warnings (with tracebacks) off stderr while it runs, so
+    that a refusal is one line (the .pt2, .pte and .tflite exporters all trace with it)."""
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch._dynamo")]
     saved = [lg.level for lg in loggers]
     for lg in loggers:  # their children log at the level they inherit

@@ -30,9 +30,19 @@ _BAD_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 # Names torch.fx writes into generated code: not keywords, not builtins, not the globals of
 # that code (torch.fx's own rule for the names it makes), not the method's ``self``.
 _RESERVED = frozenset(
-    {*keyword.kwlist, *dir(builtins), "self", "inf", "nan", "NoneType", "torch", "device",
-     "fx_pytree", "pytree"}
-)  # fmt: skip
+    {
+        *keyword.kwlist,
+        *dir(builtins),
+        "self",
+        "inf",
+        "nan",
+        "NoneType",
+        "torch",
+        "device",
+        "fx_pytree",
+        "pytree",
+    }
+)
 _NAME_MAX = 200  # characters of one name; torch's longest are parameter paths made flat
 _PATH_MAX = 1000
 _SYMBOL = re.compile(r"[a-z]\d{1,9}")  # s77: torch's names of shape symbols
@@ -40,10 +50,25 @@ _SYMBOL = re.compile(r"[a-z]\d{1,9}")  # s77: torch's names of shape symbols
 # the rest (graphs of higher-order operators, custom objects, operators as values, dicts of
 # arguments) our export never writes.
 _CONSTANT_ARGUMENTS = frozenset(
-    {"as_none", "as_int", "as_ints", "as_float", "as_floats", "as_string", "as_strings",
-     "as_scalar_type", "as_memory_format", "as_layout", "as_device", "as_bool", "as_bools",
-     "as_complex", "as_int_lists", "as_float_lists"}
-)  # fmt: skip
+    {
+        "as_none",
+        "as_int",
+        "as_ints",
+        "as_float",
+        "as_floats",
+        "as_string",
+        "as_strings",
+        "as_scalar_type",
+        "as_memory_format",
+        "as_layout",
+        "as_device",
+        "as_bool",
+        "as_bools",
+        "as_complex",
+        "as_int_lists",
+        "as_float_lists",
+    }
+)
 _TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict"})
 
 # Shape expressions as torch.export.save writes them (sympy's srepr): calls of these
@@ -230,18 +255,21 @@ def _check_treespec(spec: dict[str, Any], refuse, depth: int) -> None:
 
 def _is_identifier(name: object) -> bool:
     return (
-        isinstance(name, str) and 0 < len(name) <= _NAME_MAX and name.isascii()
+        isinstance(name, str)
+        and 0 < len(name) <= _NAME_MAX
+        and name.isascii()
         and name.isidentifier()
-    )  # fmt: skip
+    )
 
 
 def _is_value_name(name: object) -> bool:
     """Whether ``name`` can be a variable of the code torch.fx generates: an ASCII
     identifier that is no keyword, builtin, global of that code, or dunder."""
     return (
-        _is_identifier(name) and name not in _RESERVED
+        _is_identifier(name)
+        and name not in _RESERVED
         and not (name.startswith("__") and name.endswith("__"))  # type: ignore[union-attr]
-    )  # fmt: skip
+    )
 
 
 def is_path(path: object) -> bool:

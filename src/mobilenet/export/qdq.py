@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..extras import require
+from .onnx_graph import GraphEditor, node_attribute, require_onnx
 
 __all__ = [
     "MARK",
@@ -59,87 +59,20 @@ SHIFT_MARK = "mobilenet_qdq_shift_"  # name prefix of h-swish's shift Adds folde
 MAX_STEP_GROWTH = 2.0  # fold_marked_shifts moves a grid only where its step grows <= this
 
 
-def _onnx():
-    return require("onnx", "deploy", "int8 ONNX quantization")
-
-
-class _Graph:
-    """Producer, consumer and initializer maps of an ONNX graph being rewritten."""
-
-    def __init__(self, graph: Any) -> None:
-        onnx = _onnx()
-        self.graph = graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
-        self.init = {t.name: t for t in graph.initializer}
-        self.arrays = {name: onnx.numpy_helper.to_array(t) for name, t in self.init.items()}
-        self.outputs = {o.name for o in graph.output}
-        self.ranks = {
-            v.name: len(v.type.tensor_type.shape.dim)
-            for v in [*graph.value_info, *graph.input, *graph.output]
-            if v.type.tensor_type.HasField("shape")
-        }
-        self._count = 0
-
-    def constant(self, value: np.ndarray | float, hint: str, dtype: Any = np.float32) -> str:
-        onnx = _onnx()
-        self._count += 1
-        name = f"{hint}_{self._count}"
-        while name in self.init:
-            self._count += 1
-            name = f"{hint}_{self._count}"
-        array = np.asarray(value, dtype=dtype)
-        tensor = onnx.numpy_helper.from_array(array, name)
-        self.graph.initializer.append(tensor)
-        self.init[name], self.arrays[name] = self.graph.initializer[-1], array
-        return name
-
-    def set_initializer(self, name: str, value: np.ndarray) -> None:
-        onnx = _onnx()
-        self.init[name].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
-
-    def private(self, node: Any, index: int) -> str:
-        """The name of ``node``'s initializer input ``index``, copied first where other
-        nodes use it too (exporters share equal constants, e.g. zero biases)."""
-        name = node.input[index]
-        users = self.consumers[name]
-        if len(users) > 1:
-            copy = self.constant(self.arrays[name], name)
-            users.remove(node)
-            self.consumers[copy] = [node]
-            node.input[index] = name = copy
-        return name
-
-    def only_user(self, tensor: str, node: Any) -> bool:
-        users = self.consumers.get(tensor, [])
-        return tensor not in self.outputs and len(users) == 1 and users[0] is node
-
-
-def _attribute(node: Any, name: str, default: Any) -> Any:
-    onnx = _onnx()
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
-def _pool(g: _Graph, node: Any) -> list | None:
+def _pool(g: GraphEditor, node: Any) -> list | None:
     """``ReduceMean(x, axes=[2, 3], keepdims=1)`` of a 4-D ``x`` as ``GlobalAveragePool``."""
-    onnx = _onnx()
-    axes = sorted(int(a) % 4 for a in _attribute(node, "axes", []))
-    if axes != [2, 3] or not _attribute(node, "keepdims", 1) or len(node.input) != 1:
+    onnx = require_onnx()
+    axes = sorted(int(a) % 4 for a in node_attribute(node, "axes", []))
+    if axes != [2, 3] or not node_attribute(node, "keepdims", 1) or len(node.input) != 1:
         return None
     if g.ranks.get(node.input[0]) != 4:
         return None
     return [onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output))]
 
 
-def _fold_into_conv(g: _Graph, node: Any, alpha: float, beta: float) -> list | None:
+def _fold_into_conv(g: GraphEditor, node: Any, alpha: float, beta: float) -> list | None:
     """The gate folded into the biased conv before it, then ``Clip(0, 1)``."""
-    onnx = _onnx()
+    onnx = require_onnx()
     conv = g.producer.get(node.input[0])
     if conv is None or conv.op_type != "Conv" or len(conv.input) != 3:
         return None
@@ -154,9 +87,9 @@ def _fold_into_conv(g: _Graph, node: Any, alpha: float, beta: float) -> list | N
     return [onnx.helper.make_node("Clip", [node.input[0], low, high], list(node.output))]
 
 
-def _split(g: _Graph, node: Any, alpha: float, beta: float) -> list:
+def _split(g: GraphEditor, node: Any, alpha: float, beta: float) -> list:
     """``clip(alpha x + beta, 0, 1)`` as ``Clip(x + beta/alpha, 0, 1/alpha) * alpha``."""
-    onnx = _onnx()
+    onnx = require_onnx()
     name = node.name or node.output[0]
     shifted, clipped = f"{name}_shifted", f"{name}_clipped"
     shift = g.constant(beta / alpha, "hsig_shift")
@@ -223,7 +156,7 @@ def module_nodes(model: Any, modules: Sequence[str]) -> set[str]:
     # The exporter shares equal constants (the zero biases of an untrained model): a float
     # conv that shares one with a quantized node would read it dequantized, and ONNX
     # Runtime would not give it its fast float kernels. Each gets a copy of its own.
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     for node in model.graph.node:
         if node.name in names:
             for index, tensor in enumerate(node.input):
@@ -236,7 +169,7 @@ def integer_friendly(model: Any, keep: Collection[str] = ()) -> Any:
     """Rewrite a float ONNX model (shapes inferred) in place so that QDQ quantization
     keeps MobileNetV3's h-sigmoid, h-swish and squeeze-excite in integer ops; the nodes
     named in ``keep`` (those left in float) stay as they are."""
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     rewritten = []
     for node in model.graph.node:
         replacement = None
@@ -245,8 +178,8 @@ def integer_friendly(model: Any, keep: Collection[str] = ()) -> Any:
         elif node.op_type == "ReduceMean":
             replacement = _pool(g, node)
         elif node.op_type == "HardSigmoid":
-            alpha = float(_attribute(node, "alpha", 0.2))
-            beta = float(_attribute(node, "beta", 0.5))
+            alpha = float(node_attribute(node, "alpha", 0.2))
+            beta = float(node_attribute(node, "beta", 0.5))
             if alpha > 0:
                 replacement = _fold_into_conv(g, node, alpha, beta) or _split(g, node, alpha, beta)
         rewritten.extend(replacement if replacement is not None else [node])
@@ -259,7 +192,7 @@ def fold_marked_scales(model: Any) -> int:
     """Remove every marked ``DequantizeLinear -> Mul(alpha) -> QuantizeLinear`` of a QDQ
     model, reading the integers before it with ``alpha`` times their scale; returns how
     many were folded (a marked Mul left in float by the quantizer stays as it is)."""
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     removed: set[int] = set()
     folded = 0
     for mul in list(model.graph.node):
@@ -288,7 +221,7 @@ def fold_marked_scales(model: Any) -> int:
     return folded
 
 
-def _fold_plan(g: _Graph, mul: Any) -> tuple | None:
+def _fold_plan(g: GraphEditor, mul: Any) -> tuple | None:
     """(the DequantizeLinear before ``mul``, alpha, the QuantizeLinear after it, the
     DequantizeLinear nodes that read it), or None where the pattern is not all there."""
     source = g.producer.get(mul.input[0])
@@ -351,7 +284,7 @@ def fold_marked_shifts(model: Any) -> int:
     integers, and the Add goes; returns how many were folded. A grid that would need a
     step more than ``MAX_STEP_GROWTH`` times coarser (``x`` calibrated to a range much
     narrower than ``[-c, c]``) is left as it is, as is any pattern not all there."""
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     removed: set[int] = set()
     clips: dict[int, Any] = {}  # the Clip that takes the place of the Add of that id
     folded = 0
@@ -378,7 +311,9 @@ def fold_marked_shifts(model: Any) -> int:
             bounds = [g.constant(b, "shift_clip", zero.dtype) for b in (0, ceiling)]
             clipped = f"{add.output[0]}_integer_clip"
             name = add.name.replace(SHIFT_MARK, "hsigmoid_clip_")
-            clip = _onnx().helper.make_node("Clip", [integers, *bounds], [clipped], name=name)
+            clip = require_onnx().helper.make_node(
+                "Clip", [integers, *bounds], [clipped], name=name
+            )
             clips[id(add)] = clip
             integers = clipped
         quantize_a = g.consumers[add.output[0]][0]
@@ -398,18 +333,18 @@ def fold_marked_shifts(model: Any) -> int:
     return folded
 
 
-def _scalar(g: _Graph, name: str) -> bool:
+def _scalar(g: GraphEditor, name: str) -> bool:
     return name in g.arrays and g.arrays[name].size == 1
 
 
-def _at_zero(g: _Graph, node: Any) -> bool:
+def _at_zero(g: GraphEditor, node: Any) -> bool:
     """Whether a (De)QuantizeLinear's scale is one number and its zero point 0."""
     if len(node.input) < 3 or not all(_scalar(g, name) for name in node.input[1:3]):
         return False
     return int(g.arrays[node.input[2]]) == 0
 
 
-def _shift_plan(g: _Graph, add: Any) -> tuple | None:
+def _shift_plan(g: GraphEditor, add: Any) -> tuple | None:
     """(the QuantizeLinear of ``x``, the DequantizeLinear nodes that read the shifted and
     clipped integers, c, H) of a marked ``Clip(x + c, 0, H)``, or None where the pattern
     is not all there: ``x`` quantized per tensor and read only by the Add and by

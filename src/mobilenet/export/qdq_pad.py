@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .qdq import _attribute, _Graph, _onnx
+from .onnx_graph import GraphEditor, node_attribute, require_onnx
 
 __all__ = ["pad_depthwise"]
 
@@ -25,7 +25,7 @@ class _Padding:
     """The rewrites that give one depthwise conv ``channels`` channels: the tensors that
     carry the extra (zero) channels, the convs that produce them, read them, or both."""
 
-    def __init__(self, g: _Graph, channels: int) -> None:
+    def __init__(self, g: GraphEditor, channels: int) -> None:
         self.g, self.channels = g, channels
         self.tensors: set[str] = set()
         self.produce: dict[int, Any] = {}  # group-1 convs whose outputs grow
@@ -54,7 +54,7 @@ class _Padding:
             if _depthwise_channels(self.g, node) is not None:
                 self.depthwise[id(node)] = node
                 return self.tensor(node.input[0])
-            if int(_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
+            if int(node_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
                 return False
             self.produce[id(node)] = node
             return True
@@ -69,7 +69,7 @@ class _Padding:
             if _depthwise_channels(self.g, node) is not None:
                 self.depthwise[id(node)] = node
                 return self.tensor(node.output[0])
-            if int(_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
+            if int(node_attribute(node, "group", 1)) != 1 or node.input[1] not in self.g.init:
                 return False
             if node.input[0] == name:
                 self.read[id(node)] = node
@@ -91,15 +91,15 @@ class _Padding:
                     attr.i = channels
 
 
-def _depthwise_channels(g: _Graph, conv: Any) -> int | None:
+def _depthwise_channels(g: GraphEditor, conv: Any) -> int | None:
     weight = g.arrays.get(conv.input[1]) if len(conv.input) > 1 else None
-    group = int(_attribute(conv, "group", 1))
+    group = int(node_attribute(conv, "group", 1))
     if weight is None or weight.ndim != 4 or group == 1:
         return None
     return group if weight.shape[0] == group and weight.shape[1] == 1 else None
 
 
-def _pad_initializer(g: _Graph, node: Any, index: int, axis: int, size: int) -> None:
+def _pad_initializer(g: GraphEditor, node: Any, index: int, axis: int, size: int) -> None:
     """Zeros appended to ``node``'s initializer input ``index`` along ``axis``."""
     name = g.private(node, index)
     array = g.arrays[name]
@@ -118,12 +118,12 @@ def pad_depthwise(model: Any, multiple: int = 16, keep: Collection[str] = ()) ->
     channel counts in multiples of 16 only (V3-Large has 72, 120, 184 and 200). A conv
     whose neighbours are not convs and channel-wise ops is left as it is, as are those
     named in ``keep`` (left in float)."""
-    onnx = _onnx()
+    onnx = require_onnx()
     padded = 0
     for node in list(model.graph.node):
         if node.name in keep:
             continue
-        g = _Graph(model.graph)
+        g = GraphEditor(model.graph)
         channels = _depthwise_channels(g, node) if node.op_type == "Conv" else None
         if channels is None or channels % multiple == 0:
             continue

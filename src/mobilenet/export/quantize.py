@@ -12,7 +12,6 @@ and the number of images it was calibrated on (``calibration_images``).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..card import ModelCard
 from ..extras import require
 from ..fileio import atomic_write
-from .int8 import calibration_batches, calibration_count, calibration_dataset
+from .calibration import calibration_batches, calibration_count, calibration_dataset
 from .onnx import export_onnx, onnx_session, read_metadata, set_metadata
 from .qdq import fold_marked_scales, fold_marked_shifts, integer_friendly, module_nodes
 from .qdq_pad import pad_depthwise
@@ -37,10 +37,16 @@ __all__ = ["calibration_images_of", "float_modules", "quantize_file", "quantize_
 # multiply that the float conv fuses. V1 and the larger V4s, whose first block ends in 64
 # channels or more at that resolution, are faster all in int8.
 _FLOAT_HEAD = ("features.0", "features.1")
-_FLOAT_HEAD_MODELS = frozenset({
-    "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3_large_minimal",
-    "mobilenet_v3_small_minimal", "mobilenet_v4_conv_small",
-})  # fmt: skip
+_FLOAT_HEAD_MODELS = frozenset(
+    {
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large_minimal",
+        "mobilenet_v3_small_minimal",
+        "mobilenet_v4_conv_small",
+    }
+)
 
 
 def float_modules(name: str) -> tuple[str, ...]:
@@ -57,8 +63,9 @@ def _calibration_batches(dataset, images: int, seed: int) -> Iterator[dict]:
 def calibration_images_of(path: str | Path) -> int | None:
     """How many images an int8 ONNX file of :func:`quantize_onnx` was calibrated on (None
     for a file that does not say)."""
-    value = read_metadata(onnx_session(path)).get("calibration_images", "")
-    return int(value) if value.isdigit() else None
+    card = ModelCard.read(read_metadata(onnx_session(path)), str(path))
+    value = (card.quantization or {}).get("calibration_images")
+    return value if isinstance(value, int) else None
 
 
 def quantize_file(
@@ -125,17 +132,17 @@ def quantize_onnx(
     used = calibration_count(dataset, calibration_images, data, progress)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        classes = json.dumps(trained.classes)
-        preprocess = trained.eval_preprocess().to_json()
-        float_meta = {"classes": classes, "preprocess": preprocess}
-        export_onnx(trained.model, fp32, trained.resolution, metadata=float_meta)
+        card = trained.model_card()
+        export_onnx(trained.model, fp32, trained.resolution, metadata=card.metadata())
         keep = () if integer_only else float_modules(trained.model.config.name)
-        metadata = {
-            **read_metadata(onnx_session(fp32)),
-            "precision": "int8",
-            "calibration_images": str(used),
-            "float_modules": ",".join(keep),
+        scheme = {
+            "method": "ptq",
+            "scheme": "onnxruntime-qdq",
+            "float_modules": list(keep),
+            "calibration_images": used,
+            "integer_only": integer_only,
         }
+        metadata = card.replace(precision="int8", quantization=scheme).metadata()
 
         def write(target: Path) -> None:
             batches = _calibration_batches(dataset, used, seed)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from ..blocks import FusedInvertedBottleneck, InvertedResidual, UniversalInvertedBottleneck
 from ..errors import MobileNetError
 from ..layers import ConvBNAct
-from .ops import _Block, _Ledger, _Stem
-from .v4 import v4_layer
+from .forms import FormOptions, executor_form
+from .ops import GroupedInvertedResidual, Ledger, Stem
 
 __all__ = ["DEFAULT_BAND_ROWS", "TILE_STRIDE", "backbone_segments", "check_arguments"]
 
@@ -75,7 +75,7 @@ class _Segment(nn.Module):
         assert result is not None
         return result
 
-    def plan(self, ledger: _Ledger, h: int, w: int) -> tuple[int, int, int]:
+    def plan(self, ledger: Ledger, h: int, w: int) -> tuple[int, int, int]:
         """Replay :meth:`forward`; returns the bytes of its output, and its height and width."""
         heights, widths = self.sizes(h), self.sizes(w)
         bands = self.bands(h)
@@ -158,7 +158,7 @@ def backbone_segments(
     # before V4's UIB and Mobile MQA blocks, which run whole).
     stride, tiled = 1, 0
     for layer in layers:
-        whole = isinstance(layer, _Block) and layer.se is not None
+        whole = isinstance(layer, GroupedInvertedResidual) and layer.se is not None
         if stride >= TILE_STRIDE or whole or not getattr(layer, "tiles", True):
             break
         stride *= layer.window.stride
@@ -170,17 +170,9 @@ def backbone_segments(
 
 
 def _layers(stem: nn.Module, body: Sequence[nn.Module], name: str, splits: int) -> list[nn.Module]:
-    """The executor's layers for the folded model's stem and blocks (V4's: see
-    :mod:`mobilenet.memory.v4`)."""
+    """The executor's layers for the folded model's stem and blocks: the stem's, then
+    each block's form from the table (:data:`~mobilenet.memory.forms.EXECUTOR_FORMS`)."""
     if not isinstance(stem, ConvBNAct):
         raise MobileNetError(f"{name}'s first layer must be a conv, not {type(stem).__name__}")
-    layers: list[nn.Module] = [_Stem(stem)]
-    for layer in body:
-        if isinstance(layer, InvertedResidual):
-            layers.append(_Block(layer, splits))
-            continue
-        v4 = v4_layer(layer, splits)
-        if v4 is None:
-            raise MobileNetError(f"unsupported layer {type(layer).__name__} in {name}")
-        layers.append(v4)
-    return layers
+    options = FormOptions(splits=splits)
+    return [Stem(stem), *(executor_form(layer, options, name) for layer in body)]

@@ -54,7 +54,7 @@ from ..errors import MobileNetError
 from ..export.prepare import prepare_for_inference
 from ..layers import ConvBNAct
 from .backbone import DEFAULT_BAND_ROWS, TILE_STRIDE, backbone_segments, check_arguments
-from .ops import _act_, _activation, _bias, _groups, _hw, _Ledger
+from .ops import Ledger, activate_, activation_kind, channel_groups, conv_bias, height_width
 from .segmentation import MemoryEfficientSegmenter
 
 __all__ = ["DEFAULT_BAND_ROWS", "TILE_STRIDE", "MemoryEfficientMobileNet", "memory_efficient"]
@@ -77,11 +77,13 @@ class _Head(nn.Module):
             or conv.groups != 1
         ):
             raise MobileNetError("the last feature layer must be a 1x1 conv")
-        self.act = _activation(last.act)
+        self.act = activation_kind(last.act)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.register_buffer("weight", conv.weight.detach().flatten(1).t().contiguous())
-        self.register_buffer("bias", _bias(conv))
-        self.groups = _groups(conv.out_channels, math.ceil(conv.out_channels / conv.in_channels))
+        self.register_buffer("bias", conv_bias(conv))
+        self.groups = channel_groups(
+            conv.out_channels, math.ceil(conv.out_channels / conv.in_channels)
+        )
         self.pre_logits = model.pre_logits
         self.classifier = model.classifier  # dropout is the identity at inference
         self.out_features = conv.out_channels
@@ -96,12 +98,12 @@ class _Head(nn.Module):
         pooled = x.new_empty(1, self.out_channels)
         for c0, c1 in self.groups:
             y = torch.addmm(self.bias[c0:c1], flat, self.weight[:, c0:c1])
-            _act_(self.act, y)
+            activate_(self.act, y)
             torch.mean(y, 0, out=pooled[0, c0:c1])
             del y
         return self.classifier(self.pre_logits(pooled))[0]
 
-    def plan(self, ledger: _Ledger, hw: int) -> None:
+    def plan(self, ledger: Ledger, hw: int) -> None:
         c = max(c1 - c0 for c0, c1 in self.groups)
         ledger.free(ledger.alloc(4 * c * hw))
 
@@ -163,11 +165,11 @@ class MemoryEfficientMobileNet(nn.Module):
     ) -> tuple[int, int, int]:
         """The peak of :meth:`analytic_peak` with the output (the batch's logits), without
         it, and the output's bytes."""
-        ledger = _Ledger()
+        ledger = Ledger()
         output = 4 * batch * self.head.out_features
         if batch > 1:
             ledger.alloc(output, output=True)
-        h, w = _hw(resolution)
+        h, w = height_width(resolution)
         prev = 0
         for segment in self.segments:
             y, h, w = segment.plan(ledger, h, w)
@@ -179,7 +181,7 @@ class MemoryEfficientMobileNet(nn.Module):
     def paper_bound(self, resolution: int | tuple[int, int], batch: int = 1) -> int:
         """The largest ``|input| + |output|`` of any operation (V2 Section 5.1), in bytes at
         fp32: the stem, each block as one operation, the last conv, the classifier."""
-        h, w = _hw(resolution)
+        h, w = height_width(resolution)
         c = 3
         bound = 0
         for segment in self.segments:
@@ -206,6 +208,6 @@ def memory_efficient(
     >>> net = memory_efficient(create_model("mobilenet_v2"), splits=4)
     >>> logits = net(torch.randn(1, 3, 224, 224))  # model.eval()(x), up to rounding
     """
-    if getattr(model, "task", None) == "segmentation":
+    if getattr(model, "main_output", None) is not None:  # a segmentation model's maps
         return MemoryEfficientSegmenter(model, splits, band_rows)
     return MemoryEfficientMobileNet(model, splits, band_rows)

@@ -35,9 +35,19 @@ from torch import Tensor, nn
 
 from ..errors import MobileNetError
 from ..layers import ConvBNAct
-from .ops import _act_, _activation, _bias, _channels_last, _groups, _hwc, _Ledger, _nchw
+from .forms import FormOptions, register_form
+from .ops import (
+    Ledger,
+    activate_,
+    activation_kind,
+    as_hwc,
+    as_nchw,
+    channel_groups,
+    channels_last_weight,
+    conv_bias,
+)
 
-__all__ = ["build_head", "plan_upsample", "row_bands", "upsample_rows"]
+__all__ = ["plan_upsample", "register_head_forms", "row_bands", "upsample_rows"]
 
 
 # --------------------------------------------------------------------------- upsampling
@@ -89,7 +99,7 @@ def upsample_rows(
     return F.interpolate(rows[None], size, mode="bilinear", align_corners=False)[0]
 
 
-def plan_upsample(ledger: _Ledger, c: int, w_in: int, size: tuple[int, int], r0: int, r1: int):
+def plan_upsample(ledger: Ledger, c: int, w_in: int, size: tuple[int, int], r0: int, r1: int):
     """Replay :func:`upsample_rows`: the interpolated rows, then the band; returns the band's
     bytes, left allocated (the interpolation matrix, a few KiB, is left out)."""
     rows = ledger.alloc(4 * c * (r1 - r0) * w_in)
@@ -110,16 +120,16 @@ class _Conv(nn.Module):
         conv = layer.conv if isinstance(layer, ConvBNAct) else layer
         if not isinstance(conv, nn.Conv2d) or conv.stride != (1, 1) or conv.groups != 1:
             raise MobileNetError(f"unsupported layer in a segmentation head: {layer}")
-        self.act = _activation(layer.act) if isinstance(layer, ConvBNAct) else "identity"
+        self.act = activation_kind(layer.act) if isinstance(layer, ConvBNAct) else "identity"
         self.pointwise = conv.kernel_size == (1, 1)
         self.padding, self.dilation = conv.padding, conv.dilation
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         if self.pointwise:  # (in, out): a group of input channels is a slice of its rows
             weight = conv.weight.detach().flatten(1).t().contiguous()
         else:
-            weight = _channels_last(conv.weight)
+            weight = channels_last_weight(conv.weight)
         self.register_buffer("weight", weight)
-        self.register_buffer("bias", _bias(conv))
+        self.register_buffer("bias", conv_bias(conv))
 
     def forward(self, x: Tensor) -> Tensor:
         """``(H, W, in)`` -> ``(H, W, out)``."""
@@ -127,15 +137,15 @@ class _Conv(nn.Module):
             y = torch.addmm(self.bias, x.reshape(-1, x.shape[2]), self.weight)
             y = y.view(*x.shape[:2], self.out_channels)
         else:
-            y = F.conv2d(_nchw(x), self.weight, self.bias, 1, self.padding, self.dilation)
-            y = _hwc(y)
-        return _act_(self.act, y)
+            y = F.conv2d(as_nchw(x), self.weight, self.bias, 1, self.padding, self.dilation)
+            y = as_hwc(y)
+        return activate_(self.act, y)
 
     def vector(self, v: Tensor) -> Tensor:
         """The 1x1 conv on a map of one position (pooled features): ``(in,)`` -> ``(out,)``."""
-        return _act_(self.act, torch.addmv(self.bias, self.weight.t(), v))
+        return activate_(self.act, torch.addmv(self.bias, self.weight.t(), v))
 
-    def plan(self, ledger: _Ledger, h: int, w: int) -> int:
+    def plan(self, ledger: Ledger, h: int, w: int) -> int:
         return ledger.alloc(4 * self.out_channels * h * w)
 
 
@@ -152,7 +162,9 @@ class _LastConv(nn.Module):
         self.out_channels = self.conv.out_channels if self.conv is not None else in_channels
         self.ranges = [(0, self.out_channels)]
         if self.conv is not None:
-            self.ranges = _groups(self.out_channels, math.ceil(self.out_channels / in_channels))
+            self.ranges = channel_groups(
+                self.out_channels, math.ceil(self.out_channels / in_channels)
+            )
 
     def group(self, flat: Tensor, c0: int, c1: int) -> Tensor:
         """Channels ``[c0, c1)`` of the high tap, ``(positions, c1 - c0)``, from the last
@@ -160,7 +172,7 @@ class _LastConv(nn.Module):
         conv = self.conv
         if conv is None:
             return flat[:, c0:c1]
-        return _act_(conv.act, torch.addmm(conv.bias[c0:c1], flat, conv.weight[:, c0:c1]))
+        return activate_(conv.act, torch.addmm(conv.bias[c0:c1], flat, conv.weight[:, c0:c1]))
 
     def whole(self, x: Tensor) -> Tensor:
         return x if self.conv is None else self.conv(x)
@@ -192,7 +204,7 @@ class _LRASPP(nn.Module):
             torch.mean(y, 0, out=pooled[c0:c1])
             branch.addmm_(y, self.branch.weight[c0:c1])
             del y
-        _act_(self.branch.act, branch)
+        activate_(self.branch.act, branch)
         branch.mul_(torch.sigmoid(self.gate.vector(pooled)))
         # low_classifier(low) + high_classifier(upsample(branch)), band by band
         hl, wl = low.shape[0], low.shape[1]
@@ -207,7 +219,7 @@ class _LRASPP(nn.Module):
     def logits_size(self, low: tuple[int, int], high: tuple[int, int]) -> tuple[int, int]:
         return low
 
-    def plan(self, ledger: _Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
+    def plan(self, ledger: Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
         """Replay :meth:`forward` (vectors of one value per channel left out); returns the
         bytes of the logits, left allocated."""
         n, f = high[0] * high[1], self.branch.out_channels
@@ -250,7 +262,7 @@ class _DeepLab(nn.Module):
             acc.addmm_(y.view(h * w, -1), weight)  # project(concat) = sum of the slices
             del y
         del high
-        y = _act_(self.project.act, acc).view(h, w, c)  # dropout: identity at inference
+        y = activate_(self.project.act, acc).view(h, w, c)  # dropout: identity at inference
         if self.refine is not None:
             y = self.refine(y)
         del acc
@@ -259,7 +271,7 @@ class _DeepLab(nn.Module):
     def logits_size(self, low: tuple[int, int], high: tuple[int, int]) -> tuple[int, int]:
         return high
 
-    def plan(self, ledger: _Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
+    def plan(self, ledger: Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
         n = high[0] * high[1]
         whole = 0 if self.high.conv is None else self.high.conv.plan(ledger, *high)
         acc = ledger.alloc(4 * n * self.project.out_channels)
@@ -289,24 +301,25 @@ class _FCN(nn.Module):
     def logits_size(self, low: tuple[int, int], high: tuple[int, int]) -> tuple[int, int]:
         return low
 
-    def plan(self, ledger: _Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
+    def plan(self, ledger: Ledger, low: tuple[int, int], high: tuple[int, int]) -> int:
         hidden = self.conv.plan(ledger, *low)
         logits = self.classifier.plan(ledger, *low)
         ledger.free(hidden)
         return logits
 
 
-def build_head(
-    head: nn.Module, last: nn.Module | None, in_channels: int, band_rows: int | None
-) -> _LRASPP | _DeepLab | _FCN:
-    """The executor's form of a folded segmentation head; ``last`` is the backbone's last
-    layer when it is a 1x1 conv (read through the head), ``in_channels`` its input's."""
+def register_head_forms() -> None:
+    """Register the executor forms of the segmentation heads in
+    :data:`~mobilenet.memory.forms.EXECUTOR_FORMS` (again is harmless). Called when a
+    segmentation model's executor is built: the heads are classes of
+    :mod:`mobilenet.segmentation`, which ``import mobilenet`` leaves unloaded."""
     from ..segmentation.heads import DeepLabHead, FCNHead, LRASPPHead
 
-    if isinstance(head, LRASPPHead):
-        return _LRASPP(head, _LastConv(last, in_channels), band_rows)
-    if isinstance(head, DeepLabHead):
-        return _DeepLab(head, _LastConv(last, in_channels))
-    if isinstance(head, FCNHead):
-        return _FCN(head)
-    raise MobileNetError(f"the memory-efficient executor has no form of {type(head).__name__}")
+    register_form(LRASPPHead, lambda head, o: _LRASPP(head, _high(o), o.band_rows))
+    register_form(DeepLabHead, lambda head, o: _DeepLab(head, _high(o)))
+    register_form(FCNHead, lambda head, o: _FCN(head))  # the auxiliary head: low tap only
+
+
+def _high(options: FormOptions) -> _LastConv:
+    """The high tap a head reads: the backbone's last 1x1 conv, or the last block's output."""
+    return _LastConv(options.last, options.in_channels)

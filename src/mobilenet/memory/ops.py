@@ -1,10 +1,25 @@
-"""The executor's layers: the stem and the inverted residual block of V2 Section 5.1.
+"""The executor's layers: the stem and the inverted residual block of V2 Section 5.1, and
+the operations every executor layer is made of.
 
-:class:`_Block` computes a block as ``sum_i (A_i . N . B_i)(x)`` over the channel groups of
-its expansion, for a band of output rows; :class:`_Stem` computes the first conv for a band
-of output rows. Each has a ``plan`` that replays its allocations on a :class:`_Ledger`, the
-analytic count of live bytes. Also here: the convolution geometry along one spatial axis
-and the in-place activations.
+:class:`GroupedInvertedResidual` computes a block as ``sum_i (A_i . N . B_i)(x)`` over the
+channel groups of its expansion, for a band of output rows; :class:`Stem` computes the
+first conv for a band of output rows. Each has a ``plan`` that replays its allocations on
+a :class:`Ledger`, the analytic count of live bytes.
+
+The operations, shared with V4's layers (:mod:`~mobilenet.memory.v4`) and the
+segmentation heads' (:mod:`~mobilenet.memory.heads`):
+
+* geometry: :class:`ConvWindow` (a conv along one spatial axis: the rows a band of output
+  rows reads) and :func:`conv_window`; :func:`channel_groups` (the ``t`` groups of an
+  expansion); :func:`height_width`;
+* layout: an executor's map is ``(H, W, C)``; :func:`as_nchw` and :func:`as_hwc` view it
+  as the channels_last ``(1, C, H, W)`` tensor a conv takes and back;
+  :func:`channels_last_weight` and :func:`conv_bias` are a folded conv's parameters as
+  the layers keep them; :func:`padded_buffer` a band with its zero padding rows;
+* activations, in place: :func:`activation_kind` names a module's, :func:`activate_`
+  applies it.
+
+Which layer computes which block is the table of :mod:`~mobilenet.memory.forms`.
 """
 
 from __future__ import annotations
@@ -21,11 +36,28 @@ from ..blocks import InvertedResidual
 from ..errors import MobileNetError
 from ..layers import ConvBNAct, SqueezeExcite
 
+__all__ = [
+    "ConvWindow",
+    "GroupedInvertedResidual",
+    "Ledger",
+    "Stem",
+    "activate_",
+    "activation_kind",
+    "as_hwc",
+    "as_nchw",
+    "channel_groups",
+    "channels_last_weight",
+    "conv_bias",
+    "conv_window",
+    "height_width",
+    "padded_buffer",
+]
+
 # --------------------------------------------------------------------------- geometry
 
 
 @dataclass(frozen=True)
-class _Window:
+class ConvWindow:
     """A convolution's geometry along one spatial axis.
 
     A dilated (atrous) kernel spans ``dilation * (kernel - 1) + 1`` rows: a band of output
@@ -43,6 +75,7 @@ class _Window:
         return self.dilation * (self.kernel - 1) + 1
 
     def out_size(self, n: int) -> int:
+        """The output rows of ``n`` input rows."""
         return (n + 2 * self.padding - self.span) // self.stride + 1
 
     def rows_needed(self, o0: int, o1: int, n_in: int) -> tuple[int, int, int, int]:
@@ -53,16 +86,18 @@ class _Window:
         return max(lo, 0), min(hi, n_in), max(-lo, 0), max(hi - n_in, 0)
 
 
-def _window(conv: nn.Conv2d) -> _Window:
+def conv_window(conv: nn.Conv2d) -> ConvWindow:
+    """The geometry of ``conv``, which must be square with 'same'-style padding (a band's
+    halo is then the same above and below, and along both axes)."""
     if any(len(set(v)) != 1 for v in (conv.kernel_size, conv.stride, conv.dilation)):
         raise MobileNetError(f"square kernels, strides and dilations only, got {conv}")
     k, d = conv.kernel_size[0], conv.dilation[0]
     if conv.padding != (d * (k // 2),) * 2:
         raise MobileNetError(f"'same'-style padding (dilation * (kernel // 2)) only, got {conv}")
-    return _Window(k, conv.stride[0], conv.padding[0], d)
+    return ConvWindow(k, conv.stride[0], conv.padding[0], d)
 
 
-def _activation(module: nn.Module) -> str:
+def activation_kind(module: nn.Module) -> str:
     """The in-place activation matching ``module``."""
     for kind, cls in _ACTIVATIONS.items():
         if type(module) is cls:
@@ -81,7 +116,9 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 _GELU_CHUNK = 1 << 14  # elements: GELU has no in-place kernel; 64 KiB temporaries
 
 
-def _act_(kind: str, x: Tensor) -> Tensor:
+def activate_(kind: str, x: Tensor) -> Tensor:
+    """Apply the activation ``kind`` (an :func:`activation_kind`) to ``x`` in place; returns
+    ``x``. GELU, which has no in-place kernel, is applied a chunk at a time."""
     if kind == "relu6":  # nn.ReLU6 is hardtanh(0, 6)
         return F.hardtanh_(x, 0.0, 6.0)
     if kind == "relu":
@@ -97,13 +134,15 @@ def _act_(kind: str, x: Tensor) -> Tensor:
     return x
 
 
-def _groups(channels: int, splits: int) -> list[tuple[int, int]]:
+def channel_groups(channels: int, splits: int) -> list[tuple[int, int]]:
     """``splits`` contiguous channel ranges, sizes differing by at most one."""
     bounds = [channels * i // splits for i in range(splits + 1)]
     return list(itertools.pairwise(bounds))
 
 
-def _padded(rows: int, width: int, channels: int, top: int, bottom: int, like: Tensor) -> Tensor:
+def padded_buffer(
+    rows: int, width: int, channels: int, top: int, bottom: int, like: Tensor
+) -> Tensor:
     """An uninitialised ``(top + rows + bottom, width, channels)`` buffer, pad rows zeroed."""
     buf = like.new_empty(top + rows + bottom, width, channels)
     buf[:top].zero_()
@@ -111,19 +150,19 @@ def _padded(rows: int, width: int, channels: int, top: int, bottom: int, like: T
     return buf
 
 
-def _nchw(x: Tensor) -> Tensor:
+def as_nchw(x: Tensor) -> Tensor:
     """An ``(H, W, C)`` map as the ``(1, C, H, W)`` channels_last tensor it already is."""
     return x.permute(2, 0, 1)[None]
 
 
-def _hwc(x: Tensor) -> Tensor:
-    """The inverse of :func:`_nchw` for a channels_last ``(1, C, H, W)`` tensor."""
+def as_hwc(x: Tensor) -> Tensor:
+    """The inverse of :func:`as_nchw` for a channels_last ``(1, C, H, W)`` tensor."""
     out = x[0].permute(1, 2, 0)
     assert out.is_contiguous(), "expected a channels_last convolution output"
     return out
 
 
-def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
+def height_width(resolution: int | Sequence[int]) -> tuple[int, int]:
     """``(height, width)`` of a square's side or of a pair."""
     if isinstance(resolution, int):
         return resolution, resolution
@@ -131,7 +170,7 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
-class _Ledger:
+class Ledger:
     """Replays a schedule of allocations: the analytic count of live bytes and its peak;
     ``working_peak`` leaves out what was allocated as the forward's ``output``."""
 
@@ -157,18 +196,18 @@ class _Ledger:
 # depthwise conv runs on channels_last data, which the CPU kernels prefer.
 
 
-class _Stem(nn.Module):
+class Stem(nn.Module):
     """The first conv + activation, reading the (C, H, W) image for a band of output rows."""
 
     def __init__(self, layer: ConvBNAct) -> None:
         super().__init__()
         conv = layer.conv
-        self.window = _window(conv)
+        self.window = conv_window(conv)
         self.groups = conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.act = _activation(layer.act)
-        self.register_buffer("weight", _channels_last(conv.weight))
-        self.register_buffer("bias", _bias(conv))
+        self.act = activation_kind(layer.act)
+        self.register_buffer("weight", channels_last_weight(conv.weight))
+        self.register_buffer("bias", conv_bias(conv))
 
     def rows_needed(self, o0: int, o1: int, h_in: int) -> tuple[int, int]:
         return self.window.rows_needed(o0, o1, h_in)[:2]
@@ -178,10 +217,10 @@ class _Stem(nn.Module):
         win = self.window
         lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
         # The image's rows, as (H, W, C) with the padding rows: 3 channels, a small copy.
-        src = _padded(hi - lo, x.shape[2], x.shape[0], top, bottom, x)
+        src = padded_buffer(hi - lo, x.shape[2], x.shape[0], top, bottom, x)
         src[top : top + hi - lo].copy_(x[:, lo - a : hi - a].permute(1, 2, 0))
         y = F.conv2d(
-            _nchw(src),
+            as_nchw(src),
             self.weight,
             self.bias,
             win.stride,
@@ -190,13 +229,13 @@ class _Stem(nn.Module):
             self.groups,
         )
         del src
-        y = _act_(self.act, _hwc(y))
+        y = activate_(self.act, as_hwc(y))
         if out is not None:
             out.copy_(y)
             return out
         return y
 
-    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+    def plan(self, ledger: Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
         """Replay :meth:`run` on ``ledger``; returns the bytes of the output it leaves."""
         win = self.window
         lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
@@ -209,33 +248,33 @@ class _Stem(nn.Module):
         return y
 
 
-class _Block(nn.Module):
+class GroupedInvertedResidual(nn.Module):
     """An inverted residual computed over ``splits`` channel groups of its expansion."""
 
     def __init__(self, block: InvertedResidual, splits: int) -> None:
         super().__init__()
         dw = block.dw.conv
-        self.window = _window(dw)
+        self.window = conv_window(dw)
         self.exp_channels = dw.in_channels
         self.out_channels = block.project.conv.out_channels
         self.residual = block.use_residual
         self.has_expand = isinstance(block.expand, ConvBNAct)
-        self.groups = _groups(self.exp_channels, splits)
+        self.groups = channel_groups(self.exp_channels, splits)
         if self.has_expand:
-            self.expand_act = _activation(block.expand.act)
+            self.expand_act = activation_kind(block.expand.act)
             expand = block.expand.conv
             # (k, n): A_i is a slice of its columns
             self.register_buffer("w_expand", expand.weight.detach().flatten(1).t().contiguous())
-            self.register_buffer("b_expand", _bias(expand))
-        self.dw_act = _activation(block.dw.act)
-        self.register_buffer("w_dw", _channels_last(dw.weight))
-        self.register_buffer("b_dw", _bias(dw))
+            self.register_buffer("b_expand", conv_bias(expand))
+        self.dw_act = activation_kind(block.dw.act)
+        self.register_buffer("w_dw", channels_last_weight(dw.weight))
+        self.register_buffer("b_dw", conv_bias(dw))
         project = block.project.conv
-        if _activation(block.project.act) != "identity":
+        if activation_kind(block.project.act) != "identity":
             raise MobileNetError("the projection of an inverted residual must be linear")
         # (n, k'): B_i is a slice of its rows
         self.register_buffer("w_project", project.weight.detach().flatten(1).t().contiguous())
-        self.register_buffer("b_project", _bias(project))
+        self.register_buffer("b_project", conv_bias(project))
         self.se = None
         if isinstance(block.se, SqueezeExcite):
             self.se = block.se
@@ -256,7 +295,7 @@ class _Block(nn.Module):
             pad = (win.padding, win.padding)
         else:  # a band: the padding rows are explicit, where it touches the border
             pad = (0, win.padding)
-        e = _padded(rows, width, c1 - c0, top, bottom, x)
+        e = padded_buffer(rows, width, c1 - c0, top, bottom, x)
         if self.has_expand:  # pw: A_i x, written straight into the padded buffer
             torch.addmm(
                 self.b_expand[c0:c1],
@@ -264,15 +303,15 @@ class _Block(nn.Module):
                 self.w_expand[:, c0:c1],
                 out=e[top : top + rows].view(rows * width, c1 - c0),
             )
-            _act_(self.expand_act, e)
+            activate_(self.expand_act, e)
         else:
             e[top : top + rows].copy_(x[lo - a : hi - a, :, c0:c1])
         # dw (atrous where the block is dilated)
         d = F.conv2d(
-            _nchw(e), self.w_dw[c0:c1], self.b_dw[c0:c1], win.stride, pad, win.dilation, c1 - c0
+            as_nchw(e), self.w_dw[c0:c1], self.b_dw[c0:c1], win.stride, pad, win.dilation, c1 - c0
         )
         del e
-        return _act_(self.dw_act, _hwc(d))
+        return activate_(self.dw_act, as_hwc(d))
 
     def _excite(self, pooled: Tensor) -> Tensor:
         se = self.se
@@ -320,7 +359,7 @@ class _Block(nn.Module):
             del d
         return out
 
-    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+    def plan(self, ledger: Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
         """Replay :meth:`run` on ``ledger`` (vectors of one value per channel left out)."""
         win = self.window
         lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
@@ -338,12 +377,13 @@ class _Block(nn.Module):
         return result
 
 
-def _channels_last(weight: Tensor) -> Tensor:
+def channels_last_weight(weight: Tensor) -> Tensor:
     """A conv weight in the layout that makes the conv's output channels_last too."""
     return weight.detach().clone(memory_format=torch.channels_last)
 
 
-def _bias(conv: nn.Conv2d) -> Tensor:
+def conv_bias(conv: nn.Conv2d) -> Tensor:
+    """A copy of the conv's bias; zeros where it has none (the layers always add one)."""
     if conv.bias is None:
         return conv.weight.new_zeros(conv.out_channels)
     return conv.bias.detach().clone()

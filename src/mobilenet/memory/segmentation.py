@@ -18,6 +18,8 @@ return; :func:`~mobilenet.memory.measure_peak` can leave it out (``without_resul
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -25,8 +27,9 @@ from ..errors import MobileNetError
 from ..export.prepare import prepare_for_inference
 from ..layers import ConvBNAct
 from .backbone import backbone_segments, check_arguments
-from .heads import build_head, plan_upsample, row_bands, upsample_rows
-from .ops import _hw, _Ledger
+from .forms import FormOptions, executor_form
+from .heads import plan_upsample, register_head_forms, row_bands, upsample_rows
+from .ops import Ledger, height_width
 
 __all__ = ["MemoryEfficientSegmenter"]
 
@@ -57,11 +60,13 @@ class MemoryEfficientSegmenter(nn.Module):
         # the segment whose output is the low tap: the one that ends with layer `low`
         ends = torch.tensor([len(s.layers) for s in self.segments]).cumsum(0).tolist()
         self.low_segment = ends.index(low + 1)
-        in_channels = self.segments[-1].out_channels
-        self.head = build_head(folded.head, last, in_channels, band_rows)
+        register_head_forms()
+        options = FormOptions(splits, band_rows, last, self.segments[-1].out_channels)
+        self.head = executor_form(folded.head, options, name)
         self.aux_head = None
-        if folded.aux_head is not None:
-            self.aux_head = build_head(folded.aux_head, None, in_channels, band_rows)
+        if folded.aux_head is not None:  # it reads the low tap, not through `last`
+            aux = dataclasses.replace(options, last=None)
+            self.aux_head = executor_form(folded.aux_head, aux, name)
         self.splits, self.band_rows = splits, band_rows
         self.num_classes = self.head.num_classes
 
@@ -116,8 +121,8 @@ class MemoryEfficientSegmenter(nn.Module):
     ) -> tuple[int, int, int]:
         """The peak live bytes of :meth:`forward` with the output, without it, and the
         output's bytes. Tensors of one value per channel are left out (a few KiB)."""
-        size = _hw(resolution)
-        ledger = _Ledger()
+        size = height_width(resolution)
+        ledger = Ledger()
         for image in range(min(batch, 2)):  # from the second image on, the output is alive
             low, (y, h, w) = self._plan_backbone(ledger, *size)
             for key, head in self._heads():
@@ -136,7 +141,7 @@ class MemoryEfficientSegmenter(nn.Module):
         return ledger.peak, ledger.working_peak, ledger.output
 
     def _plan_backbone(
-        self, ledger: _Ledger, h: int, w: int
+        self, ledger: Ledger, h: int, w: int
     ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """Replay :meth:`_backbone`: the bytes, height and width of the low tap and of the
         last block's output, both left allocated."""
@@ -153,7 +158,7 @@ class MemoryEfficientSegmenter(nn.Module):
     def paper_bound(self, resolution: int | tuple[int, int], batch: int = 1) -> int:
         """The largest ``|input| + |output|`` (fp32 bytes) of the backbone's layers (a block
         counting as one operation, V2 Section 5.1) and of the final upsampling."""
-        size = _hw(resolution)
+        size = height_width(resolution)
         c, (h, w) = 3, size
         bound, low = 0, (0, 0)
         for j, segment in enumerate(self.segments):

@@ -1,7 +1,7 @@
 """The executor's layers for MobileNetV4 (Qin et al., ECCV 2024): V2 Section 5.1 applied
 to V4's blocks.
 
-* :class:`_UIB`, the Universal Inverted Bottleneck (V4 Section 4.1, Figure 4): the
+* :class:`GroupedUIB`, the Universal Inverted Bottleneck (V4 Section 4.1, Figure 4): the
   starting depthwise conv (linear) runs once on the thin input, whole; then, as in V2's
   executor, the expansion is computed in ``t`` channel groups, each group's slice of the
   expanding 1x1 conv, its slice of the middle depthwise conv (where the block has one)
@@ -12,15 +12,17 @@ to V4's blocks.
   conv's output (as thin as the input; the output's size where the conv is strided) and
   one group of the expansion (``exp / t`` channels, before and after the middle
   depthwise conv). UIBs run on whole maps.
-* :class:`_Conv`, a full conv + activation (Conv-S's first stages, plain Conv2D rows) or a
+* :class:`FullConv`, a full conv + activation (Conv-S's first stages, plain Conv2D rows) or a
   fused IB (its full kxk conv expanding, a linear 1x1 projecting): the fused IB's
   expansion is computed in ``t`` channel groups too (each group's slice of the full conv,
   then of the projection). Both run on bands of rows, so they join the stem in the tiled
   segment of the leading high-resolution layers (:mod:`mobilenet.memory.backbone`).
-* :class:`_MQA`, a Mobile MQA block (V4 Section 4.2), runs whole, as the folded module:
+* :class:`WholeMQA`, a Mobile MQA block (V4 Section 4.2), runs whole, as the folded module:
   its maps are at output stride 16 and 32, where they are small; its peak is the block's
   input and output plus its attention tensors (queries, keys, values and the heads'
   output, all live at once here as an upper estimate).
+
+Each is its block's executor form in the table of :mod:`~mobilenet.memory.forms`.
 """
 
 from __future__ import annotations
@@ -33,28 +35,28 @@ from ..blocks import FusedInvertedBottleneck, MobileMQA, UniversalInvertedBottle
 from ..errors import MobileNetError
 from ..layers import ConvBNAct, LayerScale
 from .ops import (
-    _act_,
-    _activation,
-    _bias,
-    _channels_last,
-    _groups,
-    _hwc,
-    _Ledger,
-    _nchw,
-    _padded,
-    _Window,
-    _window,
+    ConvWindow,
+    Ledger,
+    activate_,
+    activation_kind,
+    as_hwc,
+    as_nchw,
+    channel_groups,
+    channels_last_weight,
+    conv_bias,
+    conv_window,
+    padded_buffer,
 )
 
-__all__ = ["v4_layer"]
+__all__ = ["FullConv", "GroupedUIB", "WholeMQA"]
 
 
 def _linear_project(layer: ConvBNAct, scale: nn.Module) -> tuple[Tensor, Tensor]:
     """A linear 1x1 projection as ``(n, k')`` weights and its bias, a layer scale folded in."""
     conv = layer.conv
-    if _activation(layer.act) != "identity":
+    if activation_kind(layer.act) != "identity":
         raise MobileNetError("the projection of an inverted bottleneck must be linear")
-    weight, bias = conv.weight.detach().flatten(1).t().contiguous(), _bias(conv)
+    weight, bias = conv.weight.detach().flatten(1).t().contiguous(), conv_bias(conv)
     if isinstance(scale, LayerScale):  # (x W + b) * g = x (W g) + b g
         gamma = scale.gamma.detach()
         weight, bias = weight * gamma, bias * gamma
@@ -63,7 +65,7 @@ def _linear_project(layer: ConvBNAct, scale: nn.Module) -> tuple[Tensor, Tensor]
     return weight, bias
 
 
-class _Conv(nn.Module):
+class FullConv(nn.Module):
     """A full conv + activation on an (H, W, C) map, for a band of output rows; for a fused
     IB, its expansion in channel groups, each projected and accumulated at once."""
 
@@ -74,11 +76,11 @@ class _Conv(nn.Module):
         conv = full.conv
         if conv.groups != 1:
             raise MobileNetError(f"expected a full conv, got {conv}")
-        self.window = _window(conv)
+        self.window = conv_window(conv)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.act = _activation(full.act)
-        self.register_buffer("weight", _channels_last(conv.weight))
-        self.register_buffer("bias", _bias(conv))
+        self.act = activation_kind(full.act)
+        self.register_buffer("weight", channels_last_weight(conv.weight))
+        self.register_buffer("bias", conv_bias(conv))
         self.residual = False
         self.groups = [(0, conv.out_channels)]
         if fused:
@@ -86,7 +88,7 @@ class _Conv(nn.Module):
             self.register_buffer("w_project", weight)
             self.register_buffer("b_project", bias)
             self.residual = layer.add is not None
-            self.groups = _groups(conv.out_channels, splits)
+            self.groups = channel_groups(conv.out_channels, splits)
             self.out_channels = layer.project.conv.out_channels
         self.fused = fused
 
@@ -100,17 +102,17 @@ class _Conv(nn.Module):
         win = self.window
         lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
         if (lo, hi, o0, o1) == (0, h_in, 0, win.out_size(h_in)):
-            return _nchw(x[lo - a : hi - a]), (win.padding, win.padding)
+            return as_nchw(x[lo - a : hi - a]), (win.padding, win.padding)
         if top == bottom == 0:
-            return _nchw(x[lo - a : hi - a]), (0, win.padding)
-        src = _padded(hi - lo, x.shape[1], x.shape[2], top, bottom, x)
+            return as_nchw(x[lo - a : hi - a]), (0, win.padding)
+        src = padded_buffer(hi - lo, x.shape[1], x.shape[2], top, bottom, x)
         src[top : top + hi - lo].copy_(x[lo - a : hi - a])
-        return _nchw(src), (0, win.padding)
+        return as_nchw(src), (0, win.padding)
 
     def _conv(self, src: Tensor, pad: tuple, c0: int, c1: int) -> Tensor:
         win = self.window
         y = F.conv2d(src, self.weight[c0:c1], self.bias[c0:c1], win.stride, pad, win.dilation)
-        return _act_(self.act, _hwc(y))
+        return activate_(self.act, as_hwc(y))
 
     def run(self, x: Tensor, a: int, h_in: int, o0: int, o1: int, out: Tensor | None) -> Tensor:
         """Output rows ``[o0, o1)`` from ``x``, which holds input rows ``[a, a + len)``."""
@@ -136,7 +138,7 @@ class _Conv(nn.Module):
             del e
         return out
 
-    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+    def plan(self, ledger: Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
         """Replay :meth:`run` on ``ledger``; returns the bytes of the output it leaves."""
         win = self.window
         lo, hi, top, bottom = win.rows_needed(o0, o1, h_in)
@@ -158,40 +160,40 @@ class _Conv(nn.Module):
         return result
 
 
-class _UIB(nn.Module):
+class GroupedUIB(nn.Module):
     """A Universal Inverted Bottleneck, whole map, its expansion in channel groups."""
 
     tiles = False  # whole maps only: it never joins the tiled segment
 
     def __init__(self, block: UniversalInvertedBottleneck, splits: int) -> None:
         super().__init__()
-        self.start: _Window | None = None
-        self.mid: _Window | None = None
+        self.start: ConvWindow | None = None
+        self.mid: ConvWindow | None = None
         self.in_channels = block.expand.conv.in_channels
         self.exp_channels = block.expand.conv.out_channels
         if isinstance(block.dw_start, ConvBNAct):
-            self.start = _window(block.dw_start.conv)
-            if _activation(block.dw_start.act) != "identity":
+            self.start = conv_window(block.dw_start.conv)
+            if activation_kind(block.dw_start.act) != "identity":
                 raise MobileNetError("the starting depthwise conv of a UIB must be linear")
-            self.register_buffer("w_start", _channels_last(block.dw_start.conv.weight))
-            self.register_buffer("b_start", _bias(block.dw_start.conv))
-        self.expand_act = _activation(block.expand.act)
+            self.register_buffer("w_start", channels_last_weight(block.dw_start.conv.weight))
+            self.register_buffer("b_start", conv_bias(block.dw_start.conv))
+        self.expand_act = activation_kind(block.expand.act)
         expand = block.expand.conv
         self.register_buffer("w_expand", expand.weight.detach().flatten(1).t().contiguous())
-        self.register_buffer("b_expand", _bias(expand))
+        self.register_buffer("b_expand", conv_bias(expand))
         if isinstance(block.dw_mid, ConvBNAct):
-            self.mid = _window(block.dw_mid.conv)
-            self.mid_act = _activation(block.dw_mid.act)
-            self.register_buffer("w_mid", _channels_last(block.dw_mid.conv.weight))
-            self.register_buffer("b_mid", _bias(block.dw_mid.conv))
+            self.mid = conv_window(block.dw_mid.conv)
+            self.mid_act = activation_kind(block.dw_mid.act)
+            self.register_buffer("w_mid", channels_last_weight(block.dw_mid.conv.weight))
+            self.register_buffer("b_mid", conv_bias(block.dw_mid.conv))
         weight, bias = _linear_project(block.project, block.layer_scale)
         self.register_buffer("w_project", weight)
         self.register_buffer("b_project", bias)
         self.out_channels = weight.shape[1]
         self.residual = block.use_residual
-        self.groups = _groups(self.exp_channels, splits)
+        self.groups = channel_groups(self.exp_channels, splits)
         # The strided conv sets the output size (the other one keeps the map's size).
-        self.window = self.mid or self.start or _Window(1, 1, 0)
+        self.window = self.mid or self.start or ConvWindow(1, 1, 0)
 
     def rows_needed(self, o0: int, o1: int, h_in: int) -> tuple[int, int]:
         raise MobileNetError("a UIB runs on whole maps, not on bands of rows")
@@ -219,25 +221,25 @@ class _UIB(nn.Module):
         if self.start is not None:  # dw (extra, linear): on the thin input, once
             st = self.start
             wt, bt = self.w_start, self.b_start
-            y = F.conv2d(_nchw(x), wt, bt, st.stride, st.padding, st.dilation, c)
-            s = _hwc(y)
+            y = F.conv2d(as_nchw(x), wt, bt, st.stride, st.padding, st.dilation, c)
+            s = as_hwc(y)
         flat = s.view(-1, c)
         for c0, c1 in self.groups:
             e = torch.addmm(self.b_expand[c0:c1], flat, self.w_expand[:, c0:c1])  # pw: A_i
-            _act_(self.expand_act, e)
+            activate_(self.expand_act, e)
             if self.mid is not None:  # dw on the group's channels
                 m, n = self.mid, c1 - c0
                 wt, bt = self.w_mid[c0:c1], self.b_mid[c0:c1]
-                d = F.conv2d(_nchw(e.view(hs, ws, n)), wt, bt, m.stride, m.padding, m.dilation, n)
+                d = F.conv2d(as_nchw(e.view(hs, ws, n)), wt, bt, m.stride, m.padding, m.dilation, n)
                 del e
-                e = _act_(self.mid_act, _hwc(d))
+                e = activate_(self.mid_act, as_hwc(d))
                 del d
             acc.addmm_(e.view(-1, c1 - c0), self.w_project[c0:c1])  # pw-linear: += B_i
             del e
         del s, flat
         return out
 
-    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+    def plan(self, ledger: Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
         """Replay :meth:`run` on ``ledger``; returns the bytes of the output it leaves."""
         hs, ws, ho, wo = self._sizes(h_in, w_in)
         result = 0 if out else ledger.alloc(4 * self.out_channels * ho * wo)
@@ -254,7 +256,7 @@ class _UIB(nn.Module):
         return result
 
 
-class _MQA(nn.Module):
+class WholeMQA(nn.Module):
     """A Mobile MQA block run whole, as the folded module, on an (H, W, C) map."""
 
     tiles = False
@@ -262,7 +264,7 @@ class _MQA(nn.Module):
     def __init__(self, block: MobileMQA) -> None:
         super().__init__()
         self.block = block
-        self.window = _Window(1, 1, 0)  # the block keeps the map's size
+        self.window = ConvWindow(1, 1, 0)  # the block keeps the map's size
         self.in_channels = block.attn.query.in_channels
         self.out_channels = block.out_channels
         attn = block.attn
@@ -276,13 +278,13 @@ class _MQA(nn.Module):
         raise MobileNetError("a Mobile MQA block runs on whole maps, not on bands of rows")
 
     def run(self, x: Tensor, a: int, h_in: int, o0: int, o1: int, out: Tensor | None) -> Tensor:
-        y = self.block(_nchw(x))
+        y = self.block(as_nchw(x))
         if out is None:
             out = x.new_empty(x.shape[0], x.shape[1], self.out_channels)
         out.copy_(y[0].permute(1, 2, 0))
         return out
 
-    def plan(self, ledger: _Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
+    def plan(self, ledger: Ledger, h_in: int, w_in: int, o0: int, o1: int, out: bool) -> int:
         """An upper estimate: the block's input-sized tensors (the pre-norm, the residual
         branch before and after the layer scale, the sum) and the attention's tensors
         (queries and the heads' output, each with a reshaped copy, keys and values on the
@@ -302,15 +304,3 @@ class _MQA(nn.Module):
             ledger.free(result)
             return 0
         return result
-
-
-def v4_layer(layer: nn.Module, splits: int) -> nn.Module | None:
-    """The executor's layer for one of V4's (a conv after the stem, a fused IB, a UIB or
-    a Mobile MQA block); None for any other layer."""
-    if isinstance(layer, ConvBNAct | FusedInvertedBottleneck):
-        return _Conv(layer, splits)
-    if isinstance(layer, UniversalInvertedBottleneck):
-        return _UIB(layer, splits)
-    if isinstance(layer, MobileMQA):
-        return _MQA(layer)
-    return None

@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import MobileNetError
 from ..weights import find_layout, load_weights, read_checkpoint, saved_config
 from ..weights.layouts import with_origin
+from .base import MobileNet
 
 __all__ = [
     "TASKS",
@@ -77,8 +78,7 @@ def list_models(task: str | None = "classification") -> list[str]:
     """Names of the registered models of ``task`` (None: every task), in registration
     order: classifiers V1, V2, V3; detectors SSDLite on V2, V3-Large, V3-Small;
     segmentation models LR-ASPP and DeepLabv3."""
-    if task != "classification":
-        _load(task)
+    _load(task)  # the classifiers are registered already
     names = [name for name in _REGISTRY if task is None or _TASKS[name] == task]
     # By task first: the families register when first imported, in whatever order.
     order = {kind: i for i, kind in enumerate(TASK_ORDER)}
@@ -214,7 +214,7 @@ def model_from_checkpoint(
     _check_fits(name, kwargs, state_dict, source_name)
     model = _build(name, kwargs)
     loaded = load_weights(model, state_dict, source_name=source_name, metadata=metadata)
-    if getattr(model, "task", None) == "classification":
+    if isinstance(model, MobileNet):  # a classifier
         from ..data.published import attach_preprocess
 
         # The preprocessing the weights were evaluated with: ``model.preprocess``.

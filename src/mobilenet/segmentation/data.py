@@ -60,10 +60,28 @@ __all__ = [
 IGNORE = 255  # the mask value of pixels that count neither in the loss nor in the scores
 CLASSES_FILE = "classes.txt"
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 MASK_MODES = ("P", "L", "I;16", "I")  # single-band modes whose values are indices
 DEEP_MODES = ("I;16", "I")  # 16-bit PNGs (PIL reads some as "I"): values up to 65,535
 Size = tuple[int, int]  # (height, width)
@@ -140,9 +158,10 @@ class SegmentationFolder(Dataset):
             return pairs, "voc"
         if (root / "images").is_dir() and (root / "masks").is_dir():
             images = sorted(
-                p for p in (root / "images").iterdir()
+                p
+                for p in (root / "images").iterdir()
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            )  # fmt: skip
+            )
             return [Pair(p, root / "masks" / f"{p.stem}.png") for p in images], "pairs"
         if not root.is_dir():
             raise MobileNetError(f"segmentation data not found: {root}")

@@ -91,6 +91,9 @@ class SegmentationModel(nn.Module):
     module docstring for inputs and outputs)."""
 
     task = "segmentation"
+    # Its forward returns a dict of maps; the main logits are under this key ("aux" serves
+    # training only). Exporters and the memory-efficient executor take the model by it.
+    main_output = "out"
 
     def __init__(
         self,

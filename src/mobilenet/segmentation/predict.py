@@ -10,9 +10,6 @@ resized back.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +19,12 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from ..card import ModelCard
 from ..data.images import header_problem, load_rgb, require_regular_file
-from ..deployed import check_requested
+from ..deployed import Trained, check_requested
 from ..errors import CheckpointError, MobileNetError
 from ..fileio import atomic_write
+from ..formats import format_of
 from ..models.registry import list_models, model_from_checkpoint
 from ..train.evaluate import finite_outputs
 from ..weights import read_checkpoint, saved_config
@@ -36,23 +35,15 @@ from .model import SegmentationModel, SegmenterConfig
 
 __all__ = [
     "OnnxSegmenter",
-    "TrainedSegmenter",
     "evaluate_on",
     "load_segmenter",
     "output_names",
     "segment_images",
+    "trained_segmenter",
 ]
 
 TORCHVISION_SIZE = (520, 520)  # torchvision's segmentation weights evaluate at 520
 OVERLAY_ALPHA = 0.5
-
-
-@dataclass
-class TrainedSegmenter:
-    model: SegmentationModel | OnnxSegmenter
-    classes: list[str]  # class i is classes[i]; 0 is the background
-    size: Size  # the input (height, width) the model was trained for
-    path: Path | None = None  # the weights file it came from
 
 
 class OnnxSegmenter(nn.Module):
@@ -88,13 +79,19 @@ class OnnxSegmenter(nn.Module):
 
 def load_segmenter(
     weights: str | Path, model: str | None = None, width_mult: float | None = None
-) -> TrainedSegmenter:
+) -> Trained:
     """A segmentation model from our ``best.safetensors`` (config, classes and input size
     are inside), from the ONNX file ``mobilenet export`` writes of one, or from a
     torchvision LR-ASPP / DeepLabv3 state dict (``model`` defaults to
     ``lraspp_mobilenet_v3_large``; 21 classes are VOC's, input 520x520). A ``model`` or
     ``width_mult`` that contradicts the file's own config is refused."""
-    if Path(weights).suffix == ".onnx":
+    exported = format_of(Path(weights))
+    if exported is not None:
+        if "segmentation" not in exported.tasks:
+            raise MobileNetError(
+                f"{weights}: a {exported.name} file holds a classifier; segmentation models "
+                "export to ONNX"
+            )
         return _load_onnx(Path(weights), model, width_mult)
     state_dict, metadata = read_checkpoint(weights)
     try:
@@ -110,30 +107,50 @@ def load_segmenter(
     kwargs = {} if width_mult is None or saved is not None else {"width_mult": width_mult}
     network = model_from_checkpoint(name, state_dict, metadata, str(weights), **kwargs)
     assert isinstance(network, SegmentationModel)
-    classes = _saved_classes(metadata, weights, network.num_classes)
-    size = _saved_size(metadata, weights)
-    return TrainedSegmenter(network.eval(), classes, size, Path(weights))
+    card = ModelCard.read(metadata, str(weights))
+    classes = _saved_classes(card, weights, network.num_classes)
+    size = card.input_size or TORCHVISION_SIZE
+    return trained_segmenter(network.eval(), classes, size, Path(weights), card)
 
 
-def _load_onnx(path: Path, model: str | None, width_mult: float | None) -> TrainedSegmenter:
+def trained_segmenter(
+    model: SegmentationModel | OnnxSegmenter,
+    classes: list[str],
+    size: Size,
+    path: Path | None = None,
+    card: ModelCard | None = None,
+) -> Trained:
+    """A segmentation model, its classes (0 the background) and its input ``(height,
+    width)`` as a loaded model, its card (its file's, else a new one) saying them."""
+    card = (card or ModelCard()).replace(
+        config=model.config.to_dict(), task="segmentation", classes=classes, input_size=size
+    )
+    return Trained(model, classes, size, path, card=card)
+
+
+def _load_onnx(path: Path, model: str | None, width_mult: float | None) -> Trained:
     """A segmentation model's ONNX file, its metadata checked against its graph."""
-    from ..deployed import onnx_shapes
     from ..export.onnx import onnx_session, read_metadata
+    from ..formats.onnx import onnx_shapes
 
     session = onnx_session(path)
     metadata = read_metadata(session)
     if metadata.get("task") != "segmentation" or "config" not in metadata:
         raise MobileNetError(f"{path}: not a segmentation model's ONNX file of mobilenet export")
+    card = ModelCard.read(metadata, str(path))
+    saved = dict(card.config or {})
     try:
-        saved = json.loads(metadata["config"])
         config = SegmenterConfig(**saved)
-    except (ValueError, TypeError) as e:  # not JSON, not an object, unknown fields
+    except TypeError as e:  # unknown fields
         raise CheckpointError(f"{path}: metadata 'config' is damaged ({e})") from None
     check_requested(path, saved, model, width_mult)
     if config.name not in list_models(task="segmentation"):
-        raise CheckpointError(f"{path}: metadata 'config' names {config.name!r}, not a "
-                              "segmentation model")  # fmt: skip
-    size = _saved_size({"image_size": _size_text(metadata.get("resolution", ""))}, path)
+        raise CheckpointError(
+            f"{path}: metadata 'config' names {config.name!r}, not a segmentation model"
+        )
+    if card.input_size is None:
+        raise CheckpointError(f"{path}: metadata 'resolution' is missing")
+    size = card.input_size
     shape_in, shape_out = onnx_shapes(session)
     if shape_in[1:] != [3, *size]:
         raise CheckpointError(
@@ -145,45 +162,23 @@ def _load_onnx(path: Path, model: str | None, width_mult: float | None) -> Train
             f"{path}: metadata 'config' says {config.num_classes} classes; the graph outputs "
             f"{shape_out}"
         )
-    classes = _saved_classes(metadata, path, config.num_classes)
-    return TrainedSegmenter(OnnxSegmenter(session, config, path), classes, size, path)
+    classes = _saved_classes(card, path, config.num_classes)
+    return trained_segmenter(OnnxSegmenter(session, config, path), classes, size, path, card)
 
 
-def _size_text(text: str) -> str:
-    """A size as ONNX metadata writes it (``64``, ``64x96``) as ``HxW``."""
-    return f"{text}x{text}" if text.isdigit() else text
-
-
-def _saved_classes(metadata: Mapping[str, str], weights: str | Path, count: int) -> list[str]:
-    if "classes" not in metadata:
+def _saved_classes(card: ModelCard, weights: str | Path, count: int) -> list[str]:
+    if card.classes is None:
         return list(VOC_CLASSES) if count == len(VOC_CLASSES) else [str(i) for i in range(count)]
-    where = f"{weights}: metadata 'classes'"
-    try:
-        classes = json.loads(metadata["classes"])
-    except ValueError as e:
-        raise CheckpointError(f"{where} is not JSON ({e})") from None
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise CheckpointError(f"{where} is not a list of names")
-    if len(classes) != count:
-        raise CheckpointError(f"{where} lists {len(classes)} classes; the model has {count}")
-    return classes
-
-
-def _saved_size(metadata: Mapping[str, str], weights: str | Path) -> Size:
-    text = metadata.get("image_size")
-    if text is None:
-        return TORCHVISION_SIZE
-    try:
-        height, width = (int(v) for v in text.split("x"))
-    except ValueError:
-        raise CheckpointError(f"{weights}: metadata 'image_size' {text!r} is not HxW") from None
-    if not (0 < height <= 8192 and 0 < width <= 8192):
-        raise CheckpointError(f"{weights}: metadata 'image_size' {text!r} is out of range")
-    return height, width
+    if len(card.classes) != count:
+        raise CheckpointError(
+            f"{weights}: metadata 'classes' lists {len(card.classes)} classes; the model has "
+            f"{count}"
+        )
+    return list(card.classes)
 
 
 def evaluate_on(
-    trained: TrainedSegmenter, data: str, batch_size: int = 16, workers: int = 0
+    trained: Trained, data: str, batch_size: int = 16, workers: int = 0
 ) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy on ``data``'s held-out images: a built-in
     set's held-out split, a VOC folder's ``val`` split, or a whole images/masks folder."""
@@ -216,9 +211,7 @@ def output_names(paths: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def segment_images(
-    trained: TrainedSegmenter, paths: list[str], out: str | Path
-) -> list[dict[str, Any]]:
+def segment_images(trained: Trained, paths: list[str], out: str | Path) -> list[dict[str, Any]]:
     """Segment each image; write its mask and overlay into ``out`` (see the module
     docstring). Every input is checked before anything is written; each file is written
     whole or not at all. Each result gives the share of the image's pixels per class
@@ -236,8 +229,9 @@ def segment_images(
     results = []
     for path, stem in zip(paths, output_names(paths), strict=True):
         image = TF.pil_to_tensor(load_rgb(path))
-        normalised = TF.normalize(TF.to_dtype(image, torch.float32, scale=True),
-                                  list(config.mean), list(config.std))  # fmt: skip
+        normalised = TF.normalize(
+            TF.to_dtype(image, torch.float32, scale=True), list(config.mean), list(config.std)
+        )
         with finite_outputs([trained.model], str(trained.path or "the model")):
             classes = predict_classes(trained.model, [normalised], trained.size)[0]
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
@@ -250,9 +244,13 @@ def segment_images(
             if n
         }
         results.append(
-            {"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
-             "classes": shares}
-        )  # fmt: skip
+            {
+                "image": str(path),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+                "classes": shares,
+            }
+        )
     return results
 
 

@@ -1,6 +1,7 @@
 """Training: the engine every task runs on, recipes, optimizers, distributed runs.
 
-The tasks themselves (what to train) live in :mod:`mobilenet.tasks`.
+The tasks themselves (what to train) live in their packages: :mod:`mobilenet.classification.task`,
+:mod:`mobilenet.detection.task`, :mod:`mobilenet.segmentation.task`.
 """
 
 from .engine import FitResult, RunConfig, Setup, Task, TrainingDiverged, fit

@@ -74,9 +74,18 @@ class RunConfig:
         ``workers``, ``device``, ``amp``, ``eval_every``, ``resume`` and ``progress``."""
         c = task_config
         return cls(
-            c.out, recipe, lr, c.seed, c.workers, c.device, c.amp, channels_last,
-            c.eval_every, c.resume, c.progress,
-        )  # fmt: skip
+            c.out,
+            recipe,
+            lr,
+            c.seed,
+            c.workers,
+            c.device,
+            c.amp,
+            channels_last,
+            c.eval_every,
+            c.resume,
+            c.progress,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings but the recipe (``config.json`` holds it on its own)."""
@@ -153,9 +162,13 @@ def fit(task: Task, run: RunConfig) -> FitResult:
             torch.manual_seed(run.seed)
             built = task.setup(dist)
             settings = plain(
-                {"task": task.name, **task.config(), "recipe": run.recipe.to_dict(),
-                 "run": run.to_dict()}
-            )  # fmt: skip
+                {
+                    "task": task.name,
+                    **task.config(),
+                    "recipe": run.recipe.to_dict(),
+                    "run": run.to_dict(),
+                }
+            )
             if resumed is not None:
                 check_resume(resumed.get("config"), settings, resumed.get("epoch", 0))
             loader = _train_loader(built, run, dist)

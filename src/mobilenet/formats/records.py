@@ -24,9 +24,9 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import MobileNetError
-from .fileio import write_json
-from .paths import cache_dir
+from ..errors import MobileNetError
+from ..fileio import write_json
+from ..paths import cache_dir
 
 __all__ = [
     "config_key",
@@ -47,10 +47,10 @@ def records_path() -> Path:
 
 
 def machine_key(info: dict | None = None) -> str:
-    """The CPU model name and its ISA features (from :func:`mobilenet.bench.cpu`): two
+    """The CPU model name and its ISA features (from :func:`mobilenet.machine.cpu`): two
     machines alike in both run the same kernels, so their rankings carry over."""
     if info is None:
-        from .bench import cpu
+        from ..machine import cpu
 
         info = cpu()
     return f"{info['model']} [{' '.join(info['isa'])}]"

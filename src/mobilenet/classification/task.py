@@ -3,7 +3,6 @@ top-1 and top-5; the best weights are those of the highest validation top-1."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..card import ModelCard
 from ..data import builtin_splits, folder_splits, train_transform
 from ..data.datasets import BUILTIN, Split
 from ..data.preprocess import Preprocess
@@ -95,8 +95,14 @@ class ClassificationTask:
         cfg = self.cfg
         per_process = cfg.recipe.batch_size // dist.world_size
         shape = meta_model(cfg.model, width_mult=cfg.width_mult, num_classes=10)
-        check_memory(shape, cfg.recipe.resolution, per_process, "the training", training=True,
-                     device=dist.device)  # fmt: skip
+        check_memory(
+            shape,
+            cfg.recipe.resolution,
+            per_process,
+            "the training",
+            training=True,
+            device=dist.device,
+        )
         # The model first: its evaluation config sets the transforms; then a classifier
         # for the data's classes.
         model = build_model(cfg) if self.model is None else self.model
@@ -135,16 +141,17 @@ class ClassificationTask:
 
     def metadata(self, epoch: int, val: dict[str, float] | None) -> dict[str, str]:
         cfg = self.cfg
-        metadata = {
-            "classes": json.dumps(cfg.classes),
-            "resolution": str(cfg.recipe.resolution),
-            "preprocess": self.preprocess.to_json(),
-            "epoch": str(epoch),
-            "data": cfg.data,
-        }
+        extra = {"epoch": str(epoch), "data": cfg.data}
         if val is not None:
-            metadata["val_top1"] = f"{val['top1']:.4f}"
-        return metadata
+            extra["val_top1"] = f"{val['top1']:.4f}"
+        card = ModelCard(
+            task="classification",
+            classes=tuple(cfg.classes),
+            input_size=(cfg.recipe.resolution, cfg.recipe.resolution),
+            preprocess=self.preprocess,
+            extra=extra,
+        )
+        return card.metadata()
 
     def config(self) -> dict[str, Any]:
         return {"train": self.cfg.to_dict()}

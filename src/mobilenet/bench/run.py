@@ -1,52 +1,11 @@
-"""``mobilenet bench``: every inference engine timed in the same run, interleaved.
-
-Each engine runs in a process of its own (so its peak memory is its own and allocator
-state does not leak between engines); the processes take turns, one timing round each,
-after a warm-up, so that the machine's load affects all of them alike. Reported: the
-median latency per batch, images per second, the ratio to the best peer (the fastest
-other engine of the run) and to eager PyTorch, each process's peak resident memory, the
-CPU with its ISA features, and the cores other processes kept busy meanwhile.
-
-Every engine times the same random weights, whose BatchNorm statistics are measured on
-random images (:func:`~mobilenet.bench_engines.timing_model`): activations are then
-unit-scale as in a trained network, and the int8 engines' files, whose graphs depend on the
-calibrated ranges, are shaped like those of trained weights.
-
-Fair to every engine: PyTorch keeps freed memory (:mod:`mobilenet.train.cpu`: glibc
-otherwise unmaps the activations after every call, 31.3 instead of 16.9 ms at batch 1);
-``openvino`` is float32 (OpenVINO's default is bf16 where the CPU has it: ``openvino-bf16``);
-ONNX Runtime's idle threads sleep instead of spinning when its threads fill the free cores.
-
-Engines:
-  eager              the model as built, eval mode, NCHW
-  eager-fused        BatchNorm folded, channels_last, inference mode (prepare_for_inference)
-  compile            torch.compile of eager-fused
-  onnxruntime        the exported ONNX model in ONNX Runtime
-  onnxruntime-int8   ONNX Runtime, static int8 quantization (QDQ, per-channel weights),
-                     calibrated on random images: for speed, not accuracy
-  torch-int8         PyTorch int8 (FX graph, x86 backend, per-channel), calibrated alike
-  executorch         the ExecuTorch program (.pte, XNNPACK, batch 1 to 8) in ExecuTorch's
-                     runtime, its thread pool set to --threads (it ignores OMP_NUM_THREADS)
-  executorch-int8    ExecuTorch int8 (PT2E, XNNPACK quantizer), calibrated on random images
-  litert             the LiteRT model (.tflite) in the LiteRT interpreter (XNNPACK delegate),
-                     on --threads threads
-  litert-int8        LiteRT full-integer int8 (PT2E, litert-torch's quantizer), calibrated alike
-  torchvision-eager  torchvision's own implementation of the same network, when it has one
-  openvino           a peer runtime: OpenVINO on the exported ONNX model, float32
-  openvino-bf16      OpenVINO in bfloat16, on CPUs with bf16 instructions
-
-The engines that run the ONNX export need the ``deploy`` extra (onnx, onnxruntime), the
-ExecuTorch ones the ``mobile`` extra (executorch), the LiteRT ones the ``litert`` extra
-(litert-torch, ai-edge-litert); without it they are not started, and
-listed as failed with the ``pip install`` to run.
-"""
+"""The run of ``mobilenet bench``: the engines' worker processes, the interleaved timing
+rounds, and the table of results."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -55,77 +14,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_engines import (
-    ENGINES,
-    EXECUTORCH_ENGINES,
-    LITERT_ENGINES,
-    ONNX_ENGINES,
-    OPENVINO_ENGINES,
-    TORCH_ENGINES,
-    TORCHVISION,
-    BenchConfig,
-    build_engine,
-    openvino_config,
-    ort_session,
-)
-from .errors import MobileNetError
-from .extras import available, install_hint
-from .machine import free_cores, load_snapshot, others_since
+from ..errors import MobileNetError
+from ..extras import install_hint
+from ..formats import BenchCase, engines
+from ..machine import cpu, free_cores, load_snapshot, others_since
+from .setup import BenchConfig, build_engine
 
 __all__ = [
-    "ENGINES",
-    "BenchConfig",
-    "build_engine",
-    "cpu",
-    "machine",
+    "BUSY_WARNING",
+    "check_engines",
+    "engine_rows",
+    "format_table",
     "missing_extra",
-    "openvino_config",
-    "ort_session",
     "run_bench",
+    "worker",
 ]
 
-ISA = {  # the features that decide which kernels an engine can use, by /proc/cpuinfo names
-    "AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
-    "BF16": ("avx512_bf16",), "AMX": ("amx_tile",),
-}  # fmt: skip
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-# Engines whose exports take one side and a classifier's logits (int8 calibration included).
-SQUARE_CLASSIFIERS_ONLY = ("torch-int8", *EXECUTORCH_ENGINES, *LITERT_ENGINES)
 BUSY_WARNING = 0.25  # cores kept busy by other processes that make the timings suspect
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def _read(path: str) -> str:
-    """A /proc file's text; empty where there is none (not Linux)."""
-    return Path(path).read_text() if Path(path).is_file() else ""
-
-
-def _field(cpuinfo: str, name: str) -> str:
-    """The first processor's ``name`` field in a /proc/cpuinfo text (empty when absent)."""
-    lines = cpuinfo.splitlines()
-    return next((ln.partition(":")[2].strip() for ln in lines if ln.startswith(name)), "")
-
-
-def has_bf16() -> bool:
-    """Whether the CPU computes bfloat16 natively (what ``openvino-bf16`` needs)."""
-    return bool(set(_field(_read("/proc/cpuinfo"), "flags").split()) & set(BF16_FLAGS))
-
-
-def cpu(cpuinfo: str | None = None) -> dict:
-    """The CPU's model name, core count and ISA features, for recorded results: int8 and
-    bf16 speed depend on VNNI, BF16 and AMX more than on anything else."""
-    text = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
-    flags = set(_field(text, "flags").split())
-    isa = [name for name, names in ISA.items() if flags & set(names)]
-    model = _field(text, "model name") or platform.machine()
-    return {"model": model, "cores": os.cpu_count(), "isa": isa}
-
-
-def machine() -> str:
-    """The CPU model and core count, for recorded results."""
-    return "{model}, {cores} cores".format(**cpu())
 
 
 # --------------------------------------------------------------------------- engines
@@ -140,63 +45,47 @@ def check_engines(
     square: bool = True,
 ) -> list[str]:
     """The engines of ``names`` that apply here; unknown ones refused. Those that do not
-    apply (torchvision lacks the network, OpenVINO missing, no bf16, a batch above what an
-    ExecuTorch program holds, a classifier-only engine for another task or a non-square
-    input) are left out, or, for an ``explicit`` request, refused where running them would
-    time something else or nothing: ``openvino-bf16`` on a CPU without bf16 (OpenVINO
-    would quietly compute in float32), ExecuTorch above its batch bound."""
-    from .export.executorch import MAX_BATCH  # (torch, not executorch, is imported)
-    from .models import model_task
-
-    unknown = [n for n in names if n not in ENGINES]
+    apply (torchvision lacks the network, no bf16, a batch above what an ExecuTorch
+    program holds, a classifier-only engine for another task or a non-square input) are
+    left out, or, for an ``explicit`` request, refused where running them would time
+    something else or nothing (each engine's ``refuses`` says why)."""
+    known = engines()
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(ENGINES)}")
-    task = model_task(model)
-    if task != "classification" or not square:
-        limited = [n for n in names if n in SQUARE_CLASSIFIERS_ONLY]
-        if limited and explicit:
-            what = f"{task} models" if task != "classification" else "non-square inputs"
-            raise MobileNetError(f"{limited[0]} runs square classifiers only, not {what}")
-        names = [n for n in names if n not in SQUARE_CLASSIFIERS_ONLY]
-    if "torchvision-eager" in names and (model not in TORCHVISION or width != 1.0):
-        names = [n for n in names if n != "torchvision-eager"]
-    if "openvino-bf16" in names and not has_bf16():
-        if explicit:
-            why = "this CPU has no avx512_bf16 or amx_bf16 (see /proc/cpuinfo)"
-            raise MobileNetError(f"openvino-bf16 needs bf16 instructions: {why}; use openvino")
-        names = [n for n in names if n != "openvino-bf16"]
-    if not available("openvino"):
-        names = [n for n in names if n not in OPENVINO_ENGINES]
-    pte = [n for n in names if n in EXECUTORCH_ENGINES]
-    if pte and batch > MAX_BATCH:
-        if explicit:
-            raise MobileNetError(f"{pte[0]} runs batches of 1 to {MAX_BATCH}, not {batch}")
-        names = [n for n in names if n not in EXECUTORCH_ENGINES]
-    return names
+        raise MobileNetError(f"unknown engine {unknown[0]!r}; choose from: {', '.join(known)}")
+    case = BenchCase(model, width, batch, square)
+    kept = []
+    for name in names:
+        engine = known[name]
+        reason = engine.refuses(case)
+        if reason and explicit:
+            raise MobileNetError(reason)
+        if reason is None and engine.applies(case):
+            kept.append(name)
+    return kept
 
 
 def missing_extra(engine: str) -> str | None:
     """Why ``engine`` cannot run in this install (an extra not installed), or None."""
-    if engine in ONNX_ENGINES:
-        for module in ("onnx", "onnxruntime"):
-            if not available(module):
-                return f"needs {module}: {install_hint('deploy')}"
-    if engine in EXECUTORCH_ENGINES and not available("executorch"):
-        return f"needs executorch: {install_hint('mobile')}"
-    if engine in LITERT_ENGINES:
-        for module in ("litert_torch", "ai_edge_litert"):
-            if not available(module):
-                return f"needs {module.replace('_', '-')}: {install_hint('litert')}"
+    from ..extras import available
+
+    found = engines()[engine]
+    for module in found.modules:
+        if not available(module):
+            hint = install_hint(found.extra) if found.extra else "not installed"
+            return f"needs {module.replace('_', '-')}: {hint}"
     return None
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-def _worker(engine: str, cfg: BenchConfig) -> None:
+def worker(engine: str, cfg: BenchConfig) -> None:
+    """One engine's process: builds it, warms it up, says ``ready``, then times the
+    number of calls each line of stdin asks for and answers each with a JSON line."""
     kept = False
-    if engine in TORCH_ENGINES:  # as training does: see mobilenet.train.cpu
-        from .train.cpu import keep_freed_memory
+    if engines()[engine].format is None:  # PyTorch: as training does (mobilenet.train.cpu)
+        from ..train.cpu import keep_freed_memory
 
         kept = keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +115,7 @@ def run_bench(cfg: BenchConfig, engines: list[str], progress=None) -> dict:
     memory at once (:func:`mobilenet.limits.check_memory`): each holds the model and a
     batch's activations, and all of them stay alive for the interleaved rounds.
     """
-    from .limits import check_memory, meta_model
+    from ..limits import check_memory, meta_model
 
     engines = check_engines(engines, cfg.model, cfg.width_mult, batch=cfg.batch)
     starting = [e for e in engines if missing_extra(e) is None]
@@ -362,7 +251,3 @@ def format_table(result: dict) -> str:
         warning = f"warning: other processes kept {busy:.2f} cores busy during the run"
         lines.append(warning + "; the timings are slower and noisier than on a quiet machine")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # worker: python -m mobilenet.bench ENGINE CONFIG_JSON
-    _worker(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))

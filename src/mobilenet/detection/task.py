@@ -8,7 +8,6 @@ decay on BatchNorm and biases (the TF and torchvision SSDLite recipes' optimizer
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import MobileNetError
 from ..limits import check_memory, meta_model
 from ..models import create_model
@@ -86,9 +86,13 @@ def train_detector(cfg: DetectTrainConfig) -> DetectTrainResult:
     result = fit(DetectionTask(cfg), cfg.run())
     val = result.best_val or {}
     return DetectTrainResult(
-        val.get("map"), val.get("map_50"), result.best_epoch, result.final, result.seconds,
+        val.get("map"),
+        val.get("map_50"),
+        result.best_epoch,
+        result.final,
+        result.seconds,
         result.out,
-    )  # fmt: skip
+    )
 
 
 class DetectionTask:
@@ -104,14 +108,20 @@ class DetectionTask:
         self.val_set: Any = None
 
     def setup(self, dist: Distributed) -> Setup:
-        from ..detection.builtin import BUILTIN_DETECTION, dataset_root
-        from ..detection.data import CocoDetection, collate, eval_transform, train_transform
-        from ..detection.loss import LossConfig
+        from .builtin import BUILTIN_DETECTION, dataset_root
+        from .data import CocoDetection, collate, eval_transform, train_transform
+        from .loss import LossConfig
 
         cfg = self.cfg
         shape = meta_model(cfg.model, width_mult=cfg.width_mult, image_size=cfg.image_size)
-        check_memory(shape, cfg.image_size, cfg.batch_size // dist.world_size, "the training",
-                     training=True, device=dist.device)  # fmt: skip
+        check_memory(
+            shape,
+            cfg.image_size,
+            cfg.batch_size // dist.world_size,
+            "the training",
+            training=True,
+            device=dist.device,
+        )
         # The training set fixes the classes; the model is built for them.
         flip = cfg.flip if cfg.flip is not None else cfg.data != "mnist-det"
         train_set = CocoDetection(
@@ -159,23 +169,24 @@ class DetectionTask:
     def evaluate(self, model: nn.Module, dist: Distributed) -> dict[str, float] | None:
         if self.val_set is None:  # another rank: rank 0 evaluates
             return None
-        from ..detection.evaluate import evaluate_detector
+        from .evaluate import evaluate_detector
 
         metrics = evaluate_detector(model, self.val_set, batch_size=32)
         return {k: metrics[k] for k in self.metrics}
 
     def metadata(self, epoch: int, val: dict[str, float] | None) -> dict[str, str]:
-        categories = [{"id": c.id, "name": c.name} for c in self.train_set.categories]
-        metadata = {
-            "task": "detection",
-            "categories": json.dumps(categories),
-            "epoch": str(epoch),
-            "data": self.cfg.data,
-        }
+        categories = self.train_set.categories
+        extra = {"epoch": str(epoch), "data": self.cfg.data}
         if val is not None:
-            metadata["val_map"] = f"{val['map']:.4f}"
-            metadata["val_map_50"] = f"{val['map_50']:.4f}"
-        return metadata
+            extra["val_map"] = f"{val['map']:.4f}"
+            extra["val_map_50"] = f"{val['map_50']:.4f}"
+        card = ModelCard(
+            task="detection",
+            classes=tuple(c.name for c in categories),
+            category_ids=tuple(c.id for c in categories),
+            extra=extra,
+        )
+        return card.metadata()
 
     def config(self) -> dict[str, Any]:
         classes = self.train_set.classes if self.train_set is not None else None
@@ -198,9 +209,9 @@ class DetectionTask:
 
 
 def _check_config(cfg: DetectTrainConfig) -> None:
-    from ..detection.builtin import BUILTIN_DETECTION, dataset_root
-    from ..detection.model import check_box_scales
     from ..extras import require
+    from .builtin import BUILTIN_DETECTION, dataset_root
+    from .model import check_box_scales
 
     check_box_scales(cfg.min_scale, cfg.max_scale)
     if cfg.optimizer not in DEFAULT_LR:

@@ -1,8 +1,8 @@
-"""Using a trained model: load it with its classes, evaluate it, classify images."""
+"""Using a trained classifier: load it with its card (any file format), evaluate it,
+classify images on the engine measured fastest here."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,48 +10,28 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import builtin_splits, load_rgb
-from .data.datasets import BUILTIN, ImageFolder
-from .data.imagenet import check_imagenet_folder, folder_classes
-from .data.images import require_regular_file
-from .data.published import model_preprocess
-from .deployed import (
-    OnnxModel,
-    Pt2Model,
-    PteModel,
-    TfliteModel,
-    Trained,
-    check_requested,
-    checked_classes,
-    load_int8,
-    load_onnx,
-    load_pt2,
-    load_pte,
-    load_tflite,
-    saved_resolution,
-)
-from .errors import CheckpointError, MobileNetError
-from .export.int8 import Int8Model, is_int8_checkpoint
-from .extras import available, require
-from .models.base import DeployedModel
-from .models.pretrained import resolve_weights
-from .models.registry import model_from_checkpoint, model_task
-from .train.evaluate import require_finite
-from .weights import read_checkpoint, saved_config
+from ..card import ModelCard
+from ..data import builtin_splits, load_rgb
+from ..data.datasets import BUILTIN, ImageFolder
+from ..data.imagenet import check_imagenet_folder, folder_classes
+from ..data.images import check_image_files
+from ..data.published import model_preprocess
+from ..deployed import Trained, check_requested, checked_classes
+from ..errors import CheckpointError, MobileNetError
+from ..formats import LoadRequest, engine_named, engines, format_named, format_of
+from ..models.base import DeployedModel
+from ..models.pretrained import resolve_weights
+from ..models.registry import list_models, model_from_checkpoint, model_task
+from ..train.evaluate import require_finite
+from ..weights import read_checkpoint, saved_config
 
 __all__ = [
-    "PREDICT_ENGINES",
-    "OnnxModel",
-    "Pt2Model",
-    "PteModel",
-    "TfliteModel",
-    "Trained",
-    "check_image_files",
     "choose_engine",
     "evaluate_on",
     "inference_engine",
     "load_trained",
     "predict",
+    "predict_engines",
 ]
 
 
@@ -68,17 +48,15 @@ def load_trained(
     classes are numbered.
     """
     path = resolve_weights(weights)
-    if path.suffix == ".onnx":
-        return load_onnx(path, model, width_mult, resolution)
-    if path.suffix == ".pt2":
-        return load_pt2(path, model, resolution, width_mult)
-    if path.suffix == ".pte":
-        return load_pte(path, model, resolution, width_mult)
-    if path.suffix == ".tflite":
-        return load_tflite(path, model, resolution, width_mult)
+    request = LoadRequest(model, width_mult, resolution)
+    exported = format_of(path)  # by its suffix
+    if exported is not None:
+        exported.require(f"reading {path.name}")
+        return exported.load(path, request)
     state_dict, metadata = read_checkpoint(path)
-    if is_int8_checkpoint(metadata):
-        return load_int8(state_dict, metadata, path, resolution, model, width_mult)
+    exported = format_of(path, metadata)  # weights of another kind (int8) in safetensors
+    if exported is not None:
+        return exported.load(path, request)
     try:
         saved = saved_config(metadata)
     except CheckpointError as e:  # its message does not say which file
@@ -88,14 +66,16 @@ def load_trained(
     name = model or (saved["name"] if saved else None)
     if name is None:
         raise MobileNetError(f"{weights} does not say which model it holds: pass --model")
-    if model_task(name) != "classification":
-        raise MobileNetError(f"{path} holds {name}, a {model_task(name)} model, not a classifier")
+    task = model_task(name)  # an unknown name is refused here
+    if name not in list_models():  # the classifiers
+        raise MobileNetError(f"{path} holds {name}, a {task} model, not a classifier")
     kwargs = {} if width_mult is None else {"width_mult": width_mult}
     net = model_from_checkpoint(name, state_dict, metadata, str(path), **kwargs).eval()
+    card = ModelCard.read(metadata, str(path))
     # Names of another count would be shifted or cut: refused, not replaced by numbers.
-    classes = checked_classes(metadata, path, net.num_classes)
-    res = resolution or saved_resolution(metadata, path, net.eval_config.resolution)
-    return Trained(net, classes, res, path, model_preprocess(net, res))
+    classes = checked_classes(card, path, net.num_classes)
+    res = resolution or card.resolution or net.eval_config.resolution
+    return Trained(net, classes, res, path, model_preprocess(net, res), card)
 
 
 def evaluate_on(
@@ -106,10 +86,10 @@ def evaluate_on(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Top-1, top-5 and loss on a folder (class names matched) or a built-in dataset."""
-    from .data.shard_sets import eval_set
-    from .data.shards import is_shards
-    from .train.distributed import Distributed, resolve_device
-    from .train.evaluate import evaluate
+    from ..data.shard_sets import eval_set
+    from ..data.shards import is_shards
+    from ..train.distributed import Distributed, resolve_device
+    from ..train.evaluate import evaluate
 
     transform = trained.eval_preprocess().transform()
     # An ImageNet model's classes are matched by WordNet id (n01440764/, ...): a folder
@@ -136,42 +116,24 @@ def evaluate_on(
     return evaluate(model, loader, dist, source=source)
 
 
-def check_image_files(paths: list[str]) -> None:
-    """Refuse every input that is missing or not a regular file before any is read."""
-    for path in paths:
-        require_regular_file(path)
-
-
-PREDICT_ENGINES = ("auto", "onnxruntime", "executorch", "litert", "eager-fused", "eager")
+def predict_engines() -> tuple[str, ...]:
+    """The engines ``predict --engine`` takes: ``auto`` and every float32 engine that can
+    run float weights."""
+    return ("auto", *(name for name, e in engines().items() if e.predicts))
 
 
 def engine_candidates(trained: Trained) -> list[str]:
     """The engines ``predict`` can run float weights on here. The int8 engines are not
     among them: quantizing is a change of the model, made only by the user's own file."""
-    candidates = ["eager", "eager-fused"]
+    found = [name for name, e in engines().items() if e.predicts and e.available()]
     if trained.path is None:  # the exporting engines cache their file under its hash
-        return candidates
-    if available("onnx") and available("onnxruntime"):
-        candidates.append("onnxruntime")
-    if available("executorch"):
-        candidates.append("executorch")
-    if available("litert_torch") and available("ai_edge_litert"):
-        candidates.append("litert")
-    return candidates
+        return [name for name in found if engines()[name].in_process is not None]
+    return found
 
 
 def deployed_engine(model: DeployedModel) -> str:
-    """The engine a deployed file (ONNX, int8, torch.export) runs on: itself, as it is."""
-    if isinstance(model, OnnxModel):
-        from .export.onnx import read_metadata
-
-        int8 = read_metadata(model.session).get("precision") == "int8"
-        return "onnxruntime-int8" if int8 else "onnxruntime"
-    if isinstance(model, Pt2Model):
-        return "pt2"
-    if isinstance(model, PteModel):  # and TfliteModel
-        return f"{model.engine}-int8" if model.precision == "int8" else model.engine
-    return "torch-int8" if isinstance(model, Int8Model) else type(model).__name__
+    """The engine a deployed file (ONNX, int8, torch.export, ...) runs on: its own."""
+    return getattr(model, "engine", type(model).__name__)
 
 
 def choose_engine(trained: Trained, engine: str = "auto", batch: int = 1) -> str:
@@ -188,71 +150,56 @@ def choose_engine(trained: Trained, engine: str = "auto", batch: int = 1) -> str
         return own
     if engine != "auto":
         return engine
-    from .engines import fastest, recorded_medians
+    from ..formats.records import fastest, recorded_medians
 
     candidates = engine_candidates(trained)
     config = trained.model.config
     medians = recorded_medians(
         config.name, config.width_mult, batch, trained.resolution, torch.get_num_threads()
     )
-    default = "onnxruntime" if "onnxruntime" in candidates else "eager-fused"
+    default = max(candidates, key=lambda name: engines()[name].fallback)
     return fastest(medians, candidates) or default
 
 
 def inference_engine(trained: Trained, engine: str = "auto") -> nn.Module:
     """The model behind ``predict``, run by ``engine``.
 
-    ``onnxruntime``, the fastest on most CPUs in ``mobilenet bench`` (about 0.35x the
-    latency of eager PyTorch for mobilenet_v2 at batch 1), and ``executorch`` (XNNPACK)
-    export the weights once and keep the checked file in the cache
-    (``$MOBILENET_HOME/onnx`` or ``pte``, keyed by the weights' hash and the resolution);
-    they need the ``deploy`` and ``mobile`` extras. ``eager-fused`` folds BatchNorm;
+    The engines of a file format (``onnxruntime``, the fastest on most CPUs in
+    ``mobilenet bench``, ``executorch``, ``litert``, ...) export the weights once and keep
+    the checked file in the cache (``$MOBILENET_HOME/FORMAT``, keyed by the weights' hash
+    and the resolution); they need their format's extra. ``eager-fused`` folds BatchNorm;
     ``eager`` runs the model as is. ``auto``: see :func:`choose_engine` (batch 1).
     """
     engine = choose_engine(trained, engine)
     model = trained.model
-    if isinstance(model, DeployedModel) or engine == "eager":
+    if isinstance(model, DeployedModel):
         return model
-    if engine == "eager-fused":
-        from .export import prepare_for_inference
-
-        return prepare_for_inference(model, channels_last=False)
-    if engine == "onnxruntime":
-        from .export.onnx import export_onnx
-
-        for module in ("onnx", "onnxruntime"):
-            require(module, "deploy", "the onnxruntime engine")
-        return _cached_export(trained, engine, ".onnx", export_onnx)
-    if engine == "executorch":
-        from .export.executorch import export_pte
-
-        require("executorch", "mobile", "the executorch engine")
-        return _cached_export(trained, engine, ".pte", export_pte)
-    if engine == "litert":
-        from .export.litert import export_tflite
-
-        for module in ("litert_torch", "ai_edge_litert"):
-            require(module, "litert", "the litert engine")
-        return _cached_export(trained, engine, ".tflite", export_tflite)
-    raise MobileNetError(f"unknown engine {engine!r}; choose from {', '.join(PREDICT_ENGINES)}")
+    chosen = engine_named(engine)
+    if not chosen.predicts:
+        raise MobileNetError(
+            f"predict runs float weights on {', '.join(predict_engines())}, not {engine}"
+        )
+    if chosen.in_process is not None:
+        return chosen.in_process(model)
+    chosen.require()
+    assert chosen.format is not None
+    return _cached_export(trained, engine, chosen.format)
 
 
-def _cached_export(trained: Trained, engine: str, suffix: str, export) -> nn.Module:
-    """The float weights exported by ``export`` into the cache (once per weights file and
-    resolution, checked by the export against PyTorch), loaded back."""
-    from .paths import cache_dir
-    from .weights import sha256_file
+def _cached_export(trained: Trained, engine: str, format_name: str) -> nn.Module:
+    """The float weights exported in ``format_name`` into the cache (once per weights
+    file and resolution, checked by the export against PyTorch), loaded back."""
+    from ..paths import cache_dir
+    from ..weights import sha256_file
 
     if trained.path is None:
         raise MobileNetError(f"the {engine} engine needs weights loaded from a file")
-    name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}{suffix}"
-    path = cache_dir() / suffix[1:] / name
+    fmt = format_named(format_name)
+    name = f"{sha256_file(trained.path)[:16]}-{trained.resolution}{fmt.suffix}"
+    path = cache_dir() / fmt.suffix[1:] / name
     if not path.is_file():
-        metadata = {
-            "classes": json.dumps(trained.classes),
-            "preprocess": trained.eval_preprocess().to_json(),
-        }
-        export(trained.model, path, trained.resolution, metadata=metadata)
+        card = trained.model_card()
+        fmt.export(trained.model, path, trained.resolution, card)
     return load_trained(str(path), resolution=trained.resolution).model
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import MobileNetError
 from ..limits import check_memory, meta_model
 from ..models import create_model, model_task
@@ -32,11 +33,11 @@ from ..train.distributed import Distributed
 from ..train.engine import RunConfig, Setup, fit
 from ..train.plot import Panel, plot_panels
 from ..train.recipes import Recipe, dense_recipe
+from .data import IGNORE
 
 __all__ = ["SegTrainConfig", "SegTrainResult", "SegmentationTask", "train_segmenter"]
 
 DEFAULT_LR = {"sgd": 0.02, "adamw": 3e-3}
-IGNORE = 255  # mobilenet.segmentation.data.IGNORE (not imported: the package is lazy)
 AUX_WEIGHT = 0.5  # torchvision's reference: loss = CE(out) + 0.5 CE(aux)
 
 
@@ -116,14 +117,20 @@ class SegmentationTask:
         self.val_iou: dict[str, float | None] = {}
 
     def setup(self, dist: Distributed) -> Setup:
-        from ..segmentation.builtin import BUILTIN_SEGMENTATION, dataset_root
-        from ..segmentation.data import SegmentationFolder, collate, eval_transform
-        from ..segmentation.data import train_transform as augment
+        from .builtin import BUILTIN_SEGMENTATION, dataset_root
+        from .data import SegmentationFolder, collate, eval_transform
+        from .data import train_transform as augment
 
         cfg = self.cfg
         shape = meta_model(cfg.model, **_model_options(cfg, 21))
-        check_memory(shape, cfg.crop_size, cfg.batch_size // dist.world_size, "the training",
-                     training=True, device=dist.device)  # fmt: skip
+        check_memory(
+            shape,
+            cfg.crop_size,
+            cfg.batch_size // dist.world_size,
+            "the training",
+            training=True,
+            device=dist.device,
+        )
         builtin = cfg.data in BUILTIN_SEGMENTATION
         mean, std = shape.config.mean, shape.config.std
         flip = cfg.flip if cfg.flip is not None else not builtin
@@ -168,8 +175,8 @@ class SegmentationTask:
         return loss, stats, len(images)
 
     def evaluate(self, model: nn.Module, dist: Distributed) -> dict[str, float] | None:
-        from ..segmentation.metrics import evaluate_segmenter
         from ..train.evaluate import ShardSampler
+        from .metrics import evaluate_segmenter
 
         assert self.val_set is not None
         sampler = ShardSampler(self.val_set, dist.rank, dist.world_size)
@@ -182,18 +189,17 @@ class SegmentationTask:
         return {k: scores[k] for k in self.metrics}
 
     def metadata(self, epoch: int, val: dict[str, float] | None) -> dict[str, str]:
-        height, width = self.cfg.crop_size
-        metadata = {
-            "task": "segmentation",
-            "classes": json.dumps(self.classes),
-            "image_size": f"{height}x{width}",
-            "epoch": str(epoch),
-            "data": self.cfg.data,
-        }
+        extra = {"epoch": str(epoch), "data": self.cfg.data}
         if val is not None:
-            metadata["val_miou"] = f"{val['miou']:.4f}"
-            metadata["val_iou"] = json.dumps(self.val_iou)
-        return metadata
+            extra["val_miou"] = f"{val['miou']:.4f}"
+            extra["val_iou"] = json.dumps(self.val_iou)
+        card = ModelCard(
+            task="segmentation",
+            classes=tuple(self.classes),
+            input_size=tuple(self.cfg.crop_size),
+            extra=extra,
+        )
+        return card.metadata()
 
     def config(self) -> dict[str, Any]:
         return {"train": self.cfg.to_dict(), "classes": self.classes or None}
@@ -234,7 +240,7 @@ def _val_source(cfg: SegTrainConfig, root: Path, layout: str) -> tuple[str, str]
     """Where the held-out images are: ``--val-data`` (its val split if it is a VOC
     folder), a built-in set's held-out split, a VOC folder's val split (when it lists
     one), else none (the run is not validated)."""
-    from ..segmentation.builtin import BUILTIN_SEGMENTATION
+    from .builtin import BUILTIN_SEGMENTATION
 
     if cfg.val_data is not None:
         return cfg.val_data, "val"
@@ -248,7 +254,7 @@ def _val_source(cfg: SegTrainConfig, root: Path, layout: str) -> tuple[str, str]
 def _check_config(cfg: SegTrainConfig) -> None:
     """Refuse what cannot train before anything is written."""
     from ..cost import check_resolution
-    from ..segmentation.builtin import BUILTIN_SEGMENTATION
+    from .builtin import BUILTIN_SEGMENTATION
 
     if cfg.optimizer not in DEFAULT_LR:
         raise MobileNetError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
@@ -261,7 +267,7 @@ def _check_config(cfg: SegTrainConfig) -> None:
         raise MobileNetError(f"scale range must satisfy 0 < low <= high, got {cfg.scale}")
     if cfg.bn_momentum is not None and not 0 < cfg.bn_momentum <= 1:
         raise MobileNetError(f"BatchNorm momentum must be in (0, 1], got {cfg.bn_momentum}")
-    if model_task(cfg.model) != "segmentation":
+    if model_task(cfg.model) != SegmentationTask.name:
         raise MobileNetError(f"{cfg.model} is not a segmentation model")
     try:
         meta_model(cfg.model, **_model_options(cfg, 21))

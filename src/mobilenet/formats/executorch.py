@@ -1,0 +1,157 @@
+"""ExecuTorch programs (``.pte``, XNNPACK; float32 or int8) for phones; the
+``executorch`` and ``executorch-int8`` engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..card import ModelCard
+from ..deployed import Trained, check_images, checked_classes, exported_card, output_count
+from ..models import ModelConfig
+from ..models.base import DeployedModel
+from . import (
+    BenchCase,
+    BenchSetup,
+    Engine,
+    Exported,
+    Format,
+    LoadRequest,
+    QuantizeRequest,
+    square_classifiers_only,
+)
+
+__all__ = ["FORMAT", "PteFormat", "PteModel"]
+
+
+class PteModel(DeployedModel):
+    """An ExecuTorch program (``.pte``, float32 or int8) behind the ``nn.Module`` call
+    interface. Its memory is planned at export time for at most ``max_batch`` images, so
+    a larger batch runs in slices of that size."""
+
+    runtime = "executorch"
+
+    def __init__(
+        self, run, config: ModelConfig, resolution: int, max_batch: int, precision: str
+    ) -> None:
+        super().__init__(config)
+        self.run = run  # the reader's callable: one slice of up to max_batch images
+        self.resolution = resolution
+        self.max_batch = max_batch
+        self.precision = precision
+
+    @property
+    def engine(self) -> str:
+        """The engine it runs on: its runtime's, ``-int8`` for an int8 file."""
+        return f"{self.runtime}-int8" if self.precision == "int8" else self.runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.resolution)
+        images = x.detach().cpu().float().contiguous()
+        logits = [self.run(part.contiguous()) for part in images.split(self.max_batch)]
+        return torch.cat(logits).to(x.device)
+
+
+def _bench(setup: BenchSetup, int8: bool):
+    """The model as an ExecuTorch program (int8: calibrated like the other int8 engines),
+    on ``setup.threads`` threads: the runtime starts a pool of one thread per core."""
+    from ..export.executorch import export_pte, export_pte_int8, read_pte, set_pte_threads
+
+    path = setup.tmp / "model.pte"
+    if int8:
+        assert setup.calibration is not None
+        export_pte_int8(setup.model, setup.calibration(), path, setup.resolution)
+    else:
+        export_pte(setup.model, path, setup.resolution)
+    set_pte_threads(setup.threads)  # before the load (see set_pte_threads)
+    run, _ = read_pte(path)
+    return lambda: run(setup.images)
+
+
+def _refuses(engine: str):
+    square = square_classifiers_only(engine)
+
+    def refuses(case: BenchCase) -> str | None:
+        from ..export.executorch import MAX_BATCH
+
+        if case.batch > MAX_BATCH:
+            return f"{engine} runs batches of 1 to {MAX_BATCH}, not {case.batch}"
+        return square(case)
+
+    return refuses
+
+
+class PteFormat(Format):
+    name = "pte"
+    rank = 30
+    suffix = ".pte"
+    extra = "mobile"
+    modules = ("executorch",)
+    summary = 'ExecuTorch program (XNNPACK, batch 1 to 8; pip install "mobilenet[mobile]")'
+    quantizes = True
+    integer_only = True
+
+    def export(
+        self, model: nn.Module, path: Path, resolution: Any, card: ModelCard, **options: Any
+    ) -> Exported:
+        from ..export.executorch import MAX_BATCH, export_pte
+
+        diff = export_pte(model, path, resolution, card.metadata())
+        return Exported(diff, "ExecuTorch", f"batch 1 to {MAX_BATCH}")
+
+    def quantize(self, trained: Trained, request: QuantizeRequest) -> str:
+        from ..export.executorch import quantize_pte
+
+        used, diff = quantize_pte(
+            trained,
+            request.data,
+            request.out,
+            request.images,
+            progress=request.progress,
+            integer_only=request.integer_only,
+        )
+        every = "every operator in int8, " if request.integer_only else ""
+        return (
+            f"ExecuTorch program for XNNPACK, {every}calibrated on {used} images of "
+            f"{request.data}; max abs difference from the float model {diff:.2e}"
+        )
+
+    def load(self, path: Path, request: LoadRequest) -> Trained:
+        """An ExecuTorch program, run on as many threads as PyTorch here (the runtime
+        ignores ``OMP_NUM_THREADS`` and would take every core)."""
+        from ..export.executorch import read_pte, set_pte_threads
+
+        set_pte_threads(torch.get_num_threads())  # before the load: methods keep their pool
+        run, metadata = read_pte(path)
+        card, config, res = exported_card(
+            metadata, path, request.model, request.width_mult, request.resolution
+        )
+        classes = checked_classes(card, path, config.num_classes, output_count(run, path, res))
+        precision = metadata.get("dtype", card.precision)
+        pte = PteModel(run, config, res, int(metadata["max_batch"]), precision)
+        return Trained(pte, classes, res, path, card.preprocess, card)
+
+    def engines(self) -> tuple[Engine, ...]:
+        common = {"modules": self.modules, "extra": self.extra, "format": self.name}
+        return (
+            Engine(
+                "executorch",
+                lambda s: _bench(s, False),
+                predicts=True,
+                refuses=_refuses("executorch"),
+                **common,
+            ),
+            Engine(
+                "executorch-int8",
+                lambda s: _bench(s, True),
+                precision="int8",
+                refuses=_refuses("executorch-int8"),
+                **common,
+            ),
+        )
+
+
+FORMAT = PteFormat()
