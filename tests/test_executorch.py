@@ -44,6 +44,21 @@ def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
     assert metadata["resolution"] == str(RES)
     assert metadata["classes"] == classes
     assert json.loads(metadata["config"])["name"] == name
+    assert metadata["max_batch"] == "1"  # ExecuTorch's recipe: a static batch of one
+    x = torch.randn(1, 3, RES, RES, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    atol = 1e-4 * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(run(x), expected, atol=atol, rtol=0)
+    with pytest.raises(MobileNetError, match="takes batches of one image"):
+        run(torch.randn(2, 3, RES, RES))
+
+
+def test_a_batch_range_program_runs_every_batch_within_its_bound(tmp_path):
+    model = _model("mobilenet_v3_small")
+    path = tmp_path / "range.pte"
+    assert export_pte(model, path, RES, max_batch=MAX_BATCH) <= 1e-4
+    run, metadata = read_pte(path)
     assert metadata["max_batch"] == str(MAX_BATCH)
     g = torch.Generator().manual_seed(1)
     for batch in (1, 3, 5):  # 5: a batch size the export's check never ran
@@ -54,6 +69,13 @@ def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
         torch.testing.assert_close(run(x), expected, atol=atol, rtol=0)
     with pytest.raises(MobileNetError, match=f"batches of 1 to {MAX_BATCH}"):
         run(torch.randn(MAX_BATCH + 1, 3, RES, RES))
+
+
+@pytest.mark.parametrize("bound", [0, MAX_BATCH + 1, 2.0])
+def test_a_batch_bound_outside_what_a_program_holds_is_one_line(bound, tmp_path):
+    with pytest.raises(MobileNetError) as caught:
+        export_pte(_model("mobilenet_v1_conv", 0.25), tmp_path / "m.pte", RES, max_batch=bound)
+    assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
 
 
 def test_thread_count_can_be_set():
@@ -189,7 +211,7 @@ def test_quantize_to_pte_calibrates_on_the_data_and_checks_before_the_write(int8
     # The preprocessing it was calibrated with, which eval and predict then use.
     assert json.loads(metadata["preprocess"])["resolution"] == RES
     assert sorted(p.name for p in out.parent.iterdir()) == ["int8.pte", "w.safetensors"]
-    assert run(torch.randn(2, 3, RES, RES)).shape == (2, 10)
+    assert run(torch.randn(1, 3, RES, RES)).shape == (1, 10)
 
 
 def test_quantize_to_pte_refuses_what_it_would_ignore(tmp_path, capsys, monkeypatch):
@@ -239,7 +261,7 @@ def test_predict_engine_executorch_then_eval_of_its_pte(tmp_path, capsys, monkey
         for ours, theirs in zip(result["top"], eager["top"], strict=True):
             assert ours["probability"] == pytest.approx(theirs["probability"], abs=1e-5)
     # The cached program is a .pte like any other: eval gives the float model's figures
-    # (batches of 64 run in slices of MAX_BATCH).
+    # (batches of 64 run in slices of the program's batch).
     results = [
         cli_json(capsys, "eval", "--weights", w, "--data", "digits") for w in (weights, str(cached))
     ]
@@ -339,3 +361,11 @@ def test_quantize_integer_only_pte(tmp_path, capsys):
     run, metadata = read_pte(out)
     assert metadata["integer_only"] == "true" and metadata["dtype"] == "int8"
     assert run(torch.randn(1, 3, RES, RES)).shape == (1, 10)
+
+
+def test_max_batch_is_a_pte_option_refused_elsewhere(tmp_path, capsys):
+    args = ["export", "--model", "mobilenet_v1_conv", "--width-mult", "0.25"]
+    assert main([*args, "--out", str(tmp_path / "m.onnx"), "--max-batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mobilenet export: error: --max-batch applies to --format pte, not onnx\n"
+    assert list(tmp_path.iterdir()) == []

@@ -54,6 +54,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--resolution", type=resolution_hw, default=None, help="input size: N, or HxW (onnx)"
     )
     p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--max-batch",
+        type=max_batch,
+        default=None,
+        help="pte: the largest batch the program takes, 1 to 8 (default 1, as ExecuTorch's "
+        "recipe: a range makes XNNPACK run the classifier apart and plans memory for it)",
+    )
     add_preprocess_args(p)
     p.set_defaults(func=cmd_export)
 
@@ -133,6 +140,16 @@ def supported_opsets() -> range:
     return range(low, high + 1)
 
 
+def max_batch(text: str) -> int:
+    """An argument type: a batch bound an ExecuTorch program can be planned for."""
+    from ..export.executorch import MAX_BATCH
+
+    value = positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH}, not {value}")
+    return value
+
+
 def opset(text: str) -> int:
     """An argument type: an ONNX opset the installed exporter supports."""
     try:
@@ -151,9 +168,10 @@ def opset(text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     fmt = format_named(_export_format(args))  # a contradicting suffix is refused below
     args.format = fmt.name
-    if args.opset is not None and "opset" not in fmt.options:
-        takes = [f.name for f in export_formats().values() if "opset" in f.options]
-        raise MobileNetError(f"--opset applies to --format {' or '.join(takes)}, not {fmt.name}")
+    for dest, flag in (("opset", "--opset"), ("max_batch", "--max-batch")):
+        if getattr(args, dest) is not None and dest not in fmt.options:
+            takes = [f.name for f in export_formats().values() if dest in f.options]
+            raise MobileNetError(f"{flag} applies to --format {' or '.join(takes)}, not {fmt.name}")
     if args.model is None and not args.weights:
         raise MobileNetError("give --model (a randomly initialised model) or --weights")
     if args.weights and format_of(Path(args.weights)) is not None:

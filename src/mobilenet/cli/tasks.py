@@ -75,7 +75,8 @@ class TaskCommands:
             model, resolution, card = self.trained_for_export(args, fmt)
         else:
             model, resolution, card = self.random_for_export(args, fmt)
-        exported = fmt.export(model, Path(args.out), resolution, card, opset=args.opset)
+        options = {"opset": args.opset, "max_batch": args.max_batch}
+        exported = fmt.export(model, Path(args.out), resolution, card, **options)
         size = "x".join(map(str, input_size(resolution)))
         print(
             f"wrote {args.out}: {model.config.name} at {size}, {exported.batch}; "

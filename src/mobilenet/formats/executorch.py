@@ -61,11 +61,12 @@ def _bench(setup: BenchSetup, int8: bool):
     from ..export.executorch import export_pte, export_pte_int8, read_pte, set_pte_threads
 
     path = setup.tmp / "model.pte"
+    batch = setup.images.shape[0]  # a program planned for the batch it is timed at
     if int8:
         assert setup.calibration is not None
-        export_pte_int8(setup.model, setup.calibration(), path, setup.resolution)
+        export_pte_int8(setup.model, setup.calibration(), path, setup.resolution, max_batch=batch)
     else:
-        export_pte(setup.model, path, setup.resolution)
+        export_pte(setup.model, path, setup.resolution, max_batch=batch)
     set_pte_threads(setup.threads)  # before the load (see set_pte_threads)
     run, _ = read_pte(path)
     return lambda: run(setup.images)
@@ -90,17 +91,22 @@ class PteFormat(Format):
     suffix = ".pte"
     extra = "mobile"
     modules = ("executorch",)
-    summary = 'ExecuTorch program (XNNPACK, batch 1 to 8; pip install "mobilenet[mobile]")'
+    summary = (
+        "ExecuTorch program (XNNPACK; a batch of 1, or 1 to --max-batch; "
+        'pip install "mobilenet[mobile]")'
+    )
     quantizes = True
     integer_only = True
+    options = ("max_batch",)
 
     def export(
         self, model: nn.Module, path: Path, resolution: Any, card: ModelCard, **options: Any
     ) -> Exported:
-        from ..export.executorch import MAX_BATCH, export_pte
+        from ..export.executorch import export_pte
 
-        diff = export_pte(model, path, resolution, card.metadata())
-        return Exported(diff, "ExecuTorch", f"batch 1 to {MAX_BATCH}")
+        most = options.get("max_batch") or 1  # ExecuTorch's recipe: a static batch of 1
+        diff = export_pte(model, path, resolution, card.metadata(), max_batch=most)
+        return Exported(diff, "ExecuTorch", "batch 1" if most == 1 else f"batch 1 to {most}")
 
     def quantize(self, trained: Trained, request: QuantizeRequest) -> str:
         from ..export.executorch import quantize_pte
