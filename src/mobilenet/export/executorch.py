@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
@@ -253,7 +254,7 @@ def probe_pte(data: bytes, what: str) -> None:
     process of :func:`mobilenet.native.verify_in_child` does with a ``.pte``."""
     set_pte_threads(1)
     run, metadata = read_pte(data, what, verify=False)
-    resolution = int(metadata["resolution"])
+    resolution = ModelCard.read(metadata, what).resolution
     run(torch.zeros(1, 3, resolution, resolution))
 
 
@@ -319,7 +320,8 @@ def _parse_metadata(text: Any, what: str) -> dict[str, str]:
     valid = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     if not valid or metadata.get("format") != FORMAT:
         raise MobileNetError(f"{what}: not a .pte file written by mobilenet export")
-    if not metadata.get("max_batch", "").isdigit() or not metadata.get("resolution", "").isdigit():
+    square = ModelCard.read(metadata, what).resolution  # the card's own checks, in one line
+    if not metadata.get("max_batch", "").isdigit() or square is None:
         raise MobileNetError(f"{what}: its mobilenet metadata is damaged")
     return metadata
 

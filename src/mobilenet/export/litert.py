@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..card import ModelCard
 from ..errors import MobileNetError
 from ..extras import require
 from ..fileio import read_bytes, write_bytes
@@ -205,7 +206,7 @@ def read_tflite(
     metadata = _read_metadata(data, what)
     if not sealed:  # a refused file gets one line, not two
         note_unsealed(what)
-    resolution = int(metadata["resolution"])
+    resolution = ModelCard.read(metadata, what).resolution
     shapes = [[int(n) for n in d["shape"][1:]] for d in inputs]
     if len(outputs) != 1 or shapes != [[3, resolution, resolution]]:
         raise MobileNetError(f"{what}: its input is not one {LAYOUT} image batch")
@@ -217,7 +218,7 @@ def probe_tflite(data: bytes, what: str) -> None:
     """Load ``data`` and run it once (batch 1, zeros) on one thread: what the child
     process of :func:`mobilenet.native.verify_in_child` does with a ``.tflite``."""
     run, metadata = read_tflite(data, what, threads=1, verify=False)
-    resolution = int(metadata["resolution"])
+    resolution = ModelCard.read(metadata, what).resolution
     run(torch.zeros(1, 3, resolution, resolution))
 
 
@@ -320,7 +321,8 @@ def _read_metadata(data: bytes, what: str) -> dict[str, str]:
     valid = isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     if not valid or metadata.get("format") != FORMAT:
         raise MobileNetError(f"{what}: its mobilenet metadata is damaged")
-    if not metadata.get("resolution", "").isdigit() or metadata.get("layout") != LAYOUT:
+    square = ModelCard.read(metadata, what).resolution  # the card's own checks, in one line
+    if square is None or metadata.get("layout") != LAYOUT:
         raise MobileNetError(f"{what}: its mobilenet metadata is damaged")
     return metadata
 
