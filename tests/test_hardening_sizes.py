@@ -15,7 +15,7 @@ import mobilenet.limits
 from mobilenet import MobileNetError, cost, create_model
 from mobilenet.cli import main
 from mobilenet.cli.args import finite_float, positive_float, seed, width
-from mobilenet.cli.deploy import supported_opsets
+from mobilenet.export.onnx import supported_opsets
 from mobilenet.limits import (
     MAX_RESOLUTION,
     MAX_WIDTH_MULT,

@@ -112,34 +112,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def supported_opsets() -> range:
-    """The ONNX opsets the installed exporter writes (``torch.onnx``'s TorchScript-based
-    exporter, which :mod:`mobilenet.export` uses) and the installed ``onnx`` knows.
-
-    7 is the oldest opset ONNX Runtime runs. The bounds live in a private module of
-    ``torch.onnx``; where it has moved, the range the exporter has long supported is used.
-    """
-    low, high = 7, 17
-    try:
-        from torch.onnx import _constants
-
-        low = max(low, getattr(_constants, "ONNX_MIN_OPSET", low))
-        high = getattr(
-            _constants,
-            "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET",
-            getattr(_constants, "ONNX_MAX_OPSET", high),
-        )
-    except ImportError:
-        pass
-    try:
-        import onnx.defs
-
-        high = min(high, onnx.defs.onnx_opset_version())
-    except ImportError:  # export then names the missing extra itself
-        pass
-    return range(low, high + 1)
-
-
 def max_batch(text: str) -> int:
     """An argument type: a batch bound an ExecuTorch program can be planned for."""
     from ..export.executorch import MAX_BATCH
@@ -156,6 +128,8 @@ def opset(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    from ..export.onnx import supported_opsets
+
     supported = supported_opsets()
     if value not in supported:
         raise argparse.ArgumentTypeError(

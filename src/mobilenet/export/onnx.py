@@ -36,9 +36,14 @@ __all__ = [
     "export_torchscript",
     "input_size",
     "onnx_session",
+    "supported_opsets",
 ]
 
 DEFAULT_OPSET = 17  # HardSwish (14+) and HardSigmoid are standard ops at this opset
+MIN_OPSET = 7  # the oldest opset ONNX Runtime runs
+# The newest opset torch.onnx's TorchScript-based exporter (dynamo=False, used here)
+# writes: 20 from torch 2.3 on. torch keeps it in a private module, so it is named here.
+TORCHSCRIPT_MAX_OPSET = 20
 
 
 def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str = ""):
@@ -82,6 +87,19 @@ class _MainOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[self.key]
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets this export writes: from the oldest ONNX Runtime runs to the newest
+    both the exporter and the installed ``onnx`` know."""
+    high = TORCHSCRIPT_MAX_OPSET
+    try:
+        import onnx.defs
+
+        high = min(high, onnx.defs.onnx_opset_version())
+    except ImportError:  # export then names the missing extra itself
+        pass
+    return range(MIN_OPSET, high + 1)
 
 
 def export_onnx(

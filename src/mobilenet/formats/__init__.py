@@ -42,6 +42,7 @@ __all__ = [
     "format_named",
     "format_of",
     "formats",
+    "runtime_engines",
     "square_classifiers_only",
 ]
 
@@ -153,6 +154,25 @@ class Engine:
         """Refuse in one line, naming the extra, when the engine's runtime is missing."""
         for module in self.modules:
             require(module, self.extra or "all", f"the {self.name} engine")
+
+
+def runtime_engines(
+    fmt: Format,
+    runtime: str,
+    bench: Callable[[BenchSetup, bool], Callable[[], object]],
+    refuses: Callable[[str], Callable[[BenchCase], str | None]],
+) -> tuple[Engine, Engine]:
+    """A format's two engines: ``runtime`` on its float32 files (``predict`` runs float
+    weights on it) and ``runtime-int8``; ``bench(setup, int8)`` builds either, and
+    ``refuses(name)`` says what each cannot time."""
+    common = {"modules": fmt.modules, "extra": fmt.extra, "format": fmt.name}
+    int8 = f"{runtime}-int8"
+    return (
+        Engine(
+            runtime, lambda s: bench(s, False), predicts=True, refuses=refuses(runtime), **common
+        ),
+        Engine(int8, lambda s: bench(s, True), precision="int8", refuses=refuses(int8), **common),
+    )
 
 
 class Format:

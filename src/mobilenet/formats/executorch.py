@@ -21,6 +21,7 @@ from . import (
     Format,
     LoadRequest,
     QuantizeRequest,
+    runtime_engines,
     square_classifiers_only,
 )
 
@@ -141,23 +142,7 @@ class PteFormat(Format):
         return Trained(pte, classes, res, path, card.preprocess, card)
 
     def engines(self) -> tuple[Engine, ...]:
-        common = {"modules": self.modules, "extra": self.extra, "format": self.name}
-        return (
-            Engine(
-                "executorch",
-                lambda s: _bench(s, False),
-                predicts=True,
-                refuses=_refuses("executorch"),
-                **common,
-            ),
-            Engine(
-                "executorch-int8",
-                lambda s: _bench(s, True),
-                precision="int8",
-                refuses=_refuses("executorch-int8"),
-                **common,
-            ),
-        )
+        return runtime_engines(self, "executorch", _bench, _refuses)
 
 
 FORMAT = PteFormat()

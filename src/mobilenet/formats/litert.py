@@ -18,6 +18,7 @@ from . import (
     Format,
     LoadRequest,
     QuantizeRequest,
+    runtime_engines,
     square_classifiers_only,
 )
 from .executorch import PteModel
@@ -93,23 +94,7 @@ class TfliteFormat(Format):
         return Trained(tflite, classes, res, path, card.preprocess, card)
 
     def engines(self) -> tuple[Engine, ...]:
-        common = {"modules": self.modules, "extra": self.extra, "format": self.name}
-        return (
-            Engine(
-                "litert",
-                lambda s: _bench(s, False),
-                predicts=True,
-                refuses=square_classifiers_only("litert"),
-                **common,
-            ),
-            Engine(
-                "litert-int8",
-                lambda s: _bench(s, True),
-                precision="int8",
-                refuses=square_classifiers_only("litert-int8"),
-                **common,
-            ),
-        )
+        return runtime_engines(self, "litert", _bench, square_classifiers_only)
 
 
 FORMAT = TfliteFormat()
