@@ -327,7 +327,7 @@ def test_ptq_on_fewer_images_than_asked_says_how_many(tmp_path, small_folder, fl
     from mobilenet.export.int8_file import save_int8
 
     told = []
-    int8 = quantize_torch(float_trained, small_folder, "ptq", 512, progress=told.append)
+    int8 = quantize_torch(float_trained, small_folder, 512, progress=told.append)
     assert int8.calibration_images == 4
     assert told == [f"{small_folder} holds 4 images: calibrating on all 4"]
     path = save_int8(int8, tmp_path / "m.safetensors", float_trained.model_card())

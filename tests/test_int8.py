@@ -45,7 +45,14 @@ def test_quantize_cli_torch_int8(method, digits_weights, tmp_path, capsys):
     args += ["--calibration-images", "128"] if method == "ptq" else ["--epochs", "1"]
     assert main(args) == 0
     assert "int8" in capsys.readouterr().out
-    assert [p.name for p in tmp_path.iterdir()] == ["int8.safetensors"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    if method == "ptq":
+        assert written == ["int8.safetensors"]
+    else:  # QAT is a training run, in its folder: the file is its best epoch, converted
+        assert written == ["int8.qat", "int8.safetensors"]
+        run = tmp_path / "int8.qat"
+        assert {"metrics.csv", "last.pt", "best.safetensors"} <= {p.name for p in run.iterdir()}
+        assert (run / "best.safetensors").read_bytes() == out.read_bytes()
     with safe_open(str(out), framework="pt") as f:
         metadata = f.metadata()
     dtypes = {t.dtype for t in load_file(str(out)).values()}

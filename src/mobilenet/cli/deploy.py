@@ -64,35 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_preprocess_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
-        "quantize",
-        help="int8 quantization: post-training or quantization-aware; PyTorch, ONNX or ExecuTorch",
-        description="PTQ calibrates activation ranges on --calibration-images images; QAT "
-        "fine-tunes with fake quantization for --epochs epochs (PyTorch format only). The "
-        "format follows --out (.onnx: ONNX Runtime QDQ; .pte: ExecuTorch program for "
-        "XNNPACK; .tflite: full-integer LiteRT model; otherwise PyTorch int8 safetensors). "
-        "A flag the chosen method or format "
-        "does not use is refused.",
-    )
-    p.add_argument("--model", type=model_name("classification"), help="for torchvision/timm")
-    p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
-    p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
-    p.add_argument("--method", choices=["ptq", "qat"], default="ptq")
-    p.add_argument(
-        "--format", choices=list(quantize_formats()), default=None, help="default: from --out"
-    )
-    p.add_argument("--calibration-images", type=positive_int, default=None, help="PTQ (512)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="QAT fine-tuning epochs (3)")
-    p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
-    p.add_argument(
-        "--integer-only",
-        action="store_true",
-        help="every operator in int8: pte, h-swish and h-sigmoid too; onnx, MobileNetV3's "
-        "stem and first block too (kept in float32 otherwise, where they run faster)",
-    )
-    p.add_argument("--out", required=True, help="output file (.safetensors, .onnx, .pte, .tflite)")
-    p.set_defaults(func=cmd_quantize)
+    add_quantize_parser(sub)
 
     p = sub.add_parser("bench", help="time every inference engine on this machine")
     p.add_argument("model", type=model_name(("classification", "segmentation")), help="model")
@@ -110,6 +82,50 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="record the medians for predict --engine auto ($MOBILENET_HOME/engines.json)",
     )
     p.set_defaults(func=cmd_bench)
+
+
+def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="int8 quantization, post-training or quantization-aware: "
+        + ", ".join(f"{name} ({f.suffix})" for name, f in quantize_formats().items()),
+        description="PTQ calibrates activation ranges on --calibration-images images; QAT "
+        "fine-tunes with fake quantization for --epochs epochs, a training run in its own "
+        "folder (--run; --resume continues it), the best int8 epoch written to --out "
+        "(PyTorch format only). --format, else the suffix of --out, picks the format: "
+        + "; ".join(f"{f.suffix} {f.summary}" for f in quantize_formats().values())
+        + ". A flag the chosen method or format does not use is refused.",
+    )
+    p.add_argument("--model", type=model_name("classification"), help="for torchvision/timm")
+    p.add_argument("--weights", required=True, help="trained weights (best.safetensors, ...)")
+    p.add_argument("--data", required=True, help="calibration images: folder or mnist/digits")
+    p.add_argument("--method", choices=["ptq", "qat"], default="ptq")
+    p.add_argument(
+        "--format", choices=list(quantize_formats()), default=None, help="default: from --out"
+    )
+    p.add_argument("--calibration-images", type=positive_int, default=None, help="PTQ (512)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="QAT fine-tuning epochs (3)")
+    p.add_argument("--lr", type=positive_float, default=None, help="QAT learning rate (1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="QAT batch size (64)")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="QAT: the training run's folder (metrics.csv, last.pt, best.safetensors; "
+        "default: --out without its suffix, plus .qat)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", default=None, help="QAT: continue the run in --run"
+    )
+    p.add_argument("--ema-decay", type=positive_float, default=None, help="QAT: keep an EMA")
+    p.add_argument(
+        "--integer-only",
+        action="store_true",
+        help="every operator in int8: pte, h-swish and h-sigmoid too; onnx, MobileNetV3's "
+        "stem and first block too (kept in float32 otherwise, where they run faster)",
+    )
+    suffixes = sorted({f.suffix for f in quantize_formats().values()})
+    p.add_argument("--out", required=True, help=f"output file ({', '.join(suffixes)})")
+    p.set_defaults(func=cmd_quantize)
 
 
 def max_batch(text: str) -> int:

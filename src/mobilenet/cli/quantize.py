@@ -19,6 +19,9 @@ _METHOD_FLAGS = {
     "epochs": ("qat", "--epochs"),
     "lr": ("qat", "--lr"),
     "batch_size": ("qat", "--batch-size"),
+    "run": ("qat", "--run"),
+    "resume": ("qat", "--resume"),
+    "ema_decay": ("qat", "--ema-decay"),
 }
 
 
@@ -42,24 +45,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if isinstance(trained.model, DeployedModel):
         raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
     fmt.require(f"{fmt.name} quantization")  # before the calibration data is read
-    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    request = QuantizeRequest(
-        data=args.data,
-        out=Path(args.out),
-        images=args.calibration_images or 512,
-        integer_only=args.integer_only,
-        method=args.method,
-        qat={k: v for k, v in given.items() if v is not None},
-        progress=log,
-    )
-    how = fmt.quantize(trained, request)
+    if args.method == "qat":
+        how = _train_qat(trained, args)
+    else:
+        request = QuantizeRequest(
+            data=args.data,
+            out=Path(args.out),
+            images=args.calibration_images or 512,
+            integer_only=args.integer_only,
+            progress=lambda message: print(message, file=sys.stderr, flush=True),
+        )
+        how = fmt.quantize(trained, request)
     out = args.out
     print(
         f"wrote {out}: {trained.model.config.name} int8 ({how}; per-channel weights); "
         f"evaluate it with `mobilenet eval --weights {out} --data ...`"
     )
     return 0
+
+
+def _train_qat(trained, args: argparse.Namespace) -> str:
+    """Quantization-aware training on the engine, in its run folder; the best int8 epoch
+    is written to ``--out``."""
+    from ..classification.qat import QATConfig, quantize_aware, run_folder_of
+
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    cfg = QATConfig(
+        data=args.data,
+        out=Path(args.run) if args.run else run_folder_of(args.out),
+        ema_decay=args.ema_decay,
+        resume=bool(args.resume),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = quantize_aware(trained, cfg, args.out)
+    return (
+        f"PyTorch x86, {cfg.epochs} epochs of QAT on {args.data}, best epoch "
+        f"{result.best_epoch}; the run is in {cfg.out}"
+    )
 
 
 def _quantize_format(args: argparse.Namespace) -> Format:

@@ -8,8 +8,8 @@ Calibration (the data, the PT2E observers) is :mod:`mobilenet.export.calibration
 shared with the ONNX, ExecuTorch, LiteRT and OpenVINO int8 files.
 
 * PTQ: observers record activation ranges (histograms) on calibration images.
-* QAT: fake quantization in the training graph, a few epochs of fine-tuning (SGD, cosine);
-  BatchNorm statistics and then the observers frozen before the end, as torchvision does.
+* QAT: fake quantization in the training graph (:func:`prepare_fx_int8`), fine-tuned by
+  the training engine (:mod:`mobilenet.classification.qat`), then :func:`convert_fx_int8`.
 
 The file format (safetensors, nothing pickled) is :mod:`mobilenet.export.int8_file`.
 """
@@ -17,16 +17,12 @@ The file format (safetensors, nothing pickled) is :mod:`mobilenet.export.int8_fi
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MobileNetError
 from ..models import MobileNet, ModelConfig
@@ -36,7 +32,6 @@ __all__ = [
     "BACKEND",
     "METHODS",
     "Int8Model",
-    "QATConfig",
     "convert_fx_int8",
     "prepare_fx_int8",
     "quantize_model",
@@ -46,19 +41,6 @@ __all__ = [
 
 BACKEND = "x86"
 METHODS = ("ptq", "qat")
-
-
-@dataclass(frozen=True)
-class QATConfig:
-    """Quantization-aware fine-tuning from trained float weights."""
-
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1e-3  # SGD with momentum, cosine-decayed to 0 over the fine-tuning
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    freeze_bn_epoch: int = 1  # BatchNorm statistics frozen from this epoch (0-based) on
-    freeze_observer_epoch: int = 2  # quantization ranges frozen from this epoch on
 
 
 class Int8Model(DeployedModel):
@@ -133,31 +115,22 @@ def convert_fx_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def quantize_torch(
     trained,
     data: str,
-    method: str = "ptq",
     calibration_images: int = 512,
-    qat: QATConfig | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Int8Model:
-    """An int8 :class:`Int8Model` of ``trained`` (a :class:`mobilenet.deployed.Trained`).
-
-    PTQ calibrates on ``calibration_images`` images of ``data`` (all it holds when that is
-    fewer: ``progress`` is told, and the model's ``calibration_images`` says how many);
-    QAT fine-tunes on all of them for ``qat.epochs`` epochs (``QATConfig()`` by default).
-    """
+    """A post-training int8 :class:`Int8Model` of ``trained`` (a
+    :class:`mobilenet.deployed.Trained`), calibrated on ``calibration_images`` images of
+    ``data`` (all it holds when that is fewer: ``progress`` is told, and the model's
+    ``calibration_images`` says how many). Quantization-aware training is a training run:
+    :mod:`mobilenet.classification.qat`."""
     from .calibration import calibration_batches, calibration_count, calibration_dataset
 
     dataset = calibration_dataset(trained, data)
     generator = torch.Generator().manual_seed(seed)
-    if method == "ptq":
-        used = calibration_count(dataset, calibration_images, data, progress)
-        batches = calibration_batches(dataset, used, generator)
-        return quantize_model(trained.model, batches, trained.resolution)
-    with x86_backend():
-        prepared = prepare_fx_int8(trained.model, "qat", trained.resolution)
-        _finetune(prepared, dataset, qat or QATConfig(), generator, progress)
-        net = convert_fx_int8(prepared)
-    return Int8Model(net, trained.model.config, "qat")
+    used = calibration_count(dataset, calibration_images, data, progress)
+    batches = calibration_batches(dataset, used, generator)
+    return quantize_model(trained.model, batches, trained.resolution)
 
 
 def quantize_model(
@@ -179,61 +152,3 @@ def quantize_model(
             raise MobileNetError("no calibration images")
         net = convert_fx_int8(prepared)
     return Int8Model(net, model.config, "ptq", calibration_images=seen)
-
-
-def _finetune(
-    model: torch.fx.GraphModule,
-    dataset: Dataset,
-    cfg: QATConfig,
-    generator: torch.Generator,
-    progress: Callable[[str], None] | None,
-) -> None:
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization import disable_observer
-
-    if cfg.epochs <= 0 or cfg.batch_size <= 0 or not cfg.lr > 0:
-        raise MobileNetError(f"invalid QAT settings: {cfg}")
-    loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True
-    )
-    if len(loader) == 0:
-        raise MobileNetError(f"{len(dataset)} images: fewer than one QAT batch of {cfg.batch_size}")
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-    )
-    total = cfg.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
-    )
-    for epoch in range(cfg.epochs):
-        model.train()
-        if epoch >= cfg.freeze_bn_epoch:
-            model.apply(freeze_bn_stats)
-        if epoch >= cfg.freeze_observer_epoch:
-            model.apply(disable_observer)
-        loss_sum = correct = seen = 0
-        for images, targets in loader:
-            logits = model(images)
-            loss = F.cross_entropy(logits, targets)
-            if not torch.isfinite(loss):
-                raise MobileNetError(f"QAT loss became {loss.item()} at epoch {epoch + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-        if progress:
-            progress(
-                f"QAT epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}, "
-                f"train top-1 {100 * correct / seen:.2f}%"
-            )
-
-
-# --------------------------------------------------------------------------- save / load

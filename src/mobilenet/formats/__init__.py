@@ -74,8 +74,7 @@ class QuantizeRequest:
     out: Path
     images: int = 512  # calibration images
     integer_only: bool = False
-    method: str = "ptq"  # ptq | qat
-    qat: dict[str, Any] = field(default_factory=dict)  # QAT's epochs, lr, batch_size given
+    method: str = "ptq"  # what a format's quantize runs: ptq (QAT is a training run)
     progress: Callable[[str], None] = print
 
 

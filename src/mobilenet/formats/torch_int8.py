@@ -43,18 +43,17 @@ class TorchInt8Format(Format):
         return metadata is not None and is_int8_checkpoint(metadata)
 
     def quantize(self, trained: Trained, request: QuantizeRequest) -> str:
-        from ..export.int8 import QATConfig, quantize_torch
+        """Post-training quantization. QAT (``methods`` names it: it writes this format) is
+        a training run of its own, :mod:`mobilenet.classification.qat`."""
+        from ..export.int8 import quantize_torch
         from ..export.int8_file import save_int8
 
-        qat = QATConfig(**request.qat)
-        model = quantize_torch(
-            trained, request.data, request.method, request.images, qat, progress=request.progress
-        )
+        if request.method != "ptq":
+            raise MobileNetError(f"--method {request.method} is a training run, not a format's")
+        model = quantize_torch(trained, request.data, request.images, progress=request.progress)
         save_int8(model, request.out, trained.model_card())
-        if request.method == "ptq":
-            used = model.calibration_images
-            return f"PyTorch x86, calibrated on {used} images of {request.data}"
-        return f"PyTorch x86, {qat.epochs} epochs of QAT on {request.data}"
+        used = model.calibration_images
+        return f"PyTorch x86, calibrated on {used} images of {request.data}"
 
     def load(self, path: Path, request: LoadRequest) -> Trained:
         """A PyTorch int8 file; its tensors fit its card's class count, or it is refused."""

@@ -101,6 +101,13 @@ class Setup:
     train_set: Dataset
     collate: Callable[[list[Any]], Any] | None = None
     validates: bool = True  # False: no held-out data (the best epoch has the lowest loss)
+    # Called with the model before each epoch's training (e.g. quantization-aware training
+    # freezes BatchNorm statistics, then the quantization ranges, from a given epoch on):
+    # a function of the epoch alone, so a resumed run calls it as the uninterrupted one did.
+    start_epoch: Callable[[nn.Module, int], None] | None = None
+    # Writes the best weights (the evaluated network, the path, ``Task.metadata``); by
+    # default float safetensors (:func:`mobilenet.weights.save_weights`).
+    save: Callable[[nn.Module, Path, dict[str, str]], Any] = save_weights
 
 
 class Task(Protocol):
@@ -223,6 +230,8 @@ def _epochs(
         streaming = isinstance(loader.dataset, IterableDataset)
         (loader.dataset if streaming else loader.sampler).set_epoch(epoch)  # type: ignore[union-attr]
         loader.generator.manual_seed(seed)  # type: ignore[union-attr]
+        if built.start_epoch is not None:
+            built.start_epoch(state.model, epoch)
         stats = _train_one_epoch(task, state, loader, dist, run, epoch)
         _report_skipped(loader.dataset, dist)
         # Each process updated its BatchNorm statistics on its own shard: average them,
@@ -243,7 +252,7 @@ def _epochs(
         if log is not None:
             if improved:
                 metadata = task.metadata(epoch + 1, val)
-                save_weights(state.evaluated, out / "best.safetensors", metadata)
+                built.save(state.evaluated, out / "best.safetensors", metadata)
             log.epoch(row, state.history)
             ckpt.save_last(out / "last.pt", state.checkpoint(epoch + 1, settings))
             if run.progress:

@@ -16,6 +16,7 @@ from .recipes import Recipe
 
 __all__ = [
     "RMSpropTF",
+    "WeightEMA",
     "build_ema",
     "build_optimizer",
     "build_scheduler",
@@ -154,8 +155,25 @@ def build_ema(model: nn.Module, decay: float | None) -> AveragedModel | None:
         return None
 
     def ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor):
+        if not averaged.is_floating_point():
+            # Counters and flags (BatchNorm's batch count, fake quantization's on/off
+            # switches and zero points) are taken as they are: an average of integers would
+            # be truncated, and 1 * d + 1 * (1 - d) can round below 1.
+            return current
         n = float(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
         return averaged * d + current * (1 - d)
 
-    return AveragedModel(model, avg_fn=ema, use_buffers=True)
+    return WeightEMA(model, avg_fn=ema, use_buffers=True)
+
+
+class WeightEMA(AveragedModel):
+    """torch's :class:`~torch.optim.swa_utils.AveragedModel` over weights and buffers, for
+    networks whose first forward sizes some buffers (fake quantization's per-channel
+    scales and zero points start as one element): those follow the network's size."""
+
+    def update_parameters(self, model: nn.Module) -> None:
+        for averaged, current in zip(self.module.buffers(), model.buffers(), strict=True):
+            if averaged.shape != current.shape:
+                averaged.resize_(current.shape)
+        super().update_parameters(model)
