@@ -156,7 +156,8 @@ def opset(text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    fmt = format_named(_export_format(args))  # a contradicting suffix is refused below
+    name = _export_format(args)
+    fmt = format_named(name)  # a contradicting suffix is refused below
     args.format = fmt.name
     for dest, flag in (("opset", "--opset"), ("max_batch", "--max-batch")):
         if getattr(args, dest) is not None and dest not in fmt.options:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
-from ..weights import find_layout, load_weights, read_checkpoint, saved_config
+from ..weights import find_layout, load_tensors, read_checkpoint, saved_config
 from ..weights.layouts import with_origin
 from .base import MobileNet
 
@@ -211,9 +211,12 @@ def model_from_checkpoint(
     for key, value in settings.items():
         if key not in ("bn_eps", "preprocess") and (accepted is None or key in accepted):
             kwargs.setdefault(key, value)  # built as the checkpoint needs
-    _check_fits(name, kwargs, state_dict, source_name)
+    try:
+        _check_fits(name, kwargs)
+    except MobileNetError as e:
+        raise MobileNetError(f"{source_name}: {e}") from None
     model = _build(name, kwargs)
-    loaded = load_weights(model, state_dict, source_name=source_name, metadata=metadata)
+    loaded = load_tensors(model, state_dict, metadata, source_name)
     if isinstance(model, MobileNet):  # a classifier
         from ..data.published import attach_preprocess
 
@@ -222,9 +225,7 @@ def model_from_checkpoint(
     return model
 
 
-def _check_fits(
-    name: str, kwargs: dict[str, Any], state_dict: Mapping[str, torch.Tensor], source_name: str
-) -> None:
+def _check_fits(name: str, kwargs: dict[str, Any]) -> None:
     """Refuse a model whose weights cannot fit in memory, before building it for real.
 
     The model is built on the meta device (shapes, no data, instantly); a model larger
@@ -240,7 +241,7 @@ def _check_fits(
     available = available_memory()
     if available is not None and need > available:
         raise MobileNetError(
-            f"{source_name}: {name} with {_describe(kwargs)} would need "
+            f"{name} with {_describe(kwargs)} would need "
             f"{format_bytes(need)} for its weights, more than the {format_bytes(available)} "
             "available"
         )

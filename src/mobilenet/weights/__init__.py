@@ -19,7 +19,14 @@ from .io import (
     saved_config,
     sealed_safetensors,
 )
-from .layouts import Layout, find_layout, infer_num_classes, load_weights, register_layout
+from .layouts import (
+    Layout,
+    find_layout,
+    infer_num_classes,
+    load_tensors,
+    load_weights,
+    register_layout,
+)
 
 __all__ = [
     "FORMAT",
@@ -32,6 +39,7 @@ __all__ = [
     "find_layout",
     "fit_state_dict",
     "infer_num_classes",
+    "load_tensors",
     "load_weights",
     "read_checkpoint",
     "read_state_dict",

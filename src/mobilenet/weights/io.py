@@ -51,8 +51,14 @@ def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if keras_kind(path) is not None:  # Keras .h5, .weights.h5 or .keras
         return read_keras(path)
-    if _is_safetensors(path):
-        return _read_safetensors(path)
+    if not _is_safetensors(path):
+        return _read_pickle(path), {}
+    return _read_safetensors(path)
+
+
+def _read_pickle(path: Path) -> StateDict:
+    """The state dict of a PyTorch checkpoint, read by ``torch.load(weights_only=True)``:
+    tensors and plain containers only, nothing else is unpickled."""
     try:
         with warnings.catch_warnings():  # its pickle-protocol notes are not the user's to act on
             warnings.simplefilter("ignore")
@@ -65,7 +71,7 @@ def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
             f"{path}: not a readable checkpoint (safetensors, a Keras .h5/.keras file, or a "
             f"PyTorch state dict loadable with weights_only=True): {reason}"
         ) from None
-    return _unwrap(obj, path), {}
+    return _unwrap(obj, path)
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:

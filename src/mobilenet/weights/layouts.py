@@ -107,6 +107,18 @@ def load_weights(
     checkpoint is refused in one line if the model cannot take them.
     """
     state_dict, metadata, name = read_state_dict(checkpoint, source_name, metadata)
+    return load_tensors(model, state_dict, metadata, name, origin)
+
+
+def load_tensors(
+    model: nn.Module,
+    state_dict: Tensors,
+    metadata: Mapping[str, str],
+    source_name: str,
+    origin: str | None = None,
+) -> str:
+    """:func:`load_weights` of a checkpoint already read: its tensors and metadata."""
+    name = source_name
     metadata = with_origin(metadata, origin)
     layout = find_layout(state_dict, type(model))
     saved = saved_config(metadata) if layout.name == FORMAT else None
