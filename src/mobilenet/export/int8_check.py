@@ -1,5 +1,6 @@
 """Whether an int8 file computes what its quantization means: the check the int8 exporters
-(ExecuTorch, LiteRT) run before a byte is written.
+(ExecuTorch, LiteRT, OpenVINO) run before a byte is written, and the one an int8 ONNX file
+meets on the CPU that runs it (:mod:`mobilenet.export.onnx_int8`).
 
 An int8 file is the lowering of a quantized PyTorch *reference*: the PT2E graph the
 exporter calibrated, with the same weights, scales and zero points. The file's kernels
@@ -87,19 +88,20 @@ class Int8Agreement:
     def allowed(self) -> float:
         return self.slack * self.noise
 
-    def refusal(self, engine: str) -> str | None:
-        """The one-line reason ``engine``'s int8 file is refused, or None."""
+    def refusal(self, engine: str, reference: str = "its PyTorch int8 reference") -> str | None:
+        """The one-line reason ``engine``'s int8 file is refused, or None; ``reference``
+        names what it was compared with."""
         if not self.error <= self.allowed:  # also refuses NaN
             return (
-                f"{engine} int8 is {self.error:.3f} of the logits' spread (RMS) from its PyTorch "
-                f"int8 reference on the calibration images, more than {self.allowed:.3f} "
+                f"{engine} int8 is {self.error:.3f} of the logits' spread (RMS) from "
+                f"{reference} on the calibration images, more than {self.allowed:.3f} "
                 f"({self.slack:g}x this network's rounding noise, {self.noise:.3f}); "
                 "nothing written"
             )
         if not self.top1_gap <= 2 * self.allowed:
             return (
                 f"{engine} int8 ranks class {self.top1_class} first on calibration image "
-                f"{self.top1_image + 1}, which its PyTorch int8 reference scores "
+                f"{self.top1_image + 1}, which {reference} scores "
                 f"{self.top1_gap:.3f} of the logits' spread below its own first, more than "
                 f"{2 * self.allowed:.3f} (twice the allowed error); nothing written"
             )
@@ -150,6 +152,7 @@ def check_int8(
     images: torch.Tensor,
     engine: str,
     slack: float = SLACK,
+    reference_name: str = "its PyTorch int8 reference",
 ) -> float:
     """Compare ``run`` (the int8 file's runner) with ``reference`` (the quantized PyTorch
     model it was lowered from) and ``model`` (the float one) on ``images`` (calibration
@@ -166,11 +169,11 @@ def check_int8(
     ours = torch.cat([torch.as_tensor(run(x)).detach().clone() for x in batches])
     if ours.shape != theirs.shape:
         raise MobileNetError(
-            f"{engine} int8 gives logits of shape {tuple(ours.shape)} where its PyTorch int8 "
-            f"reference gives {tuple(theirs.shape)}; nothing written"
+            f"{engine} int8 gives logits of shape {tuple(ours.shape)} where {reference_name} "
+            f"gives {tuple(theirs.shape)}; nothing written"
         )
     agreement = int8_agreement(ours, theirs, exact, sensitivity, slack)
-    reason = agreement.refusal(engine)
+    reason = agreement.refusal(engine, reference_name)
     if reason:
         raise MobileNetError(reason)
     return agreement.max_abs_diff

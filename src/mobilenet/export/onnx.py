@@ -46,10 +46,15 @@ MIN_OPSET = 7  # the oldest opset ONNX Runtime runs
 TORCHSCRIPT_MAX_OPSET = 20
 
 
-def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str = ""):
+def onnx_session(
+    path: str | Path | bytes, threads: int | None = None, name: str = "", qdq_in_float: bool = False
+):
     """An ONNX Runtime CPU session of a file or of a serialised model (``bytes``, called
     ``name`` in messages); a corrupt one gives a clear error. A file's digest is checked
-    before ONNX Runtime reads it (a file with none loads, with a note)."""
+    before ONNX Runtime reads it (a file with none loads, with a note). ``qdq_in_float``:
+    an int8 QDQ graph is run as written, each quantize/dequantize pair in float32 (ONNX
+    Runtime's ``session.disable_quant_qdq``), not fused into int8 kernels: the quantized
+    model's arithmetic by definition, on every CPU."""
     ort = require("onnxruntime", "deploy", "running an ONNX model")
 
     what = name or ("the exported model" if isinstance(path, bytes) else str(path))
@@ -61,6 +66,8 @@ def onnx_session(path: str | Path | bytes, threads: int | None = None, name: str
         if sealed:
             check_seal(data, what)
     options = ort.SessionOptions()
+    if qdq_in_float:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ class OnnxModel(DeployedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().cpu().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {"images": images})[0])
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _side(dim: Any) -> int | None:
@@ -115,6 +120,7 @@ class OnnxFormat(Format):
 
     def quantize(self, trained: Trained, request: QuantizeRequest) -> str:
         from ..export.onnx import onnx_session, read_metadata
+        from ..export.onnx_int8 import runnable_int8_session
         from ..export.quantize import quantize_onnx
 
         out = quantize_onnx(
@@ -125,7 +131,13 @@ class OnnxFormat(Format):
             progress=request.progress,
             integer_only=request.integer_only,
         )
-        written = ModelCard.read(read_metadata(onnx_session(out)), str(out))
+        session = onnx_session(out)
+        written = ModelCard.read(read_metadata(session), str(out))
+        # Where this CPU's int8 kernels do not compute the file, eval and predict run its
+        # QDQ graph in float32 here: say so now (the file is right; the kernels are not).
+        kept = written.preprocess
+        normalise = {"mean": kept.mean, "std": kept.std} if kept is not None else {}
+        runnable_int8_session(out, session, trained.size, warn=_warn, **normalise)
         scheme = written.quantization or {}  # what the file says, not a second guess
         kept = ", ".join(scheme.get("float_modules", ()))
         every = f"{kept} in float32, " if kept else "every operator in int8, "
@@ -164,6 +176,12 @@ class OnnxFormat(Format):
             raise CheckpointError(f"{path}: the graph's output {shape_out} is not (batch, logits)")
         classes = checked_classes(card, path, config.num_classes, shape_out[1])
         engine = "onnxruntime-int8" if card.precision == "int8" else "onnxruntime"
+        if card.precision == "int8":  # where this CPU's int8 kernels compute the file
+            from ..export.onnx_int8 import runnable_int8_session
+
+            kept = card.preprocess
+            normalise = {"mean": kept.mean, "std": kept.std} if kept is not None else {}
+            session = runnable_int8_session(path, session, (res, res), warn=_warn, **normalise)
         model = OnnxModel(session, config, engine)
         return Trained(model, classes, res, path, card.preprocess, card)
 

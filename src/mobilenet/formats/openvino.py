@@ -218,7 +218,14 @@ class OpenVinoFormat(Format):
         run = _verified(xml, weights, metadata, "the int8 model")
         reference = _compile(fake_quantized(quantized), threads, "f32", "the int8 reference")
         first = torch.from_numpy(np.concatenate(list(images.first(3))))
-        diff = check_int8(run, model, _runner(reference), first, "OpenVINO")
+        diff = check_int8(
+            run,
+            model,
+            _runner(reference),
+            first,
+            "OpenVINO",
+            reference_name="its FakeQuantize graph computed in float32",
+        )
         _write_pair(out, xml, weights)
         record_verified(ir_bytes(xml, weights), "openvino")  # read and run above
         return (
