@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MobileNetError
+from ..export.onnx import DEFAULT_OPSET
 from ..formats import Format, format_named, format_of, formats
 from ..models import model_task
 from .args import (
@@ -32,9 +33,20 @@ def export_formats() -> dict[str, Format]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_export_parser(sub)
+    add_quantize_parser(sub)
+    _add_bench_parser(sub)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     written = export_formats()
     p = sub.add_parser(
-        "export", help="export to ONNX, torch.export, ExecuTorch, ..., checked against PyTorch"
+        "export",
+        help=f"export to {_either(written)}, checked against PyTorch",
+        description="Write --weights (or a randomly initialised --model, to check a "
+        f"deployment path) in one of the formats {_either(written)}: --format, else the "
+        "one the suffix of --out names, else onnx. The file is run and compared with "
+        f"PyTorch before it is put in place. {_export_tasks(written)}.",
     )
     p.add_argument(
         "--model", type=model_name(), help="model name (default: the one --weights names)"
@@ -51,28 +63,50 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument(
-        "--resolution", type=resolution_hw, default=None, help="input size: N, or HxW (onnx)"
+        "--resolution",
+        type=resolution_hw,
+        default=None,
+        help=f"input size: N, or HxW ({_either(_rectangular(written))})",
     )
-    p.add_argument("--opset", type=opset, default=None, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--opset",
+        type=opset,
+        default=None,
+        help=f"{_either(_taking(written, 'opset'))}: the opset (default {DEFAULT_OPSET})",
+    )
     p.add_argument(
         "--max-batch",
         type=max_batch,
         default=None,
-        help="pte: the largest batch the program takes, 1 to 8 (default 1, as ExecuTorch's "
-        "recipe: a range makes XNNPACK run the classifier apart and plans memory for it)",
+        help=f"{_either(_taking(written, 'max_batch'))}: the largest batch the program "
+        "takes, 1 to 8 (default 1, as ExecuTorch's recipe: a range makes XNNPACK run the "
+        "classifier apart and plans memory for it)",
     )
     add_preprocess_args(p)
     p.set_defaults(func=cmd_export)
 
-    add_quantize_parser(sub)
 
-    p = sub.add_parser("bench", help="time every inference engine on this machine")
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from ..formats import engines
+
+    p = sub.add_parser(
+        "bench",
+        help="time every inference engine on this machine",
+        description="Time a model with random weights on each engine, in interleaved "
+        "rounds. The engines, by the format they run: "
+        + "; ".join(_engines_by_format(engines()))
+        + ".",
+    )
     p.add_argument("model", type=model_name(("classification", "segmentation")), help="model")
     p.add_argument("--width-mult", type=width, default=1.0, help="width multiplier alpha")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--resolution", type=resolution_hw, default=224, help="N or HxW")
     p.add_argument("--threads", type=positive_int, default=1)
-    p.add_argument("--engines", default=None, help="comma-separated (default: all)")
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated engines, listed above (default: all)",
+    )
     p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds")
     p.add_argument("--iterations", type=positive_int, default=10, help="calls per round")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -82,6 +116,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="record the medians for predict --engine auto ($MOBILENET_HOME/engines.json)",
     )
     p.set_defaults(func=cmd_bench)
+
+
+def _either(names) -> str:
+    """``a, b or c``: names (or a registry's keys) in words, for a help text."""
+    names = list(names)
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _taking(written: dict[str, Format], option: str) -> list[str]:
+    """The formats whose export takes ``option`` (a dest: ``opset``, ``max_batch``)."""
+    return [name for name, f in written.items() if option in f.options]
+
+
+def _rectangular(written: dict[str, Format]) -> list[str]:
+    """The formats that take an HxW input: those of a task whose input may be HxW."""
+    wide = {name for name, commands in tasks().items() if commands.square_input is None}
+    return [name for name, f in written.items() if wide & set(f.tasks)]
+
+
+def _export_tasks(written: dict[str, Format]) -> str:
+    """Which task's models export to which formats, in words."""
+    by_task = {task: [n for n, f in written.items() if task in f.tasks] for task in tasks()}
+    parts = [f"{task} to {_either(names)}" for task, names in by_task.items() if names]
+    return "Models export by task: " + "; ".join(parts)
+
+
+def _engines_by_format(found: dict) -> list[str]:
+    """``format: engine, engine`` for each format with engines (PyTorch's in process)."""
+    grouped: dict[str, list[str]] = {}
+    for name, engine in found.items():
+        grouped.setdefault(engine.format or "PyTorch in process", []).append(name)
+    return [f"{fmt}: {', '.join(names)}" for fmt, names in grouped.items()]
 
 
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:

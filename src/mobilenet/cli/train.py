@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..card import TASKS, ModelCard
 from ..errors import MobileNetError
-from ..formats import format_of
+from ..formats import format_of, formats
 from ..models import model_task
 from .args import (
     finite_float,
@@ -125,12 +125,20 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     )
 
 
+def _weights_help() -> str:
+    """What eval and predict read: weights, or a file of any format that loads."""
+    read = [f"{name} ({f.suffix})" for name, f in formats().items() if f.loads]
+    return "best.safetensors or any checkpoint, or a file export or quantize wrote: " + (
+        ", ".join(read)
+    )
+
+
 def _add_eval(sub: argparse._SubParsersAction, task: str | None) -> None:
     p = sub.add_parser(
         "eval", help="top-1/top-5 of a classifier, COCO mAP of a detector, mIoU of a segmenter"
     )
     p.set_defaults(func=cmd_eval, task=task)
-    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--weights", required=True, help=_weights_help())
     p.add_argument("--data", required=True, help="image folder, COCO folder or built-in set")
     p.add_argument("--model", type=model_name(task), help="for torchvision/timm checkpoints")
     p.add_argument("--batch-size", type=positive_int, help="default: 64 (detection: 16)")
@@ -151,7 +159,7 @@ def _add_predict(sub: argparse._SubParsersAction, task: str | None) -> None:
     )
     p.set_defaults(func=cmd_predict, task=task)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--weights", required=True, help="best.safetensors, or any checkpoint")
+    p.add_argument("--weights", required=True, help=_weights_help())
     p.add_argument("--model", type=model_name(task), help="for torchvision/timm checkpoints")
     p.add_argument("--json", action="store_true", help="print JSON")
     c = p.add_argument_group("classification")

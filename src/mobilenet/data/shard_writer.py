@@ -268,6 +268,8 @@ def _kept_entries(dst: Path, prefix: str, classes: list[str]) -> dict[str, Any]:
 
 
 def _bar(total: int, desc: str):
+    """A bar on a terminal; none where stderr is a file or a pipe (``disable=None``): the
+    command's summary is the stage's one line there."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None)

@@ -399,6 +399,9 @@ def _report_skipped(dataset: Any, dist: Distributed) -> None:
 
 
 def _progress(loader: DataLoader, epoch: int, epochs: int):
+    """A bar over the epoch's batches on a terminal; none where stderr is a file or a
+    pipe (``disable=None``), whose log keeps the one line per epoch printed after it."""
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    desc = f"epoch {epoch + 1}/{epochs}"
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
