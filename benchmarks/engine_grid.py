@@ -32,11 +32,22 @@ from mobilenet.machine import cpu, machine
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 ENGINES = (
-    "eager-fused", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16",
-    "executorch", "executorch-int8", "litert", "litert-int8",
+    "eager-fused", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8",
+    "openvino-bf16", "executorch", "executorch-int8", "litert", "litert-int8",
 )  # fmt: skip
-FLOAT_PREDICT = ("eager", "eager-fused", "onnxruntime", "executorch", "litert")
-INT8 = ("onnxruntime-int8", "executorch-int8", "litert-int8", "openvino-int8")
+
+
+def _float_predict() -> tuple[str, ...]:
+    """The float32 engines ``predict --engine auto`` chooses among (from the registry)."""
+    from mobilenet.classification.predict import predict_engines
+
+    return tuple(e for e in predict_engines() if e != "auto")
+
+
+def _int8() -> tuple[str, ...]:
+    from mobilenet.formats import engines
+
+    return tuple(name for name, e in engines().items() if e.precision == "int8")
 
 
 def _engines() -> list[str]:
@@ -82,14 +93,14 @@ def judge(result: dict, home: Path) -> dict:
     """auto's pick for float weights from the saved records, the fastest float and int8
     engines of the point, and the two ratios the deployment goals are stated in."""
     medians = {row["engine"]: row["median_ms"] for row in result["engines"]}
-    floats = {e: m for e, m in medians.items() if e in FLOAT_PREDICT}
+    floats = {e: m for e, m in medians.items() if e in _float_predict()}
     os.environ["MOBILENET_HOME"] = str(home)
     recorded = recorded_medians(
         result["model"], 1.0, result["batch"], result["resolution"], result["threads"]
     )
-    auto = fastest(recorded, [e for e in FLOAT_PREDICT if e in floats])
+    auto = fastest(recorded, [e for e in _float_predict() if e in floats])
     best_float = min(floats, key=floats.get) if floats else None
-    int8 = {e: m for e, m in medians.items() if e in INT8}
+    int8 = {e: m for e, m in medians.items() if e in _int8()}
     best_int8 = min(int8, key=int8.get) if int8 else None
     verdict = {
         "auto": auto,
