@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo costs test test-fast lint format clean
+.PHONY: setup demo costs test test-fast lint format docs clean
 
-# The tests cover every extra, the phone formats (mobile: ExecuTorch; litert) included.
-EXTRAS ?= all,dev,mobile,litert
+# The tests cover every extra, the phone formats (mobile: ExecuTorch; litert) included;
+# docs builds the site.
+EXTRAS ?= all,dev,mobile,litert,docs
 
 setup: $(VENV)/.installed
 
@@ -39,12 +40,16 @@ test-fast: setup lint
 	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks conftest.py docs/hooks.py
+	$(BIN)/ruff format --check src tests benchmarks conftest.py docs/hooks.py
 
 format: setup
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks conftest.py docs/hooks.py
+	$(BIN)/ruff check --fix src tests benchmarks conftest.py docs/hooks.py
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: any warning fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf site $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
