@@ -37,6 +37,20 @@ ENGINES = (
 )  # fmt: skip
 
 
+def _not_here(engines: list[str], models: list[str]) -> dict[str, str]:
+    """The engines this machine cannot run for these models, with the reason each gives
+    (openvino-bf16 on a CPU without bf16)."""
+    from mobilenet.formats import BenchCase, engine_named
+
+    reasons = {}
+    for name in engines:
+        for model in models:
+            reason = engine_named(name).refuses(BenchCase(model))
+            if reason:
+                reasons[name] = reason
+    return reasons
+
+
 def _float_predict() -> tuple[str, ...]:
     """The float32 engines ``predict --engine auto`` chooses among (from the registry)."""
     from mobilenet.classification.predict import predict_engines
@@ -129,6 +143,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("engine_grid.json"))
     args = parser.parse_args()
     engines = _engines() if args.engines is None else args.engines.split(",")
+    not_here = _not_here(engines, args.models.split(","))
+    engines = [e for e in engines if e not in not_here]
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -144,6 +160,7 @@ def main() -> None:
                         "machine": machine(),
                         "cpu": cpu(),
                         "engines": engines,
+                        "not_run_here": not_here,
                         "points": points,
                     }
                     args.json.write_text(json.dumps(record, indent=2) + "\n")  # each point
