@@ -87,6 +87,7 @@ def test_resume_refuses_other_settings(finished_run, flags, named, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert named in err and len(err.strip().splitlines()) == 1, err
+    assert err.count(named) == 1, err  # a setting kept twice (task and engine) named once
     assert (finished_run / "last.pt").read_bytes() == before
 
 

@@ -117,11 +117,13 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], done: in
         if key.rpartition(".")[2] not in MAY_CHANGE and old.get(key) != new.get(key)
     ]
     if changed:
-        shown = ", ".join(
+        # A setting kept twice (the task's lr and the engine's) is named once.
+        named = dict.fromkeys(
             f"{key.rpartition('.')[2]} {new.get(key)!r} (the run: {old.get(key)!r})"
-            for key in changed[:4]
+            for key in changed
         )
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        shown = ", ".join(list(named)[:4])
+        more = f" and {len(named) - 4} more" if len(named) > 4 else ""
         raise MobileNetError(
             f"--resume with other settings: {shown}{more}; only {_FLAGS_THAT_MAY_CHANGE} may change"
         )
