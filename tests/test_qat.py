@@ -134,3 +134,11 @@ def test_qat_flags_and_the_run_folder(weights, tmp_path, capsys):
         assert main([*ptq, *flag]) == 2
         assert "applies to --method qat" in capsys.readouterr().err
     assert not again.exists() and not (tmp_path / "x").exists()
+    # A run folder that is a file, an int8 file that is a folder: one line each.
+    (tmp_path / "afile").write_text("")
+    qat = [*base, "--epochs", "1"]
+    assert main([*qat, "--out", str(again), "--run", str(tmp_path / "afile")]) == 2
+    assert "--run" in capsys.readouterr().err
+    assert main([*qat, "--out", str(tmp_path / "r"), "--run", str(tmp_path / "r2")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not again.exists() and not (tmp_path / "r2").exists()

@@ -198,6 +198,8 @@ def quantize_aware(trained: Trained, cfg: QATConfig, out: str | Path) -> FitResu
         raise MobileNetError(f"--out {out} is a folder: name the int8 file to write")
     if out.resolve() == Path(cfg.out).resolve():
         raise MobileNetError(f"--out {out} is the QAT run folder: choose another --run")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise MobileNetError(f"--run {cfg.out} exists and is not a folder")
     task = QATTask(trained, cfg)
     run = RunConfig.of(cfg, cfg.recipe(trained.resolution), channels_last=False)
     result = fit(task, run)
