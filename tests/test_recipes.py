@@ -76,7 +76,7 @@ def test_v4_recipe_follows_the_authors_config():
     v4 = RECIPES["mobilenet_v4"]
     assert (v4.optimizer, v4.adam_betas, v4.adam_eps) == ("adamw", (0.6, 0.999), 1e-6)
     assert (v4.lr, v4.lr_batch, v4.weight_decay, v4.norm_weight_decay) == (0.002, 4096, 0.01, False)
-    assert (v4.schedule, v4.warmup_epochs, v4.epochs, v4.min_lr_ratio) == ("cosine", 5, 9600, 0)
+    assert (v4.schedule, v4.warmup_epochs, v4.epochs, v4.min_lr_ratio) == ("cosine", 5, 9623, 0)
     assert (v4.label_smoothing, v4.dropout, v4.ema_decay) == (0.1, 0.3, 0.9999)
     assert v4.bn_momentum == pytest.approx(1 - 0.95)  # TF's decay 0.95
     assert v4.augment.auto_augment == "randaugment" and v4.augment.hflip == 0.5

@@ -12,6 +12,11 @@
   shared key/value head, keys and values optionally downsampled by a strided depthwise
   conv.
 
+Every block with a residual connection takes ``drop_path``, the stochastic depth rate of
+its branch (:class:`~mobilenet.layers.DropPath`, applied before the residual add, never
+to the shortcut); 0, the default, adds no module, so the module tree and the state dict
+keys are those of a block without it. A block without a residual ignores it.
+
 Every block records ``stride``; a block with stride 2 starts a new stage (a new output
 stride), which is how detection backbones and the memory-efficient executor find their
 feature levels without special cases. In an atrous backbone (:mod:`mobilenet.models.atrous`)
@@ -31,6 +36,7 @@ from .layers import (
     ActLayer,
     ConvBNAct,
     DotProductAttention,
+    DropPath,
     LayerScale,
     ResidualAdd,
     SqueezeExcite,
@@ -74,6 +80,7 @@ class InvertedResidual(nn.Module):
     (stride s, BN, act) -> ``se`` squeeze-excite (V3 only) -> ``project`` 1x1 (exp -> k',
     BN, no activation: the linear bottleneck). The input is added back only when the
     stride is 1 and ``in == out``: no projection shortcut, no activation after the add.
+    ``drop_path``: the branch's stochastic depth rate (see the module docstring).
     ``dilation`` > 1 makes the depthwise conv atrous (DeepLab; V2 Section 6.3, V3 Section
     6.4); the 1x1 convs are unaffected. ``padding`` is the depthwise conv's (see
     :class:`~mobilenet.layers.ConvBNAct`): a 1x1 conv pads nothing either way.
@@ -90,6 +97,7 @@ class InvertedResidual(nn.Module):
         act: ActLayer = nn.ReLU6,
         dilation: int = 1,
         padding: str = "symmetric",
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.stride = stride
@@ -113,12 +121,29 @@ class InvertedResidual(nn.Module):
         # pw-linear
         self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
         self.add = ResidualAdd() if self.use_residual else None
+        self.drop_path = _drop_path(drop_path, self.use_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.se(self.dw(self.expand(x))))
-        if self.add is not None:
-            out = self.add(x, out)
+        return _residual(self.add, self.drop_path, x, out)
+
+
+def _drop_path(rate: float, residual: bool) -> DropPath | None:
+    """The branch's :class:`DropPath`: none without a residual or at rate 0, so a block
+    built without stochastic depth has exactly the modules (and state dict) it always had."""
+    module = DropPath(rate)  # refuses a rate outside [0, 1) whatever the block
+    return module if residual and rate > 0 else None
+
+
+def _residual(
+    add: ResidualAdd | None, drop_path: DropPath | None, x: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``x + drop_path(out)`` where the block has a residual, else ``out``."""
+    if add is None:
         return out
+    if drop_path is not None:
+        out = drop_path(out)
+    return add(x, out)
 
 
 def _layer_scale(channels: int, init: float | None) -> nn.Module:
@@ -135,7 +160,8 @@ class UniversalInvertedBottleneck(nn.Module):
     depthwise convs give the four instances of Figure 4: IB (middle only), ConvNext-like
     (start only), ExtraDW (both) and FFN (neither). The stride sits on the middle
     depthwise conv when there is one, else on the starting one (the reference code's
-    rule); an FFN cannot downsample.
+    rule); an FFN cannot downsample. ``drop_path`` (residual blocks): the branch's
+    stochastic depth rate, applied after the layer scale, as in the reference code.
     """
 
     def __init__(
@@ -148,6 +174,7 @@ class UniversalInvertedBottleneck(nn.Module):
         stride: int = 1,
         act: ActLayer = nn.ReLU,
         layer_scale: float | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if stride > 1 and not (start_dw_kernel or mid_dw_kernel):
@@ -174,21 +201,20 @@ class UniversalInvertedBottleneck(nn.Module):
         self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
         self.layer_scale = _layer_scale(out_channels, layer_scale)
         self.add = ResidualAdd() if self.use_residual else None
+        self.drop_path = _drop_path(drop_path, self.use_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.dw_mid(self.expand(self.dw_start(x))))
         out = self.layer_scale(out)
-        if self.add is not None:
-            out = self.add(x, out)
-        return out
+        return _residual(self.add, self.drop_path, x, out)
 
 
 class FusedInvertedBottleneck(nn.Module):
     """Fused IB (the V4 models' first stages; EfficientNet-EdgeTPU's "fused MBConv"):
     ``expand`` full kxk conv (stride s, BN, act) doing the expansion and the spatial
     mixing at once -> ``project`` 1x1 (BN, linear) -> residual add when the stride is 1
-    and ``in == out``. Full convs are cheap on accelerators at high resolution, where
-    the channels are few."""
+    and ``in == out`` (``drop_path``: the branch's stochastic depth rate). Full convs are
+    cheap on accelerators at high resolution, where the channels are few."""
 
     def __init__(
         self,
@@ -198,19 +224,20 @@ class FusedInvertedBottleneck(nn.Module):
         kernel_size: int = 3,
         stride: int = 1,
         act: ActLayer = nn.ReLU,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.stride = stride
         self.out_channels = out_channels
+        self.use_residual = stride == 1 and in_channels == out_channels
         self.expand = ConvBNAct(in_channels, exp_channels, kernel_size, stride, act=act)
         self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
-        self.add = ResidualAdd() if stride == 1 and in_channels == out_channels else None
+        self.add = ResidualAdd() if self.use_residual else None
+        self.drop_path = _drop_path(drop_path, self.use_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.expand(x))
-        if self.add is not None:
-            out = self.add(x, out)
-        return out
+        return _residual(self.add, self.drop_path, x, out)
 
 
 class MultiQueryAttention(nn.Module):
@@ -280,7 +307,8 @@ class MultiQueryAttention(nn.Module):
 
 class MobileMQA(nn.Module):
     """Mobile MQA block (V4 Section 4.2): BN (no activation) -> multi-query attention ->
-    ``layer_scale`` -> residual add of the block's input (stride 1, ``in == out``)."""
+    ``layer_scale`` -> [``drop_path``] -> residual add of the block's input (stride 1,
+    ``in == out``)."""
 
     def __init__(
         self,
@@ -292,6 +320,7 @@ class MobileMQA(nn.Module):
         dw_kernel: int = 3,
         query_stride: int = 1,
         layer_scale: float | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.stride = 1  # the block keeps the map's size (query pooling is undone)
@@ -301,10 +330,10 @@ class MobileMQA(nn.Module):
             in_channels, out_channels, heads, key_dim, key_dim, kv_stride, dw_kernel, query_stride
         )
         self.layer_scale = _layer_scale(out_channels, layer_scale)
-        self.add = ResidualAdd() if in_channels == out_channels else None
+        self.use_residual = in_channels == out_channels
+        self.add = ResidualAdd() if self.use_residual else None
+        self.drop_path = _drop_path(drop_path, self.use_residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer_scale(self.attn(self.norm(x)))
-        if self.add is not None:
-            out = self.add(x, out)
-        return out
+        return _residual(self.add, self.drop_path, x, out)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import stochastic_depth
 
 from .errors import MobileNetError
 
@@ -33,6 +34,7 @@ __all__ = [
     "ActLayer",
     "ConvBNAct",
     "DotProductAttention",
+    "DropPath",
     "LayerScale",
     "ResidualAdd",
     "SamePad",
@@ -194,6 +196,35 @@ class ResidualAdd(nn.Module):
 
     def forward(self, shortcut: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return shortcut + residual
+
+
+# One call in an FX graph traced in training mode, as in torchvision's own module: its
+# body branches on the input's shape, which symbolic tracing does not know.
+torch.fx.wrap("stochastic_depth")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., ECCV 2016) on a residual branch, per sample: in
+    training each sample's whole branch is zeroed with probability ``p`` and the kept ones
+    are scaled by ``1 / (1 - p)``, so the expected sum with the shortcut is unchanged; the
+    identity in eval mode or when ``p`` is 0. The blocks apply it to the branch before
+    their :class:`ResidualAdd`, never to the shortcut. torchvision's
+    ``stochastic_depth(mode="row")`` computes it (the TF reference's ``StochasticDepth``
+    layer does the same per sample)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise MobileNetError(f"drop path rate must be in [0, 1), got {p!r}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:  # no graph node at all in eval
+            return x
+        return stochastic_depth(x, self.p, mode="row", training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
 
 
 def set_bn_eps(model: nn.Module, eps: float) -> None:

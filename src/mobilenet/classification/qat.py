@@ -62,6 +62,8 @@ class QATConfig:
     amp: bool = False
     resume: bool = False
     progress: bool = True
+    grad_accum_steps: int = 1  # batches per optimizer step
+    compile: bool = False  # the training step through torch.compile
     eval_every: int = 1
 
     def recipe(self, resolution: int) -> Recipe:

@@ -18,6 +18,7 @@ from ..data.datasets import BUILTIN, Split
 from ..data.preprocess import Preprocess
 from ..data.published import model_preprocess
 from ..errors import MobileNetError
+from ..layers import DropPath
 from ..limits import check_memory, meta_model
 from ..models import MobileNet, create_model
 from ..train.cpu import one_thread_worker
@@ -26,7 +27,16 @@ from ..train.engine import RunConfig, Setup, fit
 from ..train.evaluate import ShardSampler, evaluate
 from ..train.plot import plot_curves
 from ..train.recipes import Recipe
-from ..weights import infer_num_classes, load_weights, read_checkpoint
+from ..weights import infer_num_classes, load_weights, read_checkpoint, save_weights
+from .distill import (
+    FeatureDistilled,
+    Teacher,
+    check_kd,
+    distillation_loss,
+    feature_channels,
+    load_teacher,
+)
+from .mixing import BatchMixing, check_mixing, dominant_label, soft_target_cross_entropy
 
 __all__ = ["ClassificationTask", "TrainConfig", "TrainResult", "build_model", "train"]
 
@@ -51,7 +61,12 @@ class TrainConfig:
     pretrained: str | None = None
     resume: bool = False
     progress: bool = True
+    grad_accum_steps: int = 1  # batches per optimizer step
+    compile: bool = False  # the training step through torch.compile
     eval_every: int = 1
+    teacher: str | None = None  # distil from this classifier (any file eval reads)
+    teacher_model: str | None = None  # its architecture, for torchvision/timm/Keras weights
+    kd_features: float = 0.0  # weight of feature distillation (0: the logits only)
     classes: list[str] = field(default_factory=list)  # filled in from the data
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,15 +96,24 @@ def train(cfg: TrainConfig, model: MobileNet | None = None) -> TrainResult:
 
 
 class ClassificationTask:
+    """Cross-entropy on image classes, with what a modern recipe adds: MixUp/CutMix
+    (soft targets; train top-1 is then against each image's dominant label) and
+    distillation from a teacher (its cost per step is a training statistic)."""
+
     name = "classification"
-    stats = ("loss", "top1")
     metrics = ("loss", "top1", "top5")
     primary = "top1"
 
     def __init__(self, cfg: TrainConfig, model: MobileNet | None = None) -> None:
         _check_config(cfg)
         self.cfg, self.model = cfg, model
+        self.stats: tuple[str, ...] = ("loss", "top1")
+        if cfg.teacher is not None:
+            self.stats += ("teacher_ms",)
         self.val_loader: DataLoader | None = None
+        self.mixing: BatchMixing | None = None
+        self.teacher: Teacher | None = None
+        self.distilled: FeatureDistilled | None = None  # with feature distillation
 
     def setup(self, dist: Distributed) -> Setup:
         cfg = self.cfg
@@ -111,6 +135,21 @@ class ClassificationTask:
         split = _datasets(cfg, model, self.preprocess)
         cfg.classes = split.classes
         model.reset_classifier(len(split.classes))
+        r, count = cfg.recipe, len(split.classes)
+        if r.mixup > 0 or r.cutmix > 0:
+            self.mixing = BatchMixing(r.mixup, r.cutmix, r.mix_prob, r.switch_prob, count)
+        trained: nn.Module = model
+        if cfg.teacher is not None:
+            mean, std = self.preprocess.mean, self.preprocess.std
+            teacher = load_teacher(
+                cfg.teacher, cfg.teacher_model, count, split.classes, dist.device, mean, std
+            )
+            if cfg.kd_features > 0:
+                teacher.require_module()
+                channels = feature_channels(teacher, cfg.recipe.resolution)
+                self.distilled = FeatureDistilled(model, channels)
+                trained = self.distilled
+            self.teacher = teacher
         if split.val is not None:
             self.val_loader = DataLoader(
                 split.val,
@@ -120,7 +159,7 @@ class ClassificationTask:
                 worker_init_fn=one_thread_worker if cfg.workers else None,
                 pin_memory=dist.device.type == "cuda",
             )
-        return Setup(model, split.train, validates=split.val is not None)
+        return Setup(trained, split.train, validates=split.val is not None, save=_save_student)
 
     def loss(
         self, model: nn.Module, batch: Any, device: torch.device
@@ -129,10 +168,43 @@ class ClassificationTask:
         memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.recipe.label_smoothing)
+        smoothing = self.cfg.recipe.label_smoothing
+        if self.mixing is not None:
+            images, soft = self.mixing(images, targets)
+            targets = dominant_label(soft)
+        out = model(images)
+        logits, projected = out if isinstance(out, tuple) else (out, None)
+        if self.mixing is not None:
+            loss = soft_target_cross_entropy(logits, soft, smoothing)
+        else:
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        stats: dict[str, float] = {}
+        if self.teacher is not None:
+            loss, stats["teacher_ms"] = self._distil(loss, logits, projected, images)
         top1 = 100 * (logits.argmax(1) == targets).float().mean().item()
-        return loss, {"loss": loss.item(), "top1": top1}, len(targets)
+        return loss, {"loss": loss.item(), "top1": top1, **stats}, len(targets)
+
+    def _distil(
+        self,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        projected: torch.Tensor | None,
+        images: torch.Tensor,
+    ) -> tuple[torch.Tensor, float]:
+        """The task's loss with the teacher's: the logits' KL at the recipe's temperature,
+        and the feature maps' MSE where the student is a :class:`FeatureDistilled`; and
+        the teacher's milliseconds on this batch."""
+        assert self.teacher is not None
+        r, teacher = self.cfg.recipe, self.teacher
+        seconds = teacher.seconds
+        if projected is None:
+            taught = teacher(images)
+        else:
+            assert self.distilled is not None
+            taught, maps = teacher.logits_and_features(images)
+            loss = loss + self.cfg.kd_features * self.distilled.feature_loss(projected, maps)
+        loss = distillation_loss(loss, logits, taught, r.kd_alpha, r.kd_temperature)
+        return loss, 1000 * (teacher.seconds - seconds)
 
     def evaluate(self, model: nn.Module, dist: Distributed) -> dict[str, float] | None:
         assert self.val_loader is not None
@@ -142,6 +214,8 @@ class ClassificationTask:
     def metadata(self, epoch: int, val: dict[str, float] | None) -> dict[str, str]:
         cfg = self.cfg
         extra = {"epoch": str(epoch), "data": cfg.data}
+        if cfg.teacher is not None:
+            extra["teacher"] = Path(cfg.teacher).name
         if val is not None:
             extra["val_top1"] = f"{val['top1']:.4f}"
         card = ModelCard(
@@ -162,10 +236,15 @@ class ClassificationTask:
             if row["val_loss"] is not None
             else ""
         )
+        # Mixed images have two labels: top-1 is against the one with the larger share.
+        top1 = "train top-1 (dominant label)" if self.mixing is not None else "train top-1"
+        teacher = (
+            f"  teacher {row['train_teacher_ms']:.0f} ms/batch" if "train_teacher_ms" in row else ""
+        )
         return (
             f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.2e}  train loss "
-            f"{row['train_loss']:.4f}  train top-1 {row['train_top1']:.2f}%{val}  "
-            f"{row['images_per_s']:.0f} img/s"
+            f"{row['train_loss']:.4f}  {top1} {row['train_top1']:.2f}%{val}  "
+            f"{row['images_per_s']:.0f} img/s{teacher}"
         )
 
     def plot(self, history: list[dict[str, Any]], path: Path) -> None:
@@ -178,14 +257,24 @@ def build_model(cfg: TrainConfig) -> MobileNet:
     kwargs: dict[str, Any] = {"width_mult": cfg.width_mult, "num_classes": 0}
     if recipe.dropout is not None:
         kwargs["dropout"] = recipe.dropout
+    if recipe.drop_path > 0:  # a network without residuals refuses it rather than ignore it
+        kwargs["drop_path_rate"] = recipe.drop_path
     model = create_model(cfg.model, **kwargs)
     assert isinstance(model, MobileNet)
+    if recipe.drop_path_flat:  # the config's flat_stochastic_depth_drop_rate: one rate
+        for m in model.modules():
+            if isinstance(m, DropPath):
+                m.p = recipe.drop_path
     if cfg.pretrained:
         # Start from any checkpoint load_weights accepts; its classifier is replaced by
         # one for the dataset's classes afterwards.
         state_dict, metadata = read_checkpoint(cfg.pretrained)
         model.reset_classifier(infer_num_classes(state_dict, MobileNet))
         load_weights(model, state_dict, source_name=cfg.pretrained, metadata=metadata)
+    elif recipe.bn_eps is not None:
+        # The recipe's BatchNorm epsilon is part of training from scratch; pretrained
+        # weights keep the epsilon they were trained with.
+        model.set_bn_eps(recipe.bn_eps)
     if recipe.bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -193,9 +282,26 @@ def build_model(cfg: TrainConfig) -> MobileNet:
     return model
 
 
+def _save_student(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """The best weights are the student's alone (not a feature projection's)."""
+    save_weights(model.student if isinstance(model, FeatureDistilled) else model, path, metadata)
+
+
 def _check_config(cfg: TrainConfig) -> None:
     from ..data.shards import is_shards
 
+    r = cfg.recipe
+    check_mixing(r.mixup, r.cutmix, r.mix_prob, r.switch_prob)
+    if not 0 <= r.drop_path < 1:
+        raise MobileNetError(f"--drop-path must be in [0, 1), got {r.drop_path}")
+    check_kd(r.kd_alpha, r.kd_temperature)
+    if not cfg.kd_features >= 0:
+        raise MobileNetError(f"--kd-features must be >= 0, got {cfg.kd_features}")
+    if cfg.teacher is None and (cfg.kd_features or cfg.teacher_model):
+        flag = "--kd-features" if cfg.kd_features else "--teacher-model"
+        raise MobileNetError(f"{flag} needs a --teacher")
+    if cfg.teacher is not None and not Path(cfg.teacher).is_file():
+        raise MobileNetError(f"--teacher {cfg.teacher}: no such file")
     if not 0 <= cfg.val_fraction < 1:
         raise MobileNetError(f"validation fraction must be in [0, 1), got {cfg.val_fraction}")
     if not cfg.data:

@@ -208,4 +208,6 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "amp": args.amp,
         "resume": args.resume,
         "progress": not args.quiet,
+        "grad_accum_steps": args.grad_accum_steps,
+        "compile": args.compile,
     }

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import MobileNetError
 from ..formats import Format
 from ..limits import check_memory
-from .args import run_settings
+from .args import is_main_process, run_settings
 from .preprocess import PREPROCESS_FLAGS, apply_preprocess, say_preprocess
 from .tasks import EXPORT_CHECK, TaskCommands, check_num_classes
 
@@ -29,6 +29,18 @@ class ClassificationCommands(TaskCommands):
         "val_fraction": "--val-fraction",
         "pretrained": "--pretrained",
         "channels_last": "--no-channels-last",
+        "mixup": "--mixup",
+        "cutmix": "--cutmix",
+        "mix_prob": "--mix-prob",
+        "switch_prob": "--switch-prob",
+        "drop_path": "--drop-path",
+        "aug_repeats": "--aug-repeats",
+        "layer_decay": "--layer-decay",
+        "teacher": "--teacher",
+        "teacher_model": "--teacher-model",
+        "kd_alpha": "--kd-alpha",
+        "kd_temperature": "--kd-temperature",
+        "kd_features": "--kd-features",
         "top": "--top",
         "engine": "--engine",
         **PREPROCESS_FLAGS,
@@ -47,7 +59,10 @@ class ClassificationCommands(TaskCommands):
                 "--val-fraction cannot hold out part of tar shards: give the held-out shards "
                 "with --val-data"
             )
-        result = train(classification_config(args))
+        config = classification_config(args)
+        if args.recipe is not None and not args.quiet and is_main_process():
+            print(describe_recipe(config.recipe, config.lr, args.grad_accum_steps), flush=True)
+        result = train(config)
         best = f"{result.best_top1:.2f}% (epoch {result.best_epoch})" if result.best_top1 else "-"
         return result, f"best validation top-1 {best}"
 
@@ -118,6 +133,10 @@ def classification_config(args: argparse.Namespace):
     from ..classification.task import TrainConfig
     from ..train.recipes import get_recipe
 
+    if args.teacher is None:
+        for name in ("kd_alpha", "kd_temperature", "kd_features", "teacher_model"):
+            if getattr(args, name) is not None:
+                raise MobileNetError(f"--{name.replace('_', '-')} needs a --teacher")
     overrides = {
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -126,15 +145,48 @@ def classification_config(args: argparse.Namespace):
         "weight_decay": args.weight_decay,
         "warmup_epochs": args.warmup_epochs,
         "ema_decay": args.ema_decay,
+        **{name: getattr(args, name) for name in RECIPE_FLAGS},
     }
     return TrainConfig(
         **run_settings(args),
-        recipe=get_recipe(args.recipe or "demo", **overrides),
+        recipe=get_recipe(args.recipe or "demo", model=args.model, **overrides),
         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
         lr=args.lr,
         channels_last=args.channels_last is not False,
         pretrained=args.pretrained,
+        teacher=args.teacher,
+        teacher_model=args.teacher_model,
+        kd_features=args.kd_features or 0.0,
     )
+
+
+def describe_recipe(recipe: Any, lr: float | None, accumulate: int) -> str:
+    """The resolved recipe, one ``field value`` per line, as it will train."""
+    from dataclasses import asdict
+
+    effective = recipe.batch_size * accumulate
+    rate = lr if lr is not None else recipe.scaled_lr(effective)
+    lines = [
+        f"recipe {recipe.name} (resolved; lr {rate:.4g} for an effective batch of {effective}):"
+    ]
+    for key, value in asdict(recipe).items():
+        if key != "name":
+            lines.append(f"  {key:<18} {value}")
+    return "\n".join(lines)
+
+
+# Flags that override the recipe field of their name.
+RECIPE_FLAGS = (
+    "mixup",
+    "cutmix",
+    "mix_prob",
+    "switch_prob",
+    "drop_path",
+    "aug_repeats",
+    "layer_decay",
+    "kd_alpha",
+    "kd_temperature",
+)
 
 
 def _classifier(args: argparse.Namespace, batch: int, what: str, device: str = "cpu"):

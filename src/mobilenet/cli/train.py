@@ -47,7 +47,6 @@ def add_detect_alias(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | None) -> None:
-    from ..train.recipes import RECIPES
 
     p = sub.add_parser(
         "train",
@@ -90,11 +89,9 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-    c = p.add_argument_group("classification")
-    c.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: demo)")
-    c.add_argument("--val-fraction", type=finite_float, help="share of --data held out (0.1)")
-    c.add_argument("--pretrained", help="start from these weights (classifier reset)")
-    c.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    _add_classification(p)
+    _add_engine(p)
+    _add_distillation(p)
     d = p.add_argument_group("detection")
     d.add_argument("--min-scale", type=positive_float, help="smallest default box (SSD: 0.2)")
     d.add_argument("--max-scale", type=positive_float, help="largest default box (SSD: 0.95)")
@@ -122,6 +119,73 @@ def _add_train(sub: argparse._SubParsersAction, default_model: str, task: str | 
         default=None,
         help="the classes of masks without a classes.txt (needed for 16-bit "
         "masks; default: the largest value of 8-bit masks + 1)",
+    )
+
+
+def _add_classification(p: argparse.ArgumentParser) -> None:
+    """A classifier's flags: its recipe, data split, start and regularisers."""
+    from ..train.recipes import RECIPES
+
+    c = p.add_argument_group("classification")
+    c.add_argument(
+        "--recipe",
+        help=f"one of: {', '.join(RECIPES)} (default: demo); printed as resolved before training",
+    )
+    c.add_argument("--val-fraction", type=finite_float, help="share of --data held out (0.1)")
+    c.add_argument("--pretrained", help="start from these weights (classifier reset)")
+    c.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    _add_regularisation(c)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    """How every task's steps run."""
+    p.add_argument(
+        "--grad-accum-steps",
+        type=positive_int,
+        default=1,
+        help="sum the gradients of N batches per optimizer step: an effective batch of "
+        "N x --batch-size (its learning rate, schedule and EMA follow it)",
+    )
+    p.add_argument("--compile", action="store_true", help="the training step via torch.compile")
+
+
+def _add_distillation(p: argparse.ArgumentParser) -> None:
+    """A teacher for a classifier."""
+    k = p.add_argument_group("distillation (classification)")
+    k.add_argument(
+        "--teacher",
+        help="distil from this classifier: any file eval reads (ours, torchvision/timm/Keras "
+        "weights with --teacher-model, .onnx, .pt2)",
+    )
+    k.add_argument("--teacher-model", type=model_name("classification"), help="its architecture")
+    k.add_argument("--kd-alpha", type=finite_float, help="share of the distillation loss (0.5)")
+    k.add_argument("--kd-temperature", type=finite_float, help="softmax temperature (1)")
+    k.add_argument(
+        "--kd-features",
+        type=finite_float,
+        help="weight of feature distillation: the student's last map, through a learned "
+        "1x1 projection, against the teacher's (MSE; default 0: logits only)",
+    )
+
+
+def _add_regularisation(c: argparse._ArgumentGroup) -> None:
+    """The recipe's regularisers, each overriding the recipe's value."""
+    c.add_argument("--mixup", type=finite_float, help="MixUp's Beta alpha (0: off)")
+    c.add_argument("--cutmix", type=finite_float, help="CutMix's Beta alpha (0: off)")
+    c.add_argument("--mix-prob", type=finite_float, help="share of batches mixed (1)")
+    c.add_argument("--switch-prob", type=finite_float, help="with both: CutMix's share (0.5)")
+    c.add_argument(
+        "--drop-path",
+        type=finite_float,
+        help="stochastic depth of the last residual block, less before it (0: off)",
+    )
+    c.add_argument(
+        "--aug-repeats", type=positive_int, help="repeated augmentation: each image K times"
+    )
+    c.add_argument(
+        "--layer-decay",
+        type=finite_float,
+        help="layer-wise lr decay for fine-tuning: each layer down x this factor",
     )
 
 

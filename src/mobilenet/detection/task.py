@@ -59,6 +59,8 @@ class DetectTrainConfig:
     amp: bool = False
     resume: bool = False
     progress: bool = True
+    grad_accum_steps: int = 1  # batches per optimizer step
+    compile: bool = False  # the training step through torch.compile
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -18,7 +18,9 @@ __all__ = [
     "FeatureInfo",
     "MobileNet",
     "ModelConfig",
+    "check_drop_path_rate",
     "feature_levels",
+    "layer_drop_path",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -232,6 +234,33 @@ class MobileNet(nn.Module):
             self.set_bn_eps(settings["bn_eps"])
         if "preprocess" in settings:
             self.eval_config = replace(self.eval_config, **settings["preprocess"])
+
+
+def check_drop_path_rate(rate: float) -> float:
+    """A stochastic depth rate (``drop_path_rate``): a number in [0, 1); 1 would drop
+    every branch always and leave nothing to scale the kept ones by."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise MobileNetError(f"drop path rate must be in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def layer_drop_path(rate: float, index: int, num_layers: int) -> float:
+    """The stochastic depth rate of layer ``index`` (0: the stem) of a network of
+    ``num_layers``: ``rate * (index + 1) / num_layers``, growing linearly with depth.
+
+    This is the authors' schedule: TF Model Garden's MobileNet backbone
+    (``official/vision/modeling/backbones/mobilenet.py``, ``MobileNet._mobilenet_base``)
+    gives block ``block_idx`` of its block spec list
+    ``nn_layers.get_stochastic_depth_rate(rate, block_idx + 1, num_blocks)`` =
+    ``rate * (block_idx + 1) / num_blocks`` when ``flat_stochastic_depth_drop_rate`` is
+    off, as the MobileNetV4 ImageNet configs set it (``stochastic_depth_drop_rate:
+    0.075``). ``num_blocks`` counts the whole spec list, layers without a residual
+    included: the stem, the blocks, the last 1x1 conv and, for V3 and V4, the global
+    pool and the head conv. So the last residual block gets a little less than
+    ``rate``; timm (``drop_path_rate * block_idx / total_blocks``, over the blocks only)
+    likewise stops short of it.
+    """
+    return rate * (index + 1) / num_layers
 
 
 def _classifier(in_features: int, num_classes: int) -> nn.Module:

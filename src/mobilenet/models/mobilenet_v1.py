@@ -32,8 +32,9 @@ from typing import NamedTuple
 from torch import nn
 
 from ..blocks import DepthwiseSeparable
+from ..errors import MobileNetError
 from ..layers import ConvBNAct, make_divisible
-from .base import MobileNet, ModelConfig
+from .base import MobileNet, ModelConfig, check_drop_path_rate
 from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
@@ -72,7 +73,14 @@ def _build(
     dropout: float,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
+    # V1 has no residual connection for stochastic depth to drop: a rate would be ignored.
+    if check_drop_path_rate(drop_path_rate) > 0:
+        raise MobileNetError(
+            f"{name} has no residual blocks for drop path: drop_path_rate must be 0, "
+            f"got {drop_path_rate!r}"
+        )
     padding = resolve_padding(padding, keras)
     layers: list[nn.Module] = []
     in_channels = 3
@@ -97,13 +105,17 @@ def mobilenet_v1(
     dropout: float = 0.001,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV1 (V1 Table 1): 4,231,976 params and 568.7M MAdds at 1.0-224.
 
     Dropout 0.001 is the reference TF-Slim model's ``dropout_keep_prob=0.999``.
     ``padding``: "symmetric" (default) or "same" (TF's); ``keras``: Keras' build.
+    ``drop_path_rate``: 0 only (V1 has no residual blocks).
     """
-    return _build("mobilenet_v1", True, width_mult, num_classes, dropout, padding, keras)
+    return _build(
+        "mobilenet_v1", True, width_mult, num_classes, dropout, padding, keras, drop_path_rate
+    )
 
 
 @register_model
@@ -112,6 +124,9 @@ def mobilenet_v1_conv(
     num_classes: int = 1000,
     dropout: float = 0.001,
     padding: str | None = None,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """V1 with full 3x3 convolutions instead of depthwise separable ones (V1 Table 4)."""
-    return _build("mobilenet_v1_conv", False, width_mult, num_classes, dropout, padding)
+    return _build(
+        "mobilenet_v1_conv", False, width_mult, num_classes, dropout, padding, False, drop_path_rate
+    )

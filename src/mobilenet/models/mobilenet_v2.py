@@ -13,6 +13,10 @@ depthwise convs after its first block are dilated by 2 (then 4); see
 :mod:`mobilenet.models.atrous`.
 
 ``padding="same"``: TF's SAME padding, as the authors' checkpoints were trained with.
+``drop_path_rate``: stochastic depth on the residual blocks' branches, growing linearly
+with depth towards ``drop_path_rate`` as the authors' code schedules it
+(:func:`~mobilenet.models.base.layer_drop_path`); 0, the default, adds no module.
+
 ``keras=True`` builds Keras' ``MobileNetV2`` (whose weights :mod:`.keras_layouts` reads):
 SAME padding, and block widths ``make_divisible(int(c * alpha))`` (the same as ours at
 every alpha Keras publishes: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4).
@@ -28,7 +32,7 @@ from torch import nn
 from ..blocks import InvertedResidual
 from ..layers import ConvBNAct, make_divisible
 from .atrous import atrous_layout
-from .base import MobileNet, ModelConfig
+from .base import MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
 from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
@@ -68,10 +72,14 @@ def mobilenet_v2(
     output_stride: int = 32,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV2 (V2 Table 2): 3,504,872 params and 300.8M MAdds at 1.0-224."""
     padding = resolve_padding(padding, keras)
+    drop_path_rate = check_drop_path_rate(drop_path_rate)
     rows = [(row, row.s if i == 0 else 1) for row in V2_TABLE_2 for i in range(row.n)]
+    # the authors' block spec list: the stem, the bottlenecks, the last 1x1 conv
+    num_layers = len(rows) + 2
     # (stride, dilation) of the stem and of each block
     layout = atrous_layout([2] + [stride for _, stride in rows], output_stride)
     in_channels = make_divisible(STEM_CHANNELS * width_mult)
@@ -80,9 +88,9 @@ def mobilenet_v2(
         # Keras truncates c * alpha before rounding it
         out = make_divisible(int(row.c * width_mult) if keras else row.c * width_mult)
         exp = in_channels * row.t
-        layers.append(
-            InvertedResidual(in_channels, exp, out, 3, stride, dilation=dilation, padding=padding)
-        )
+        drop_path = layer_drop_path(drop_path_rate, len(layers), num_layers)
+        options = {"dilation": dilation, "padding": padding, "drop_path": drop_path}
+        layers.append(InvertedResidual(in_channels, exp, out, 3, stride, **options))
         in_channels = out
     last = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
     layers.append(ConvBNAct(in_channels, last, 1))

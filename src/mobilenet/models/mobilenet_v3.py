@@ -29,6 +29,10 @@ torchvision's (``dilated=True``, the block giving up its stride dilated too) for
 segmentation models that load torchvision's checkpoints; see
 :mod:`mobilenet.models.atrous`.
 
+``drop_path_rate``: stochastic depth on the residual bnecks' branches, growing linearly
+with depth towards ``drop_path_rate`` as the authors' code schedules it
+(:func:`~mobilenet.models.base.layer_drop_path`); 0, the default, adds no module.
+
 ``padding="same"``: TF's SAME padding, as the authors' checkpoints (and timm's ``tf_*``
 ports of them) were trained with. ``keras=True`` builds Keras' ``MobileNetV3Large`` /
 ``MobileNetV3Small`` (whose weights :mod:`.keras_layouts` reads): SAME padding and, where
@@ -50,7 +54,7 @@ from torch import nn
 from ..blocks import InvertedResidual
 from ..layers import ActLayer, ConvBNAct, make_divisible
 from .atrous import atrous_layout
-from .base import MobileNet, ModelConfig
+from .base import MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
 from .padding import KERAS_EVAL, resolve_padding
 from .registry import register_model
 
@@ -160,11 +164,16 @@ def build_v3(
     whole_stage: bool = False,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """A MobileNetV3 from a table (``minimal``: no SE, ReLU only, 3x3 kernels only), at
     ``output_stride`` (``whole_stage``: torchvision's dilation convention), padded as
-    ``padding`` ("symmetric" or "same"), or Keras' build (``keras``)."""
+    ``padding`` ("symmetric" or "same"), or Keras' build (``keras``), with stochastic
+    depth ``drop_path_rate``."""
     padding = resolve_padding(padding, keras)
+    drop_path_rate = check_drop_path_rate(drop_path_rate)
+    # the authors' block spec list: stem, bnecks, last conv, global pool, head conv
+    num_layers = len(spec.bnecks) + 4
 
     def act(nl: str) -> ActLayer:
         return nn.ReLU if minimal else ACTIVATIONS[nl]
@@ -180,11 +189,11 @@ def build_v3(
         kernel = 3 if minimal else row.k
         use_se = row.se and not minimal
         block_act = act(row.nl)
-        layers.append(
-            InvertedResidual(
-                in_channels, exp, out, kernel, stride, use_se, block_act, dilation, padding
-            )
+        drop_path = layer_drop_path(drop_path_rate, len(layers), num_layers)
+        block = InvertedResidual(
+            in_channels, exp, out, kernel, stride, use_se, block_act, dilation, padding, drop_path
         )
+        layers.append(block)
         paper_in, in_channels = row.out, out
     if keras:  # Keras: 6x the last block's width, and a head widened above alpha 1
         last = make_divisible(in_channels * spec.last / paper_in)
@@ -208,10 +217,16 @@ def mobilenet_v3_large(
     output_stride: int = 32,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV3-Large (V3 Table 1): 5,483,032 params and 216.6M MAdds at 1.0-224."""
     name = "mobilenet_v3_large"
-    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    options = {
+        "output_stride": output_stride,
+        "padding": padding,
+        "keras": keras,
+        "drop_path_rate": drop_path_rate,
+    }
     return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, minimal=False, **options)
 
 
@@ -223,10 +238,16 @@ def mobilenet_v3_small(
     output_stride: int = 32,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV3-Small (V3 Table 2): 2,542,856 params and 56.5M MAdds at 1.0-224."""
     name = "mobilenet_v3_small"
-    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    options = {
+        "output_stride": output_stride,
+        "padding": padding,
+        "keras": keras,
+        "drop_path_rate": drop_path_rate,
+    }
     return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, minimal=False, **options)
 
 
@@ -238,10 +259,16 @@ def mobilenet_v3_large_minimal(
     output_stride: int = 32,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV3-Large minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_large_minimal"
-    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    options = {
+        "output_stride": output_stride,
+        "padding": padding,
+        "keras": keras,
+        "drop_path_rate": drop_path_rate,
+    }
     return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, minimal=True, **options)
 
 
@@ -253,8 +280,14 @@ def mobilenet_v3_small_minimal(
     output_stride: int = 32,
     padding: str | None = None,
     keras: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MobileNet:
     """MobileNetV3-Small minimalistic: no SE, ReLU only, 3x3 kernels only."""
     name = "mobilenet_v3_small_minimal"
-    options = {"output_stride": output_stride, "padding": padding, "keras": keras}
+    options = {
+        "output_stride": output_stride,
+        "padding": padding,
+        "keras": keras,
+        "drop_path_rate": drop_path_rate,
+    }
     return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, minimal=True, **options)

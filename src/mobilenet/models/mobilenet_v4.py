@@ -30,6 +30,14 @@ input, ``make_divisible(exp / in * in_alpha)``; the stem never drops below its w
 alpha = 1 and the 1280-wide head layer is never scaled; attention heads and key dims are
 not scaled. The resolution multiplier only changes the input size: any side >= 32 works
 (the key/value downsampling of Mobile MQA rounds odd maps up).
+
+``drop_path_rate``: stochastic depth on the residual blocks' branches, as the authors
+trained the models (their ImageNet configs: ``stochastic_depth_drop_rate: 0.075``, not
+flat). A convolutional block at depth ``i`` of the authors' block spec list (stem, rows,
+last conv, global pool, head conv) gets ``rate * (i + 1) / len(list)``
+(:func:`~mobilenet.models.base.layer_drop_path`); a Mobile MQA block gets ``rate``
+itself, as the authors' backbone passes it the flat rate whatever the schedule. 0, the
+default, adds no module.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from torch import nn
 
 from ..blocks import FusedInvertedBottleneck, MobileMQA, UniversalInvertedBottleneck
 from ..layers import ActLayer, ConvBNAct, make_divisible
-from .base import EvalConfig, MobileNet, ModelConfig
+from .base import EvalConfig, MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
 from .registry import register_model
 
 __all__ = [
@@ -300,29 +308,53 @@ class MobileNetV4(MobileNet):
 
 
 def _block(
-    row: Block | MQA, in_ch: int, paper_in: int, out: int, act: ActLayer, scale: float | None
+    row: Block | MQA,
+    in_ch: int,
+    paper_in: int,
+    out: int,
+    act: ActLayer,
+    scale: float | None,
+    drop_path: tuple[float, float],
 ) -> nn.Module:
+    """One row as a block; ``drop_path``: the (flat, depth-scheduled) stochastic depth."""
+    flat, scheduled = drop_path
     if isinstance(row, MQA):
-        return MobileMQA(in_ch, out, row.heads, row.key_dim, row.kv_stride, layer_scale=scale)
+        return MobileMQA(
+            in_ch, out, row.heads, row.key_dim, row.kv_stride, layer_scale=scale, drop_path=flat
+        )
     exp = make_divisible(in_ch * row.exp / paper_in)
     if row.block == CONV:
         return ConvBNAct(in_ch, out, row.k1, row.s, act=act)
     if row.block == FUSED:
-        return FusedInvertedBottleneck(in_ch, exp, out, row.k1, row.s, act)
-    return UniversalInvertedBottleneck(in_ch, exp, out, row.k1, row.k2, row.s, act, scale)
+        return FusedInvertedBottleneck(in_ch, exp, out, row.k1, row.s, act, scheduled)
+    return UniversalInvertedBottleneck(
+        in_ch, exp, out, row.k1, row.k2, row.s, act, scale, scheduled
+    )
 
 
 def build_v4(
-    name: str, spec: Spec, width_mult: float, num_classes: int, dropout: float
+    name: str,
+    spec: Spec,
+    width_mult: float,
+    num_classes: int,
+    dropout: float,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
-    """A MobileNetV4 from its table, ``width_mult`` applied as the module docstring says."""
+    """A MobileNetV4 from its table, ``width_mult`` and ``drop_path_rate`` applied as the
+    module docstring says."""
+    drop_path_rate = check_drop_path_rate(drop_path_rate)
+    # TF Model Garden's backbone (official/vision/modeling/backbones/mobilenet.py) counts
+    # its whole block spec list: stem, rows, last conv, global pool, head conv; and gives
+    # Mobile MQA ("mhsa") blocks the flat rate, the others the scheduled one.
+    num_layers = len(spec.rows) + 4
     act = ACTIVATIONS[spec.act]
     stem = max(spec.stem, make_divisible(spec.stem * width_mult))
     layers: list[nn.Module] = [ConvBNAct(3, stem, 3, stride=2, act=act)]
     paper_in, in_ch = spec.stem, stem
     for row in spec.rows:
         out = make_divisible(row.out * width_mult)
-        layers.append(_block(row, in_ch, paper_in, out, act, spec.layer_scale))
+        rates = (drop_path_rate, layer_drop_path(drop_path_rate, len(layers), num_layers))
+        layers.append(_block(row, in_ch, paper_in, out, act, spec.layer_scale, rates))
         paper_in, in_ch = row.out, out
     layers.append(ConvBNAct(in_ch, make_divisible(spec.last * width_mult), 1, act=act))
     config = ModelConfig(name, width_mult, num_classes, dropout)
@@ -331,39 +363,59 @@ def build_v4(
 
 @register_model
 def mobilenet_v4_conv_small(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
     """MNv4-Conv-S (the paper's appendix table), evaluated at 224."""
-    return build_v4("mobilenet_v4_conv_small", CONV_S, width_mult, num_classes, dropout)
+    name = "mobilenet_v4_conv_small"
+    return build_v4(name, CONV_S, width_mult, num_classes, dropout, drop_path_rate)
 
 
 @register_model
 def mobilenet_v4_conv_medium(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
     """MNv4-Conv-M (the paper's appendix table), evaluated at 256."""
-    return build_v4("mobilenet_v4_conv_medium", CONV_M, width_mult, num_classes, dropout)
+    name = "mobilenet_v4_conv_medium"
+    return build_v4(name, CONV_M, width_mult, num_classes, dropout, drop_path_rate)
 
 
 @register_model
 def mobilenet_v4_conv_large(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
     """MNv4-Conv-L (the paper's appendix table), evaluated at 384."""
-    return build_v4("mobilenet_v4_conv_large", CONV_L, width_mult, num_classes, dropout)
+    name = "mobilenet_v4_conv_large"
+    return build_v4(name, CONV_L, width_mult, num_classes, dropout, drop_path_rate)
 
 
 @register_model
 def mobilenet_v4_hybrid_medium(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
     """MNv4-Hybrid-M (the paper's appendix table), evaluated at 256."""
-    return build_v4("mobilenet_v4_hybrid_medium", HYBRID_M, width_mult, num_classes, dropout)
+    name = "mobilenet_v4_hybrid_medium"
+    return build_v4(name, HYBRID_M, width_mult, num_classes, dropout, drop_path_rate)
 
 
 @register_model
 def mobilenet_v4_hybrid_large(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.2
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
 ) -> MobileNetV4:
     """MNv4-Hybrid-L (the paper's appendix table), evaluated at 384."""
-    return build_v4("mobilenet_v4_hybrid_large", HYBRID_L, width_mult, num_classes, dropout)
+    name = "mobilenet_v4_hybrid_large"
+    return build_v4(name, HYBRID_L, width_mult, num_classes, dropout, drop_path_rate)

@@ -139,8 +139,9 @@ def create_model(
         origin: what a foreign checkpoint was trained as, where its tensors cannot tell
             (``"timm:tf_mobilenetv3_large_075"``); see :func:`mobilenet.load_weights`.
         **kwargs: the builder's options: ``width_mult``, ``num_classes``, ``dropout``,
-            ``output_stride`` (8, 16 or 32: an atrous backbone), ``padding`` ("symmetric"
-            or "same": TensorFlow's), ``keras`` (Keras' build), ``aux_loss``, ...
+            ``drop_path_rate`` (stochastic depth of the classifiers' residual blocks, in
+            [0, 1)), ``output_stride`` (8, 16 or 32: an atrous backbone), ``padding``
+            ("symmetric" or "same": TensorFlow's), ``keras`` (Keras' build), ``aux_loss``, ...
     """
     model_task(name)  # registers the model's family, or refuses an unknown name
     if "width_mult" in kwargs:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from ..errors import MobileNetError
 from ..weights import save_weights
@@ -37,6 +37,7 @@ from .cpu import keep_freed_memory, one_thread_worker
 from .distributed import Distributed, setup
 from .recipes import Recipe
 from .run_folder import RunFolder, check_resume, claim, plain
+from .sampler import RepeatedAugmentationSampler
 from .state import State
 
 __all__ = ["FitResult", "RunConfig", "Setup", "Task", "TrainingDiverged", "fit"]
@@ -65,13 +66,18 @@ class RunConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     resume: bool = False
     progress: bool = True
+    # Gradients of this many batches are summed before each optimizer step: the effective
+    # batch (the learning rate's scaling, the schedule's steps, EMA updates) is N x batch.
+    grad_accum_steps: int = 1
+    compile: bool = False  # the training step through torch.compile
 
     @classmethod
     def of(
         cls, task_config: Any, recipe: Recipe, lr: float | None = None, channels_last: bool = True
     ) -> RunConfig:
         """The engine's settings of a task's training config: its ``out``, ``seed``,
-        ``workers``, ``device``, ``amp``, ``eval_every``, ``resume`` and ``progress``."""
+        ``workers``, ``device``, ``amp``, ``eval_every``, ``resume``, ``progress``,
+        ``grad_accum_steps`` and ``compile``."""
         c = task_config
         return cls(
             c.out,
@@ -85,6 +91,8 @@ class RunConfig:
             c.eval_every,
             c.resume,
             c.progress,
+            c.grad_accum_steps,
+            c.compile,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,9 +186,18 @@ def fit(task: Task, run: RunConfig) -> FitResult:
             )
             if resumed is not None:
                 check_resume(resumed.get("config"), settings, resumed.get("epoch", 0))
-            loader = _train_loader(built, run, dist)
+            loader = train_loader(built, run, dist)
+            steps = len(loader) // run.grad_accum_steps  # optimizer steps per epoch
             state = State(
-                built.model, run.recipe, run.lr, run.amp, run.channels_last, dist, len(loader)
+                built.model,
+                run.recipe,
+                run.lr,
+                run.amp,
+                run.channels_last,
+                dist,
+                steps,
+                run.grad_accum_steps,
+                run.compile,
             )
             if resumed is not None:
                 state.restore(resumed)
@@ -280,12 +297,20 @@ def _train_one_epoch(
 ) -> dict[str, float]:
     state.ddp.train()
     totals = torch.zeros(len(task.stats) + 1, dtype=torch.float64)  # sums of stats, samples
-    lr = state.optimizer.param_groups[0]["lr"]
+    lr = max(group["lr"] for group in state.optimizer.param_groups)
     start = time.perf_counter()
-    bar = _progress(loader, epoch, run.recipe.epochs) if dist.is_main and run.progress else None
+    # Whole accumulated steps only: the batches after the last one are not drawn.
+    accumulate = run.grad_accum_steps
+    batches = len(loader) // accumulate * accumulate
+    bar = None
+    if dist.is_main and run.progress:
+        bar = _progress(loader, epoch, run.recipe.epochs, batches)
     for step, batch in enumerate(bar if bar is not None else loader):
-        with torch.autocast(dist.device.type, enabled=run.amp):
-            loss, stats, n = task.loss(state.ddp, batch, dist.device)
+        if step == batches:
+            break
+        last = (step + 1) % accumulate == 0
+        with state.sync(last), torch.autocast(dist.device.type, enabled=run.amp):
+            loss, stats, n = task.loss(state.forward, batch, dist.device)
         finite = dist.all_reduce(torch.isfinite(loss.detach()).to(torch.int32), "min")
         if not bool(finite):
             raise TrainingDiverged(
@@ -293,7 +318,10 @@ def _train_one_epoch(
                 f"stopped. The last good checkpoint is {Path(run.out) / 'last.pt'} "
                 "(try a lower --lr)"
             )
-        lr = state.step(loss)
+        with state.sync(last):
+            state.backward(loss / accumulate if accumulate > 1 else loss)
+        if last:
+            lr = state.update()
         totals += torch.tensor([*(stats[k] * n for k in task.stats), n], dtype=torch.float64)
         if bar is not None:
             means = {k: f"{totals[i] / totals[-1]:.3g}" for i, k in enumerate(task.stats)}
@@ -330,6 +358,9 @@ def check_run(run: RunConfig) -> None:
         raise MobileNetError(f"workers must be >= 0, got {run.workers}")
     if run.eval_every <= 0:
         raise MobileNetError(f"eval_every must be positive, got {run.eval_every}")
+    if run.grad_accum_steps <= 0:
+        raise MobileNetError(f"--grad-accum-steps must be >= 1, got {run.grad_accum_steps}")
+    check_recipe(r)
     out = Path(run.out)
     if out.exists() and not out.is_dir():
         raise MobileNetError(f"--out {out} exists and is not a folder")
@@ -340,7 +371,7 @@ def check_run(run: RunConfig) -> None:
         )
 
 
-def _train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader:
+def train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader:
     """Each process takes its shard of every global batch, in an order set per epoch.
 
     A map-style dataset is sharded by a DistributedSampler. A streaming dataset (an
@@ -349,8 +380,17 @@ def _train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader
     of samples this process yields per epoch, the same on every process.
     """
     streaming = isinstance(built.train_set, IterableDataset)
-    sampler = None
-    if not streaming:
+    repeats = run.recipe.aug_repeats
+    sampler: Sampler[int] | None = None
+    if streaming and repeats > 1:
+        raise MobileNetError(
+            "--aug-repeats needs an image folder or a built-in set: tar shards stream "
+            "each image once"
+        )
+    if repeats > 1:
+        size = len(built.train_set)  # type: ignore[arg-type]
+        sampler = RepeatedAugmentationSampler(size, dist.world_size, dist.rank, repeats, run.seed)
+    elif not streaming:
         sampler = DistributedSampler(
             built.train_set, dist.world_size, dist.rank, shuffle=True, seed=run.seed, drop_last=True
         )
@@ -365,12 +405,23 @@ def _train_loader(built: Setup, run: RunConfig, dist: Distributed) -> DataLoader
         drop_last=True,
         pin_memory=dist.device.type == "cuda",
     )
-    if len(loader) == 0:
+    if len(loader) < run.grad_accum_steps:
+        effective = run.recipe.batch_size * run.grad_accum_steps
+        what = "batch" if run.grad_accum_steps == 1 else "effective batch"
         raise MobileNetError(
-            f"{len(built.train_set)} training images: fewer than one batch of "  # type: ignore[arg-type]
-            f"{run.recipe.batch_size}; lower --batch-size"
+            f"{len(built.train_set)} training images: fewer than one {what} of "  # type: ignore[arg-type]
+            f"{effective}; lower --batch-size"
+            + ("" if run.grad_accum_steps == 1 else " or --grad-accum-steps")
         )
     return loader
+
+
+def check_recipe(r: Recipe) -> None:
+    """Refuse recipe settings the engine applies, in one line naming the flag."""
+    if r.aug_repeats < 1:
+        raise MobileNetError(f"--aug-repeats must be >= 1, got {r.aug_repeats}")
+    if r.layer_decay is not None and not 0 < r.layer_decay <= 1:
+        raise MobileNetError(f"--layer-decay must be in (0, 1], got {r.layer_decay}")
 
 
 def _row(
@@ -398,10 +449,10 @@ def _report_skipped(dataset: Any, dist: Distributed) -> None:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
-def _progress(loader: DataLoader, epoch: int, epochs: int):
+def _progress(loader: DataLoader, epoch: int, epochs: int, total: int):
     """A bar over the epoch's batches on a terminal; none where stderr is a file or a
     pipe (``disable=None``), whose log keeps the one line per epoch printed after it."""
     from tqdm.auto import tqdm
 
     desc = f"epoch {epoch + 1}/{epochs}"
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)

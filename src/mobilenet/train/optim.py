@@ -84,25 +84,66 @@ class RMSpropTF(Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: bool) -> list[dict]:
-    """Split parameters so BatchNorm weights and biases can go without weight decay."""
-    if norm_weight_decay:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay, no_decay = [], []
-    for module in model.modules():
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    norm_weight_decay: bool,
+    layer_decay: float | None = None,
+) -> list[dict]:
+    """Split parameters so BatchNorm weights and biases can go without weight decay, and,
+    with ``layer_decay`` d, into layers whose learning rate is the peak times
+    ``d ** (depth from the top)`` (:func:`layer_depths`). A group's ``lr_scale`` is that
+    factor; :func:`build_optimizer` turns it into the group's rate."""
+    depths = layer_depths(model) if layer_decay is not None else {}
+    groups: dict[tuple[int, bool], dict] = {}
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm)
-            (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            decays = norm_weight_decay or not (is_norm or name == "bias")
+            depth = depths.get(f"{module_name}.{name}".lstrip("."), 0)
+            group = groups.setdefault((depth, decays), {"params": []})
+            group["params"].append(p)
+            if not norm_weight_decay:
+                group["weight_decay"] = weight_decay if decays else 0.0
+            if layer_decay is not None:
+                group["lr_scale"] = layer_decay**depth
+    # The order of the plain split (decayed, then not): the first group's rate is the peak.
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """How many layers below the top each parameter sits, for layer-wise learning-rate
+    decay (as timm's ``param_groups_layer_decay`` and BEiT's fine-tuning recipe): the
+    classifier and everything after ``features`` are 0, the last of ``features`` (the
+    stem, each block, the last conv) is 1, ..., the stem is ``len(features)``. A model
+    wrapped by another (a distilled student) is found by its ``features`` path."""
+    names = [n for n, _ in model.named_parameters()]
+    prefixes = [n[: -len("features")] for n, m in model.named_modules() if n.endswith("features")]
+    prefixes = [
+        p for p in prefixes if isinstance(model.get_submodule(p + "features"), nn.Sequential)
     ]
+    if not prefixes:
+        raise MobileNetError(
+            "--layer-decay needs a model whose layers are a sequence (a MobileNet classifier)"
+        )
+    prefix = prefixes[0] + "features."
+    count = len(model.get_submodule(prefix[:-1]))
+    depths = {}
+    for name in names:
+        if name.startswith(prefix):
+            depths[name] = count - int(name[len(prefix) :].split(".", 1)[0])
+        else:
+            depths[name] = 0
+    return depths
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> Optimizer:
-    groups = param_groups(model, recipe.weight_decay, recipe.norm_weight_decay)
+    groups = param_groups(model, recipe.weight_decay, recipe.norm_weight_decay, recipe.layer_decay)
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]
     wd = recipe.weight_decay
     if recipe.optimizer == "rmsprop_tf":
         return RMSpropTF(groups, lr, recipe.rmsprop_decay, recipe.momentum, recipe.rmsprop_eps, wd)

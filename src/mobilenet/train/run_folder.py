@@ -37,6 +37,26 @@ MAY_CHANGE = frozenset({"epochs", "workers", "device", "eval_every", "progress",
 # Of those, the ones a user names as flags (--quiet stands for progress).
 _FLAGS_THAT_MAY_CHANGE = "device, epochs, eval_every, workers and --quiet"
 LOCK = ".lock"
+# Settings added after runs were first written, with the value a run written before they
+# existed trained with: a last.pt without them resumes as the run it is.
+ADDED = {
+    "grad_accum_steps": 1,
+    "compile": False,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+    "mix_prob": 1.0,
+    "switch_prob": 0.5,
+    "drop_path": 0.0,
+    "aug_repeats": 1,
+    "layer_decay": None,
+    "kd_alpha": 0.5,
+    "kd_temperature": 1.0,
+    "teacher": None,
+    "teacher_model": None,
+    "kd_features": 0.0,
+    "bn_eps": None,
+    "drop_path_flat": False,
+}
 
 
 @contextmanager
@@ -111,6 +131,10 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], done: in
     if saved is None:
         raise MobileNetError("last.pt holds no settings to compare with: start a new run")
     old, new = _flatten(saved), _flatten(current)
+    for key in new.keys() - old.keys():
+        name = key.rpartition(".")[2]
+        if name in ADDED:
+            old[key] = ADDED[name]
     changed = [
         key
         for key in sorted(old.keys() | new.keys())

@@ -3,6 +3,7 @@ best score so far): what ``last.pt`` saves and ``--resume`` restores."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -31,12 +32,15 @@ class State:
         channels_last: bool,
         dist: Distributed,
         steps: int,
+        accumulate: int = 1,
+        compiled: bool = False,
     ) -> None:
-        """``lr``: the absolute rate (None: the recipe's, scaled to its batch size);
-        ``steps``: optimizer steps per epoch, for the schedule."""
+        """``lr``: the absolute rate (None: the recipe's, scaled to the effective batch,
+        ``accumulate`` x its batch size); ``steps``: optimizer steps per epoch, for the
+        schedule; ``compiled``: train through ``torch.compile`` of the model."""
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(dist.device, memory_format=memory_format)
-        self.lr = lr if lr is not None else recipe.scaled_lr(recipe.batch_size)
+        self.lr = lr if lr is not None else recipe.scaled_lr(recipe.batch_size * accumulate)
         self.optimizer = build_optimizer(model, recipe, self.lr)
         self.scheduler = build_scheduler(self.optimizer, recipe, recipe.epochs, steps)
         self.ema = build_ema(model, recipe.ema_decay)
@@ -47,6 +51,9 @@ class State:
             if dist.enabled
             else model
         )
+        # What the training step runs: the (distributed) model, compiled or not. The
+        # model itself stays as it is: its state dict, EMA and evaluation are eager.
+        self.forward: nn.Module = torch.compile(self.ddp) if compiled else self.ddp  # type: ignore[assignment]
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best_score: float | None = None
@@ -59,12 +66,29 @@ class State:
         return self.ema.module if self.ema is not None else self.model
 
     def step(self, loss: torch.Tensor) -> float:
-        """One optimizer step; returns the learning rate it used."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """One optimizer step on one batch's loss; returns the learning rate it used."""
+        self.backward(loss)
+        return self.update()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add ``loss``'s gradients to those of the batches since the last update (a
+        share of an accumulated batch's loss: its mean over the micro-batch / steps)."""
         self.scaler.scale(loss).backward()
+
+    def sync(self, last: bool):
+        """DistributedDataParallel averages gradients on the last micro-batch of an
+        accumulated step only (``no_sync`` before it): one all-reduce per update."""
+        if last or not isinstance(self.ddp, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def update(self) -> float:
+        """The optimizer step on the gradients gathered since the last one, then the
+        schedule and the EMA; returns the (peak) learning rate it used."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
         with warnings.catch_warnings():
             # Under --amp the scaler skips a step whose gradients overflowed (the first ones,
             # while it finds its scale); the schedule advances all the same, as in torchvision's
