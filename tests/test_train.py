@@ -121,7 +121,7 @@ def test_distributed_two_processes(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "mobilenet", "train", "--data", "digits", "--epochs", "2", "--out", str(out),
-        *QUICK,
+        *QUICK, "--grad-accum-steps", "2", "--aug-repeats", "2",  # no_sync, the copies' ranks
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
