@@ -31,6 +31,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "data": ("sklearn", "mlxtend", "webdataset"),
     "mobile": ("executorch",),
     "litert": ("litert_torch", "ai_edge_litert"),
+    "hub": ("huggingface_hub",),
 }
 # top-level module -> the distribution that installs it, where the names differ
 _DISTRIBUTIONS = {
@@ -38,6 +39,7 @@ _DISTRIBUTIONS = {
     "sklearn": "scikit-learn",
     "litert_torch": "litert-torch",
     "ai_edge_litert": "ai-edge-litert",
+    "huggingface_hub": "huggingface-hub",
 }
 
 

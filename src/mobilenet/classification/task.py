@@ -21,6 +21,7 @@ from ..errors import MobileNetError
 from ..layers import DropPath
 from ..limits import check_memory, meta_model
 from ..models import MobileNet, create_model
+from ..models.pretrained import PRETRAINED, resolve_weights
 from ..train.cpu import one_thread_worker
 from ..train.distributed import Distributed
 from ..train.engine import RunConfig, Setup, fit
@@ -28,6 +29,7 @@ from ..train.evaluate import ShardSampler, evaluate
 from ..train.plot import plot_curves
 from ..train.recipes import Recipe
 from ..weights import infer_num_classes, load_weights, read_checkpoint, save_weights
+from ..weights.hf_hub import is_hub_id
 from .distill import (
     FeatureDistilled,
     Teacher,
@@ -266,9 +268,10 @@ def build_model(cfg: TrainConfig) -> MobileNet:
             if isinstance(m, DropPath):
                 m.p = recipe.drop_path
     if cfg.pretrained:
-        # Start from any checkpoint load_weights accepts; its classifier is replaced by
-        # one for the dataset's classes afterwards.
-        state_dict, metadata = read_checkpoint(cfg.pretrained)
+        # Start from any checkpoint load_weights accepts (a file, an official key, a URL,
+        # a hub id); its classifier is replaced by one for the dataset's classes afterwards.
+        path = resolve_weights(cfg.pretrained, model=cfg.model)
+        state_dict, metadata = read_checkpoint(path)
         model.reset_classifier(infer_num_classes(state_dict, MobileNet))
         load_weights(model, state_dict, source_name=cfg.pretrained, metadata=metadata)
     elif recipe.bn_eps is not None:
@@ -316,7 +319,10 @@ def _check_config(cfg: TrainConfig) -> None:
         )
     if cfg.val_data is not None and not (Path(cfg.val_data).is_dir() or is_shards(cfg.val_data)):
         raise MobileNetError(f"validation data folder not found: {cfg.val_data}")
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+    named = cfg.pretrained is not None and (
+        is_hub_id(cfg.pretrained) or cfg.pretrained in PRETRAINED or "://" in cfg.pretrained
+    )
+    if cfg.pretrained is not None and not named and not Path(cfg.pretrained).is_file():
         raise MobileNetError(f"pretrained checkpoint not found: {cfg.pretrained}")
 
 

@@ -151,7 +151,7 @@ def create_model(
         return _build(name, kwargs)
     from .pretrained import resolve_weights
 
-    path = resolve_weights(weights, sha256)
+    path = resolve_weights(weights, sha256, model=name)
     state_dict, metadata = read_checkpoint(path)
     return model_from_checkpoint(name, state_dict, metadata, str(path), origin, **kwargs)
 
