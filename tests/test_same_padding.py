@@ -153,6 +153,14 @@ def test_convert_from_timm_tf(tmp_path, capsys):
     assert json.loads(meta["preprocess"])["mean"] == [0.5, 0.5, 0.5]
     model = create_model("mobilenet_v3_small", weights=dst)
     assert model.config.bn_eps == 1e-3 and _max_diff(ref, model, 225) <= 1e-5
+    # the card keeps what was named, and every reader of cards reads it (eval, predict)
+    assert json.loads(meta["origin"]) == {
+        "layout": "timm",
+        "source": "timm:tf_mobilenetv3_small_075",
+    }
+    from mobilenet.classification.predict import load_trained
+
+    assert load_trained(str(dst)).card.origin["source"] == "timm:tf_mobilenetv3_small_075"
 
 
 @pytest.mark.parametrize("size", [224, 225])

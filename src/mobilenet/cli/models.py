@@ -98,8 +98,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     layout = find_layout(state_dict, type(model))
     extra = {"converted_from": layout.name}
-    if args.origin:
-        extra["origin"] = args.origin
+    if args.origin:  # the card's origin is an object: the layout read and what was named
+        extra["origin"] = json.dumps({"layout": layout.name, "source": args.origin})
     # The file keeps the checkpoint's preprocessing (model.preprocess, set on loading:
     # [-1, 1] for the authors' TF checkpoints).
     save_weights(model, args.dst, extra)
