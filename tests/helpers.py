@@ -212,3 +212,31 @@ needs_x86_int8 = pytest.mark.skipif(
     "x86" not in torch.backends.quantized.supported_engines,
     reason="PyTorch int8 models need the x86 quantized engine, absent from this torch build",
 )
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+# timm's own variants of V2-V4 (deeper, anti-aliased); tests/test_timm_family.py checks
+# each against timm.
+TIMM_VARIANTS = (
+    "mobilenet_v2_110d",
+    "mobilenet_v2_120d",
+    "mobilenet_v3_large_150d",
+    "mobilenet_v4_conv_aa_medium",
+    "mobilenet_v4_conv_blur_medium",
+    "mobilenet_v4_conv_aa_large",
+)
+
+
+def paper_models() -> list[str]:
+    """The papers' classifiers (V1-V4), which the zoo-wide tests (every model builds,
+    runs at any size, exports, quantizes) run over. MobileNetV5 (an encoder whose
+    features are the fusion adapter's map) and timm's variants have their own test files
+    against timm: tests/test_mobilenet_v5.py and tests/test_timm_family.py."""
+    from mobilenet import list_models
+
+    return [
+        name
+        for name in list_models()
+        if name not in TIMM_VARIANTS and not name.startswith("mobilenet_v5")
+    ]

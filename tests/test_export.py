@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mobilenet import MobileNetError, create_model, list_models, save_weights
+from mobilenet import MobileNetError, create_model, save_weights
 from mobilenet.blocks import MobileMQA
 from mobilenet.cli import main
 from mobilenet.export import export_onnx, fold_batchnorm, onnx_session, prepare_for_inference
 from mobilenet.export.prepare import attention_norm_foldable
 
-from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+from .helpers import paper_models, randomize_bn, recalibrate_bn, unit_scale_logits
 
 
 def _unfoldable(model: torch.nn.Module) -> int:
@@ -48,7 +48,7 @@ def _model(name: str, **kwargs):
     return unit_scale_logits(model, model.classifier)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", paper_models())
 def test_batchnorm_folding_is_exact(name):
     model = _model(name)
     prepared = prepare_for_inference(model)
@@ -63,7 +63,7 @@ def test_batchnorm_folding_is_exact(name):
         )
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", paper_models())
 @pytest.mark.parametrize("resolution", [224, 128])
 def test_onnx_runtime_matches_pytorch(name, resolution, tmp_path):
     model = _model(name)

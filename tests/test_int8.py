@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mobilenet import create_model, list_models
+from mobilenet import create_model
 from mobilenet.card import ModelCard
 from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
@@ -16,7 +16,7 @@ from mobilenet.export.int8 import Int8Model, quantize_model
 from mobilenet.export.int8_file import int8_from_checkpoint, save_int8
 from mobilenet.weights import sealed_safetensors
 
-from .helpers import needs_x86_int8, randomize_bn
+from .helpers import needs_x86_int8, paper_models, randomize_bn
 
 pytestmark = needs_x86_int8
 
@@ -87,7 +87,7 @@ def test_predict_with_an_int8_model(digits_weights, tmp_path, capsys):
     assert len(top) == 3 and abs(sum(t["probability"] for t in top) - 1) < 1.0
 
 
-INVERTED_RESIDUAL = [n for n in list_models() if not n.startswith("mobilenet_v1")]
+INVERTED_RESIDUAL = [n for n in paper_models() if not n.startswith("mobilenet_v1")]
 
 
 @pytest.mark.parametrize("name", [*INVERTED_RESIDUAL, "mobilenet_v1"])

@@ -6,12 +6,14 @@ import mobilenet
 from mobilenet import MobileNetError, create_model, list_models
 from mobilenet.blocks import InvertedResidual
 
-from .helpers import randomize_bn
+from .helpers import TIMM_VARIANTS, paper_models, randomize_bn
 
-ALL = list_models()
+ALL = paper_models()
 
 
 def test_registry_holds_every_variant():
+    v5 = ["mobilenet_v5_300m", "mobilenet_v5_300m_enc", "mobilenet_v5_base"]
+    assert sorted(list_models()) == sorted([*ALL, *TIMM_VARIANTS, *v5])
     assert ALL == [
         "mobilenet_v1",
         "mobilenet_v1_conv",

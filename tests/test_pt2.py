@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobilenet import MobileNetError, create_model, list_models, save_weights
+from mobilenet import MobileNetError, create_model, save_weights
 from mobilenet.blocks import MobileMQA
 from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
 from mobilenet.export import export_pt2, read_pt2
 from mobilenet.export.prepare import attention_norm_foldable
 
-from .helpers import randomize_bn, recalibrate_bn, unit_scale_logits
+from .helpers import paper_models, randomize_bn, recalibrate_bn, unit_scale_logits
 
 RES = 48
 
@@ -26,7 +26,7 @@ def _model(name: str, **kwargs):
     return unit_scale_logits(model, model.classifier, resolution=RES)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", paper_models())
 def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
     model = _model(name, width_mult=0.5, num_classes=10)
     path = tmp_path / f"{name}.pt2"

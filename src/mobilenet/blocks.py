@@ -11,6 +11,12 @@
 * :class:`MobileMQA` - V4's Mobile MQA (Section 4.2): multi-query attention with one
   shared key/value head, keys and values optionally downsampled by a strided depthwise
   conv.
+* :class:`MultiScaleFusionAdapter` - MobileNetV5's MSFA: the last two stages' maps fused
+  into one map of fixed size by a UIB FFN.
+
+UIB, the fused IB and Mobile MQA take ``norm`` (:data:`~mobilenet.layers.NormLayer`):
+BatchNorm by default (V4), :class:`~mobilenet.layers.RmsNorm2d` in MobileNetV5, in the
+same places, under the same names.
 
 Every block with a residual connection takes ``drop_path``, the stochastic depth rate of
 its branch (:class:`~mobilenet.layers.DropPath`, applied before the residual add, never
@@ -27,6 +33,7 @@ feature levels it reports are the strides it really has.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import MobileNetError
@@ -34,10 +41,12 @@ from .layers import (
     BN_EPS,
     BN_MOMENTUM,
     ActLayer,
+    AntiAlias,
     ConvBNAct,
     DotProductAttention,
     DropPath,
     LayerScale,
+    NormLayer,
     ResidualAdd,
     SqueezeExcite,
     make_divisible,
@@ -49,6 +58,7 @@ __all__ = [
     "InvertedResidual",
     "MobileMQA",
     "MultiQueryAttention",
+    "MultiScaleFusionAdapter",
     "UniversalInvertedBottleneck",
 ]
 
@@ -162,6 +172,10 @@ class UniversalInvertedBottleneck(nn.Module):
     depthwise conv when there is one, else on the starting one (the reference code's
     rule); an FFN cannot downsample. ``drop_path`` (residual blocks): the branch's
     stochastic depth rate, applied after the layer scale, as in the reference code.
+    ``norm``: the normalisation after each conv (BatchNorm by default); ``residual=False``
+    drops the residual add whatever the shapes (MobileNetV5's fusion adapter). ``aa``
+    (timm's ``aa_layer``): the strided depthwise conv runs at stride 1 and this
+    anti-aliased downsampler strides after its BN and activation.
     """
 
     def __init__(
@@ -175,30 +189,47 @@ class UniversalInvertedBottleneck(nn.Module):
         act: ActLayer = nn.ReLU,
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        norm: NormLayer | None = None,
+        residual: bool = True,
+        aa: AntiAlias | None = None,
     ) -> None:
         super().__init__()
         if stride > 1 and not (start_dw_kernel or mid_dw_kernel):
             raise MobileNetError("a UIB without depthwise convs (an FFN) cannot have a stride")
         self.stride = stride
         self.out_channels = out_channels
-        self.use_residual = stride == 1 and in_channels == out_channels
+        self.use_residual = residual and stride == 1 and in_channels == out_channels
         start_stride = 1 if mid_dw_kernel else stride
         # dw (extra, before the expansion): linear, as in the reference code
         self.dw_start: nn.Module = nn.Identity()
         if start_dw_kernel:
             self.dw_start = ConvBNAct(
-                in_channels, in_channels, start_dw_kernel, start_stride, in_channels, None
+                in_channels,
+                in_channels,
+                start_dw_kernel,
+                start_stride,
+                in_channels,
+                None,
+                norm=norm,
+                aa=aa,
             )
         # pw
-        self.expand = ConvBNAct(in_channels, exp_channels, 1, act=act)
+        self.expand = ConvBNAct(in_channels, exp_channels, 1, act=act, norm=norm)
         # dw
         self.dw_mid: nn.Module = nn.Identity()
         if mid_dw_kernel:
             self.dw_mid = ConvBNAct(
-                exp_channels, exp_channels, mid_dw_kernel, stride, exp_channels, act
+                exp_channels,
+                exp_channels,
+                mid_dw_kernel,
+                stride,
+                exp_channels,
+                act,
+                norm=norm,
+                aa=aa,
             )
         # pw-linear
-        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
+        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None, norm=norm)
         self.layer_scale = _layer_scale(out_channels, layer_scale)
         self.add = ResidualAdd() if self.use_residual else None
         self.drop_path = _drop_path(drop_path, self.use_residual)
@@ -214,7 +245,9 @@ class FusedInvertedBottleneck(nn.Module):
     ``expand`` full kxk conv (stride s, BN, act) doing the expansion and the spatial
     mixing at once -> ``project`` 1x1 (BN, linear) -> residual add when the stride is 1
     and ``in == out`` (``drop_path``: the branch's stochastic depth rate). Full convs are
-    cheap on accelerators at high resolution, where the channels are few."""
+    cheap on accelerators at high resolution, where the channels are few. ``norm``: the
+    normalisation after each conv (BatchNorm by default). ``aa`` (timm's ``aa_layer``): a
+    strided full conv runs at stride 1 and this downsampler strides after its activation."""
 
     def __init__(
         self,
@@ -225,13 +258,17 @@ class FusedInvertedBottleneck(nn.Module):
         stride: int = 1,
         act: ActLayer = nn.ReLU,
         drop_path: float = 0.0,
+        norm: NormLayer | None = None,
+        aa: AntiAlias | None = None,
     ) -> None:
         super().__init__()
         self.stride = stride
         self.out_channels = out_channels
         self.use_residual = stride == 1 and in_channels == out_channels
-        self.expand = ConvBNAct(in_channels, exp_channels, kernel_size, stride, act=act)
-        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None)
+        self.expand = ConvBNAct(
+            in_channels, exp_channels, kernel_size, stride, act=act, norm=norm, aa=aa
+        )
+        self.project = ConvBNAct(exp_channels, out_channels, 1, act=None, norm=norm)
         self.add = ResidualAdd() if self.use_residual else None
         self.drop_path = _drop_path(drop_path, self.use_residual)
 
@@ -250,7 +287,8 @@ class MultiQueryAttention(nn.Module):
     strided depthwise conv + BN (Spatial Reduction Attention); ``query_stride`` > 1
     average-pools the queries (+ BN) and upsamples the output bilinearly. The attention
     itself is a :class:`~mobilenet.layers.DotProductAttention` module, whose two matrix
-    products the cost model counts as ``attention``.
+    products the cost model counts as ``attention``. ``norm`` replaces those BNs
+    (MobileNetV5: :class:`~mobilenet.layers.RmsNorm2d`).
     """
 
     def __init__(
@@ -263,6 +301,7 @@ class MultiQueryAttention(nn.Module):
         kv_stride: int = 1,
         dw_kernel: int = 3,
         query_stride: int = 1,
+        norm: NormLayer | None = None,
     ) -> None:
         super().__init__()
         value_dim = value_dim or key_dim
@@ -271,12 +310,11 @@ class MultiQueryAttention(nn.Module):
         self.query_down: nn.Module = nn.Identity()
         if query_stride > 1:
             pool = nn.AvgPool2d(query_stride)
-            norm = nn.BatchNorm2d(in_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-            self.query_down = nn.Sequential(pool, norm)
+            self.query_down = nn.Sequential(pool, _norm(norm, in_channels))
         self.query = nn.Conv2d(in_channels, heads * key_dim, 1, bias=False)
-        self.key_down = self._kv_down(in_channels, kv_stride, dw_kernel)
+        self.key_down = self._kv_down(in_channels, kv_stride, dw_kernel, norm)
         self.key = nn.Conv2d(in_channels, key_dim, 1, bias=False)
-        self.value_down = self._kv_down(in_channels, kv_stride, dw_kernel)
+        self.value_down = self._kv_down(in_channels, kv_stride, dw_kernel, norm)
         self.value = nn.Conv2d(in_channels, value_dim, 1, bias=False)
         self.attention = DotProductAttention()
         self.upsample: nn.Module = nn.Identity()
@@ -287,10 +325,12 @@ class MultiQueryAttention(nn.Module):
         self.output = nn.Conv2d(heads * value_dim, out_channels, 1, bias=False)
 
     @staticmethod
-    def _kv_down(channels: int, stride: int, kernel: int) -> nn.Module:
+    def _kv_down(
+        channels: int, stride: int, kernel: int, norm: NormLayer | None = None
+    ) -> nn.Module:
         if stride == 1:
             return nn.Identity()
-        return ConvBNAct(channels, channels, kernel, stride, groups=channels, act=None)
+        return ConvBNAct(channels, channels, kernel, stride, groups=channels, act=None, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.query(self.query_down(x))  # [B, heads * key_dim, h, w]
@@ -305,10 +345,17 @@ class MultiQueryAttention(nn.Module):
         return self.output(self.upsample(out))
 
 
+def _norm(norm: NormLayer | None, channels: int) -> nn.Module:
+    """``norm(channels)``, or the BatchNorm of the reference code when ``norm`` is None."""
+    if norm is not None:
+        return norm(channels)
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
 class MobileMQA(nn.Module):
     """Mobile MQA block (V4 Section 4.2): BN (no activation) -> multi-query attention ->
     ``layer_scale`` -> [``drop_path``] -> residual add of the block's input (stride 1,
-    ``in == out``)."""
+    ``in == out``). ``norm`` replaces every BN (MobileNetV5: RMS norms)."""
 
     def __init__(
         self,
@@ -321,13 +368,22 @@ class MobileMQA(nn.Module):
         query_stride: int = 1,
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        norm: NormLayer | None = None,
     ) -> None:
         super().__init__()
         self.stride = 1  # the block keeps the map's size (query pooling is undone)
         self.out_channels = out_channels
-        self.norm = nn.BatchNorm2d(in_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.norm = _norm(norm, in_channels)
         self.attn = MultiQueryAttention(
-            in_channels, out_channels, heads, key_dim, key_dim, kv_stride, dw_kernel, query_stride
+            in_channels,
+            out_channels,
+            heads,
+            key_dim,
+            key_dim,
+            kv_stride,
+            dw_kernel,
+            query_stride,
+            norm,
         )
         self.layer_scale = _layer_scale(out_channels, layer_scale)
         self.use_residual = in_channels == out_channels
@@ -337,3 +393,66 @@ class MobileMQA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer_scale(self.attn(self.norm(x)))
         return _residual(self.add, self.drop_path, x, out)
+
+
+def fuse_sizes(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``maps`` with each one smaller than the first (in height or width) resized to the
+    first one's size, nearest neighbour: the fusion adapter's inputs, ready to stack."""
+    size = maps[0].shape[-2:]
+    return [
+        F.interpolate(m, size=size, mode="nearest")
+        if m.shape[-2] < size[0] or m.shape[-1] < size[1]
+        else m
+        for m in maps
+    ]
+
+
+def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` brought to ``size`` as MobileNetV5's fusion adapter does (timm's rule): an
+    average pool by the integer ratio when each side is a multiple of ``size``'s (a 48x48
+    map to 16x16: 3x3 windows), a bilinear resize otherwise (a smaller map, or a ratio
+    that is not whole)."""
+    height, width = x.shape[-2:]
+    if (height, width) == size:
+        return x
+    if height % size[0] or width % size[1]:
+        return F.interpolate(x, size=size, mode="bilinear")
+    kernel = (height // size[0], width // size[1])
+    return F.avg_pool2d(x, kernel_size=kernel, stride=kernel)
+
+
+# One call each in an FX graph (the cost model's): both branch on the maps' sizes.
+torch.fx.wrap("fuse_sizes")
+torch.fx.wrap("resize_map")
+
+
+class MultiScaleFusionAdapter(nn.Module):
+    """MobileNetV5's Multi-Scale Fusion Adapter (MSFA; timm's
+    ``MobileNetV5MultiScaleFusionAdapter``): the last two stages' maps (output strides 16
+    and 32) -> the smaller ones resized to the first one's size (nearest) -> stacked
+    along channels -> ``ffn``, a UIB FFN (1x1 expand by ``expansion`` 2, norm, act; 1x1
+    project, norm; no depthwise conv, no layer scale, no residual) -> brought to
+    ``output_size`` x ``output_size`` (:func:`resize_map`) -> ``norm``. A map of fixed size
+    (16x16 tokens of 2048 channels in Gemma 3n) whatever the input's size."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        output_size: int = 16,
+        expansion: float = 2.0,
+        act: ActLayer = nn.GELU,
+        norm: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.output_size = (output_size, output_size)
+        exp = make_divisible(in_channels * expansion)
+        self.ffn = UniversalInvertedBottleneck(
+            in_channels, exp, out_channels, 0, 0, act=act, norm=norm, residual=False
+        )
+        self.norm = _norm(norm, out_channels)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        x = self.ffn(torch.cat(fuse_sizes(maps), dim=1))
+        return self.norm(resize_map(x, self.output_size))

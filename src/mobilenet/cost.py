@@ -45,6 +45,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import MobileNetError
+from .layers import RmsNorm2d
 
 # 2**20 pixels a side keeps the largest tensor of the widest model (about 2**12 channels
 # x 2**38 pixels) well inside int64, which the meta device needs to propagate shapes.
@@ -213,6 +214,11 @@ def cost(model: nn.Module | str, resolution: Resolution = 224) -> Cost:
     for layer in layers:
         by_type[layer.type]["params"] += layer.params
         by_type[layer.type]["madds"] += layer.madds
+    # A norm the tracer steps into (MobileNetV5's RMS norm: a few tensor operations, no
+    # module call in the graph) keeps its scales among the norms all the same.
+    by_type["norm"]["params"] += sum(
+        p.numel() for m in model.modules() if isinstance(m, RmsNorm2d) for p in m.parameters()
+    )
     counted = sum(v["params"] for v in by_type.values())
     total_params = sum(p.numel() for p in model.parameters())
     if total_params != counted:

@@ -32,13 +32,19 @@ __all__ = [
     "BN_MOMENTUM",
     "PADDINGS",
     "ActLayer",
+    "AntiAlias",
+    "BlurPool2d",
     "ConvBNAct",
     "DotProductAttention",
     "DropPath",
+    "GELUTanh",
     "LayerScale",
+    "NormLayer",
     "ResidualAdd",
+    "RmsNorm2d",
     "SamePad",
     "SqueezeExcite",
+    "avg_pool_aa",
     "make_divisible",
     "same_padding",
     "set_bn_eps",
@@ -55,6 +61,39 @@ h-swish (V3 Section 5.2) is ``x * ReLU6(x + 3) / 6`` and h-sigmoid is ``ReLU6(x 
 PyTorch's ``nn.Hardswish`` and ``nn.Hardsigmoid`` compute exactly these, with fused kernels
 and standard ONNX and quantized counterparts, so the toolkit uses them directly.
 """
+
+
+NormLayer = Callable[[int], nn.Module]
+"""A factory of a normalisation layer over ``channels``: BatchNorm (the default of every
+block, V1-V4) or :class:`RmsNorm2d` (MobileNetV5)."""
+
+
+class GELUTanh(nn.GELU):
+    """GELU with the tanh approximation, ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715
+    x^3)))``: MobileNetV5's activation (timm's ``nn.GELU(approximate="tanh")``)."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+
+class RmsNorm2d(nn.Module):
+    """RMS normalisation of each pixel over its channels (MobileNetV5, timm's
+    ``RmsNorm2d``): ``x / sqrt(mean_c(x^2) + eps) * weight``, no mean subtracted, no bias,
+    no running statistics, so it behaves alike in training and eval and at batch one.
+    ``eps`` 1e-6 is timm's; the operations are timm's, in its order, so outputs agree to
+    the last bit."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.numel()}, eps={self.eps:g}"
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -110,6 +149,53 @@ def same_pad(
 torch.fx.wrap("same_pad")
 
 
+AntiAlias = Callable[[int, int], nn.Module]
+"""A factory ``(channels, stride) -> module`` of an anti-aliased downsampler, which a strided
+:class:`ConvBNAct` applies after its activation, its conv then running at stride 1 (timm's
+``aa_layer``): :func:`avg_pool_aa` or :class:`BlurPool2d`."""
+
+
+def avg_pool_aa(channels: int, stride: int) -> nn.Module:
+    """Average pooling as the downsampler (timm's ``aa_layer="avg"``): ``stride x stride``
+    windows, no padding (an odd side drops its last row: ``nn.AvgPool2d`` floors)."""
+    return nn.AvgPool2d(stride)
+
+
+class BlurPool2d(nn.Module):
+    """Blur, then subsample (Zhang, ICML 2019, "Making Convolutional Networks Shift-Invariant
+    Again"): a fixed binomial low-pass filter (``filt_size`` 3: ``[1, 2, 1] / 4`` along each
+    axis) applied per channel at ``stride``, so a strided layer aliases less.
+
+    As timm's ``BlurPool2d``: ``((stride - 1) + (filt_size - 1)) // 2`` pixels of padding on
+    every side, mirrored (``pad_mode="reflect"``, its default) or zeros (``"constant"``,
+    timm's ``aa_layer="blurpc"``), then the filter at ``stride``. The binomial filter of
+    ``n`` taps is ``n - 1`` two-tap box filters in a row (``[1, 2, 1] / 4 = [1, 1] / 2 *
+    [1, 1] / 2``), so it runs as 2x2 average pools, the last one strided: no weights, no
+    buffer (a model with it reads the same checkpoints as one without), and ops that
+    every exporter and int8 backend has. Against timm's depthwise conv the sums differ in
+    order only (~1e-7 relative).
+    """
+
+    def __init__(
+        self, channels: int, stride: int = 2, filt_size: int = 3, pad_mode: str = "reflect"
+    ) -> None:
+        super().__init__()
+        if filt_size < 2:
+            raise MobileNetError(f"a blur filter has at least 2 taps, got {filt_size}")
+        self.channels, self.stride, self.pad_mode = channels, stride, pad_mode
+        self.filt_size = filt_size
+        self.padding = ((stride - 1) + (filt_size - 1)) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (self.padding,) * 4, mode=self.pad_mode)
+        for _ in range(self.filt_size - 2):
+            x = F.avg_pool2d(x, 2, 1)
+        return F.avg_pool2d(x, 2, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, stride={self.stride}, pad_mode={self.pad_mode!r}"
+
+
 class ConvBNAct(nn.Module):
     """Conv2d (no bias) -> BatchNorm -> activation; ``act=None`` leaves it linear.
 
@@ -119,6 +205,10 @@ class ConvBNAct(nn.Module):
     dilated (atrous) or not. ``"same"`` is TensorFlow's SAME: static and symmetric where it
     does not depend on the input's size (stride 1), a :class:`SamePad` before an unpadded
     conv where it does. ``"keras"``: Keras' fixed padding of a stride-2 conv.
+    ``bias`` gives the conv a bias (MobileNetV5's stem); ``norm`` replaces the BatchNorm
+    (:data:`NormLayer`, e.g. :class:`RmsNorm2d`), still under the name ``bn``.
+    ``aa`` (:data:`AntiAlias`, timm's ``aa_layer``): a strided conv runs at stride 1 and
+    this downsampler strides after the activation; None, the default, adds no module.
     """
 
     def __init__(
@@ -131,25 +221,33 @@ class ConvBNAct(nn.Module):
         act: ActLayer | None = nn.ReLU6,
         dilation: int = 1,
         padding: str = "symmetric",
+        bias: bool = False,
+        norm: NormLayer | None = None,
+        aa: AntiAlias | None = None,
     ) -> None:
         super().__init__()
         self.stride = stride
         self.out_channels = out_channels
+        use_aa = aa is not None and stride > 1  # the conv runs at stride 1, the aa strides
         self.conv = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size,
-            stride=stride,
+            stride=1 if use_aa else stride,
             padding=dilation * (kernel_size // 2),
             dilation=dilation,
             groups=groups,
-            bias=False,
+            bias=bias,
         )
         self.pad: nn.Module | None = None
         self.padding = "symmetric"
         self.set_padding(padding)
-        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        if norm is not None:
+            self.bn: nn.Module = norm(out_channels)
+        else:
+            self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.act = act() if act is not None else nn.Identity()
+        self.aa: nn.Module | None = aa(out_channels, stride) if use_aa and aa else None
 
     def set_padding(self, padding: str) -> None:
         """Switch between the paddings of :data:`PADDINGS`; the weights are the same."""
@@ -168,7 +266,10 @@ class ConvBNAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = self.pad(x)
-        return self.act(self.bn(self.conv(x)))
+        x = self.act(self.bn(self.conv(x)))
+        if self.aa is not None:
+            x = self.aa(x)
+        return x
 
 
 class SqueezeExcite(nn.Module):

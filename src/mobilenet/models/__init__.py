@@ -8,7 +8,9 @@ from . import (  # noqa: F401  (registration)
     mobilenet_v2,
     mobilenet_v3,
     mobilenet_v4,
+    mobilenet_v5,
     v4_layouts,
+    v5_layouts,
 )
 from .base import EvalConfig, FeatureInfo, MobileNet, ModelConfig
 from .pretrained import PRETRAINED, list_pretrained

@@ -3,7 +3,8 @@
 * ours: the safetensors :func:`mobilenet.save_weights` writes (names as in our modules);
 * torchvision: ``mobilenet_v2``, ``mobilenet_v3_large``, ``mobilenet_v3_small`` state
   dicts (the ``.pth`` files torchvision downloads, or ``model.state_dict()``);
-* timm: ``mobilenetv1_{100,125}``, ``mobilenetv2_{035,050,075,100,140}``,
+* timm: ``mobilenetv1_{100,125}``, ``mobilenetv2_{035,050,075,100,140}``, the
+  depth-scaled ``mobilenetv2_{110d,120d}`` and ``mobilenetv3_large_150d``,
   ``mobilenetv3_large_{075,100}``, ``mobilenetv3_small_{050,075,100}`` (``.pth``, ``.bin``
   or the hub's ``model.safetensors``, or a timm training checkpoint), and the authors' TF
   checkpoints timm ported: ``tf_mobilenetv3_{large,small}_{075,100}``,
@@ -35,7 +36,13 @@ from ..weights import FORMAT, Layout, register_layout, saved_config
 from .base import MobileNet
 from .padding import TF_PREPROCESS
 
-__all__ = ["TIMM_V3_MODELS", "conv_bn_key", "timm_v3_model", "torchvision_block_key"]
+__all__ = [
+    "TIMM_V3_DEEP_MODELS",
+    "TIMM_V3_MODELS",
+    "conv_bn_key",
+    "timm_v3_model",
+    "torchvision_block_key",
+]
 
 StateDict = dict[str, torch.Tensor]
 PYTORCH_BN_EPS = 1e-5
@@ -57,7 +64,9 @@ TIMM_V3_MODELS = (
     "tf_mobilenetv3_small_100",
     "tf_mobilenetv3_small_minimal_100",
 )
-_TIMM_V3_NAME = re.compile(r"(tf_)?mobilenetv3_(large|small)(_minimal)?_\d{3}")
+# timm's depth-scaled MobileNetV3 (mobilenet_v3_large_150d): PyTorch padding only.
+TIMM_V3_DEEP_MODELS = ("mobilenetv3_large_150d",)
+_TIMM_V3_NAME = re.compile(r"(tf_)?mobilenetv3_(large|small)(_minimal)?_\d{3}d?")
 
 
 def conv_bn_key(prefix: str, rest: str) -> str:
@@ -237,14 +246,16 @@ def timm_v3_model(
 
 
 def _timm_v3_candidates(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """The timm MobileNetV3 models with this state dict's size, variant and width."""
+    """The timm MobileNetV3 models with this state dict's size, variant, width and depth."""
     blocks = {m[0] for k in state_dict if (m := re.match(r"blocks\.\d+\.\d+\.", k))}
     large = len(blocks) > 12  # 15 bnecks and the last conv; Small: 11 and 1
+    deep = "d" if len(blocks) > (16 if large else 12) else ""  # depth-scaled (large_150d)
     minimal = "" if any(".se." in k for k in state_dict) else "_minimal"
     last = state_dict["conv_head.weight"].shape[1]  # 960 (Large) or 576 (Small) x width
     width = round(100 * last / (960 if large else 576))
-    kind = f"mobilenetv3_{'large' if large else 'small'}{minimal}_{width:03d}"
-    return [model for model in TIMM_V3_MODELS if model.removeprefix("tf_") == kind]
+    kind = f"mobilenetv3_{'large' if large else 'small'}{minimal}_{width:03d}{deep}"
+    known = TIMM_V3_MODELS + TIMM_V3_DEEP_MODELS
+    return [model for model in known if model.removeprefix("tf_") == kind]
 
 
 def _torchvision_bn_eps(state_dict: Mapping[str, torch.Tensor]) -> float:

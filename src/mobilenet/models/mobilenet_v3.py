@@ -42,6 +42,17 @@ equal to ours at alpha <= 1 with Keras' published widths 0.75 and 1.0). Keras' b
 ``Rescaling`` layer (``[0, 255] -> [-1, 1]``) is not part of the model: ours takes inputs
 in [-1, 1] (mean 0.5, std 0.5 on [0, 1] images), as Keras' models with
 ``include_preprocessing=False`` do.
+
+Depth multiplier (timm's ``mobilenetv3_large_150d``: width 1.5, depth 1.2; not in the
+paper), as timm applies it to its block strings: the table's rows fall into stages (runs
+of rows with the same output width; the last 1x1 conv is a stage of its own) and, within
+a stage, block kinds (a row at stride 1 with the kernel, expansion ratio ``exp / in``, SE
+and NL of the row before it repeats that row's kind). Each stage's depth is scaled by
+:func:`~mobilenet.models.mobilenet_v2.scale_depth` (``ceil``, then shared out to the kinds
+from the last one, half to even), a repeated row keeping its kind's expansion ratio at
+stride 1. At 1.2 Large's stages of 1, 2, 3, 4, 2, 3 and 1 layers become 2, 3, 4, 5, 3, 4
+and 2 (the 80-wide stage's kinds 1, 1, 2 become 1, 2, 2; the last 1x1 conv is doubled,
+its second copy ``960 alpha -> 960 alpha``); the stem and the 1280 head are not scaled.
 """
 
 from __future__ import annotations
@@ -54,14 +65,16 @@ from torch import nn
 from ..blocks import InvertedResidual
 from ..layers import ActLayer, ConvBNAct, make_divisible
 from .atrous import atrous_layout
-from .base import MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
-from .padding import KERAS_EVAL, resolve_padding
+from .base import EvalConfig, MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
+from .mobilenet_v2 import scale_depth
+from .padding import KERAS_EVAL, TF_PREPROCESS, resolve_padding
 from .registry import register_model
 
 __all__ = [
     "V3_LARGE",
     "V3_SMALL",
     "build_v3",
+    "deepen",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
     "reduced_tail",
@@ -87,6 +100,7 @@ class Spec(NamedTuple):
     bnecks: tuple[Bneck, ...]
     last: int  # conv2d 1x1, HS (pooled afterwards)
     head: int  # conv2d 1x1 NBN on the pooled features, HS
+    last_n: int = 1  # repeats of the last conv (2 in timm's depth-scaled large_150d)
 
 
 # V3 Table 1: MobileNetV3-Large, 224x224x3 input.
@@ -153,6 +167,42 @@ def reduced_tail(spec: Spec) -> Spec:
     return spec._replace(bnecks=tuple(rows), last=spec.last // 2)
 
 
+def _kinds(spec: Spec) -> list[list[list[Bneck]]]:
+    """The bnecks as timm's stages (same output width) of block kinds (see the module
+    docstring): ``stages[i][j]`` lists the rows of kind ``j`` of stage ``i``."""
+    stages: list[list[list[Bneck]]] = []
+    previous, paper_in = None, spec.stem
+    for row in spec.bnecks:
+        kind = (row.k, row.exp / paper_in, row.se, row.nl)
+        if previous is None or row.out != previous[0].out:
+            stages.append([[row]])
+        elif row.s == 1 and kind == previous[1]:
+            stages[-1][-1].append(row)
+        else:
+            stages[-1].append([row])
+        previous, paper_in = (row, kind), row.out
+    return stages
+
+
+def deepen(spec: Spec, depth_mult: float) -> Spec:
+    """``spec`` at depth ``depth_mult``, as timm's ``decode_arch_def`` scales its V3 stages
+    (``depth_trunc='ceil'``, :func:`~mobilenet.models.mobilenet_v2.scale_depth`): a kind
+    that grows repeats its last row, or, where that row is the stage's first, the row at
+    stride 1 with the kind's expansion ratio on its own width."""
+    rows: list[Bneck] = []
+    paper_in = spec.stem
+    for stage in _kinds(spec):
+        for kind, n in zip(stage, scale_depth([len(k) for k in stage], depth_mult), strict=True):
+            first = kind[0]
+            repeat = kind[-1] if len(kind) > 1 else first._replace(s=1)
+            if len(kind) == 1:  # the kind's ratio, exp / in, on the row's own width
+                repeat = repeat._replace(exp=round(first.exp * first.out / paper_in))
+            rows += (kind + [repeat] * n)[:n]
+            paper_in = first.out
+    last_n = scale_depth([spec.last_n], depth_mult)[0]
+    return spec._replace(bnecks=tuple(rows), last_n=last_n)
+
+
 def build_v3(
     name: str,
     spec: Spec,
@@ -165,15 +215,19 @@ def build_v3(
     padding: str | None = None,
     keras: bool = False,
     drop_path_rate: float = 0.0,
+    depth_mult: float = 1.0,
+    eval_config: EvalConfig | None = None,
 ) -> MobileNet:
     """A MobileNetV3 from a table (``minimal``: no SE, ReLU only, 3x3 kernels only), at
     ``output_stride`` (``whole_stage``: torchvision's dilation convention), padded as
     ``padding`` ("symmetric" or "same"), or Keras' build (``keras``), with stochastic
-    depth ``drop_path_rate``."""
+    depth ``drop_path_rate``, deepened by ``depth_mult`` (:func:`deepen`), evaluated as
+    ``eval_config`` says (None: the default, or Keras')."""
     padding = resolve_padding(padding, keras)
     drop_path_rate = check_drop_path_rate(drop_path_rate)
-    # the authors' block spec list: stem, bnecks, last conv, global pool, head conv
-    num_layers = len(spec.bnecks) + 4
+    spec = deepen(spec, depth_mult) if depth_mult != 1.0 else spec
+    # the authors' block spec list: stem, bnecks, last conv(s), global pool, head conv
+    num_layers = len(spec.bnecks) + spec.last_n + 3
 
     def act(nl: str) -> ActLayer:
         return nn.ReLU if minimal else ACTIVATIONS[nl]
@@ -200,12 +254,13 @@ def build_v3(
         head = make_divisible(spec.head * width_mult) if width_mult > 1 else spec.head
     else:
         last, head = make_divisible(spec.last * width_mult), spec.head
-    layers.append(ConvBNAct(in_channels, last, 1, act=act(HS)))
+    for i in range(spec.last_n):
+        layers.append(ConvBNAct(last if i else in_channels, last, 1, act=act(HS)))
     config = ModelConfig(
         name, width_mult, num_classes, dropout, output_stride=output_stride, padding=padding
     )
     config = replace(config, keras=keras)
-    eval_config = KERAS_EVAL if keras else None
+    eval_config = KERAS_EVAL if keras else eval_config
     return MobileNet(layers, config, head, act(HS), eval_config)
 
 
@@ -291,3 +346,25 @@ def mobilenet_v3_small_minimal(
         "drop_path_rate": drop_path_rate,
     }
     return build_v3(name, V3_SMALL, width_mult, num_classes, dropout, minimal=True, **options)
+
+
+@register_model
+def mobilenet_v3_large_150d(
+    width_mult: float = 1.5,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    output_stride: int = 32,
+    drop_path_rate: float = 0.0,
+) -> MobileNet:
+    """MobileNetV3-Large at width 1.5 and depth 1.2 (timm's ``mobilenetv3_large_150d``):
+    14,622,320 params, evaluated as its checkpoint (``ra4_e3600_r256_in1k``: 256, crop
+    0.95, inputs scaled to [-1, 1])."""
+    name = "mobilenet_v3_large_150d"
+    eval_config = EvalConfig(resolution=256, crop_pct=0.95, **TF_PREPROCESS)
+    options = {
+        "output_stride": output_stride,
+        "drop_path_rate": drop_path_rate,
+        "depth_mult": 1.2,
+        "eval_config": eval_config,
+    }
+    return build_v3(name, V3_LARGE, width_mult, num_classes, dropout, minimal=False, **options)

@@ -38,20 +38,32 @@ last conv, global pool, head conv) gets ``rate * (i + 1) / len(list)``
 (:func:`~mobilenet.models.base.layer_drop_path`); a Mobile MQA block gets ``rate``
 itself, as the authors' backbone passes it the flat rate whatever the schedule. 0, the
 default, adds no module.
+
+Anti-aliased variants (timm's ``mobilenetv4_conv_aa_medium``, ``mobilenetv4_conv_aa_large``,
+``mobilenetv4_conv_blur_medium``; not in the paper): Conv-M's and Conv-L's tables with
+every strided block downsampling after its nonlinearity instead of in its conv (Zhang,
+ICML 2019, "Making Convolutional Networks Shift-Invariant Again"): the fused IB's full conv
+and the UIB's strided depthwise conv (the middle one, else the starting one) run at stride
+1, then BN and activation, then the downsampler (timm's ``aa_layer``, :data:`ANTI_ALIAS`):
+2x2 average pooling (``aa``) or a 3x3 binomial blur with zero padding (``blur``: timm's
+``"blurpc"``). The stem keeps its strided conv, as in timm. The downsamplers have no
+weights: the state dicts are those of Conv-M and Conv-L.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from torch import nn
 
 from ..blocks import FusedInvertedBottleneck, MobileMQA, UniversalInvertedBottleneck
-from ..layers import ActLayer, ConvBNAct, make_divisible
+from ..layers import ActLayer, AntiAlias, BlurPool2d, ConvBNAct, avg_pool_aa, make_divisible
 from .base import EvalConfig, MobileNet, ModelConfig, check_drop_path_rate, layer_drop_path
 from .registry import register_model
 
 __all__ = [
+    "ANTI_ALIAS",
     "CONV_L",
     "CONV_M",
     "CONV_S",
@@ -301,6 +313,14 @@ HYBRID_L = Spec(
 )
 
 
+# timm's ``aa_layer`` names -> the downsampler a strided block applies after its activation
+ANTI_ALIAS: dict[str, AntiAlias] = {
+    "avg": avg_pool_aa,  # 2x2 average pooling
+    "blur": BlurPool2d,  # 3x3 binomial filter, mirrored padding (timm's BlurPool2d default)
+    "blurpc": partial(BlurPool2d, pad_mode="constant"),  # the same, zero padding
+}
+
+
 class MobileNetV4(MobileNet):
     """A MobileNetV4: the uniform :class:`MobileNet` API, with V4's head (1x1 conv, BN and
     activation on the pooled features). Its own class so that checkpoint layouts written
@@ -315,8 +335,10 @@ def _block(
     act: ActLayer,
     scale: float | None,
     drop_path: tuple[float, float],
+    aa: AntiAlias | None = None,
 ) -> nn.Module:
-    """One row as a block; ``drop_path``: the (flat, depth-scheduled) stochastic depth."""
+    """One row as a block; ``drop_path``: the (flat, depth-scheduled) stochastic depth;
+    ``aa``: the anti-aliased downsampler of a strided convolutional row."""
     flat, scheduled = drop_path
     if isinstance(row, MQA):
         return MobileMQA(
@@ -324,11 +346,11 @@ def _block(
         )
     exp = make_divisible(in_ch * row.exp / paper_in)
     if row.block == CONV:
-        return ConvBNAct(in_ch, out, row.k1, row.s, act=act)
+        return ConvBNAct(in_ch, out, row.k1, row.s, act=act, aa=aa)
     if row.block == FUSED:
-        return FusedInvertedBottleneck(in_ch, exp, out, row.k1, row.s, act, scheduled)
+        return FusedInvertedBottleneck(in_ch, exp, out, row.k1, row.s, act, scheduled, aa=aa)
     return UniversalInvertedBottleneck(
-        in_ch, exp, out, row.k1, row.k2, row.s, act, scale, scheduled
+        in_ch, exp, out, row.k1, row.k2, row.s, act, scale, scheduled, aa=aa
     )
 
 
@@ -339,9 +361,11 @@ def build_v4(
     num_classes: int,
     dropout: float,
     drop_path_rate: float = 0.0,
+    aa: AntiAlias | None = None,
 ) -> MobileNetV4:
     """A MobileNetV4 from its table, ``width_mult`` and ``drop_path_rate`` applied as the
-    module docstring says."""
+    module docstring says; ``aa``: the anti-aliased downsampler of every strided block
+    after the stem (None: strided convs, as in the paper)."""
     drop_path_rate = check_drop_path_rate(drop_path_rate)
     # TF Model Garden's backbone (official/vision/modeling/backbones/mobilenet.py) counts
     # its whole block spec list: stem, rows, last conv, global pool, head conv; and gives
@@ -354,7 +378,7 @@ def build_v4(
     for row in spec.rows:
         out = make_divisible(row.out * width_mult)
         rates = (drop_path_rate, layer_drop_path(drop_path_rate, len(layers), num_layers))
-        layers.append(_block(row, in_ch, paper_in, out, act, spec.layer_scale, rates))
+        layers.append(_block(row, in_ch, paper_in, out, act, spec.layer_scale, rates, aa))
         paper_in, in_ch = row.out, out
     layers.append(ConvBNAct(in_ch, make_divisible(spec.last * width_mult), 1, act=act))
     config = ModelConfig(name, width_mult, num_classes, dropout)
@@ -419,3 +443,49 @@ def mobilenet_v4_hybrid_large(
     """MNv4-Hybrid-L (the paper's appendix table), evaluated at 384."""
     name = "mobilenet_v4_hybrid_large"
     return build_v4(name, HYBRID_L, width_mult, num_classes, dropout, drop_path_rate)
+
+
+@register_model
+def mobilenet_v4_conv_aa_medium(
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
+) -> MobileNetV4:
+    """MNv4-Conv-M downsampling by 2x2 average pooling (timm's
+    ``mobilenetv4_conv_aa_medium``), evaluated at 256."""
+    name = "mobilenet_v4_conv_aa_medium"
+    aa = ANTI_ALIAS["avg"]
+    return build_v4(name, CONV_M, width_mult, num_classes, dropout, drop_path_rate, aa)
+
+
+@register_model
+def mobilenet_v4_conv_blur_medium(
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
+) -> MobileNetV4:
+    """MNv4-Conv-M downsampling by a zero-padded binomial blur (timm's
+    ``mobilenetv4_conv_blur_medium``, ``aa_layer="blurpc"``), evaluated at 224 as its
+    published checkpoint (``e500_r224_in1k``)."""
+    name = "mobilenet_v4_conv_blur_medium"
+    spec = CONV_M._replace(eval=_eval(224))
+    aa = ANTI_ALIAS["blurpc"]
+    return build_v4(name, spec, width_mult, num_classes, dropout, drop_path_rate, aa)
+
+
+@register_model
+def mobilenet_v4_conv_aa_large(
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.2,
+    drop_path_rate: float = 0.0,
+) -> MobileNetV4:
+    """MNv4-Conv-L downsampling by 2x2 average pooling (timm's
+    ``mobilenetv4_conv_aa_large``), evaluated at 448 as timm's default checkpoint
+    (``e230_r448_in12k_ft_in1k``)."""
+    name = "mobilenet_v4_conv_aa_large"
+    spec = CONV_L._replace(eval=_eval(448))
+    aa = ANTI_ALIAS["avg"]
+    return build_v4(name, spec, width_mult, num_classes, dropout, drop_path_rate, aa)

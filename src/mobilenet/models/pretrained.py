@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import CheckpointError, MobileNetError
 from ..paths import cache_dir
 from ..weights import fetch, sha256_file
+from ..weights.gemma3n import is_sharded_checkpoint
 from ..weights.hf_hub import (
     HubConfig,
     HubId,
@@ -128,7 +129,8 @@ def list_pretrained(model: str | None = None) -> list[str]:
 
 def resolve_weights(spec: str | Path, sha256: str | None = None, model: str | None = None) -> Path:
     """An official checkpoint key, a hub id (``hf-hub:timm/MODEL.TAG``, see
-    :func:`hub_weights`), a URL or a local path -> a local file.
+    :func:`hub_weights`), a URL or a local path -> a local file (or a folder: a sharded
+    Transformers checkpoint, see :mod:`mobilenet.weights.gemma3n`).
 
     ``sha256`` (or a prefix) is checked for URLs, local files and a hub repo's
     ``model.safetensors``; for an official checkpoint, whose hash is known, it must agree
@@ -141,6 +143,12 @@ def resolve_weights(spec: str | Path, sha256: str | None = None, model: str | No
         (x for x in PRETRAINED.values() if x.url == str(spec)), None
     )
     if entry is None:
+        if sha256 is not None and is_sharded_checkpoint(str(spec)):
+            # A digest checks one file: the index's would leave every shard unchecked.
+            raise CheckpointError(
+                f"{spec} is a sharded checkpoint (Gemma 3n's vision tower is read from its "
+                "shards): an expected SHA-256 checks a single file"
+            )
         return fetch(spec, sha256)
     expected = check_sha256(sha256) or entry.sha256
     if not (expected.startswith(entry.sha256) or entry.sha256.startswith(expected)):

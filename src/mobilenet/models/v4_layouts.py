@@ -1,7 +1,11 @@
 """The checkpoint layout MobileNetV4 reads from timm: ``mobilenetv4_conv_small``
 (``_035``, ``_050``), ``mobilenetv4_conv_medium``, ``mobilenetv4_conv_large``,
 ``mobilenetv4_hybrid_medium`` (``_075``) and ``mobilenetv4_hybrid_large`` (``_075``)
-state dicts (``.pth``, ``.bin`` or the hub's ``model.safetensors``).
+state dicts (``.pth``, ``.bin`` or the hub's ``model.safetensors``), and the anti-aliased
+``mobilenetv4_conv_aa_medium``, ``mobilenetv4_conv_blur_medium`` and
+``mobilenetv4_conv_aa_large``, whose downsamplers hold no tensors: their state dicts are
+Conv-M's and Conv-L's, read into ``mobilenet_v4_conv_{aa,blur}_medium`` and
+``mobilenet_v4_conv_aa_large``.
 
 timm nests the blocks in stages (``blocks.<stage>.<block>``); ours are flat after the
 stem, and timm's last stage (the 1x1 conv to 960) is our last feature layer. timm's

@@ -3,7 +3,9 @@
 Pickled files are opened with ``torch.load(weights_only=True)`` only: tensors and plain
 containers, never arbitrary objects. Our own files are safetensors whose metadata holds
 ``format = "mobilenet"`` and the model's config as JSON, so a file alone says which
-network it holds.
+network it holds. A folder, or a ``*.safetensors.index.json`` file, is a sharded Hugging
+Face Transformers checkpoint: Gemma 3n's, whose vision tower alone is read
+(:mod:`.gemma3n`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..fileio import read_bytes, write_bytes
 from ..integrity import check_seal, seal, sealed_metadata
+from .gemma3n import is_sharded_checkpoint, read_vision_tower, vision_tower_metadata
 from .keras import ZIP_SIGNATURE, keras_kind, read_keras
 
 __all__ = [
@@ -44,9 +47,13 @@ FORMAT = "mobilenet"  # metadata["format"] of our safetensors files
 
 
 def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, str]]:
-    """Read a state dict and its metadata from safetensors, a (weights-only) pickle or a
-    Keras file (:mod:`.keras`: legacy ``.h5``, ``.weights.h5``, ``.keras``)."""
+    """Read a state dict and its metadata from safetensors, a (weights-only) pickle, a
+    Keras file (:mod:`.keras`: legacy ``.h5``, ``.weights.h5``, ``.keras``) or a sharded
+    Transformers checkpoint (a folder or its index: Gemma 3n's vision tower, with its
+    card; :mod:`.gemma3n`)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_vision_tower(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if keras_kind(path) is not None:  # Keras .h5, .weights.h5 or .keras
@@ -75,8 +82,12 @@ def _read_pickle(path: Path) -> StateDict:
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
-    """The metadata of a safetensors file, without reading its tensors ({} for pickles)."""
+    """The metadata of a safetensors file, without reading its tensors ({} for pickles;
+    the card of Gemma 3n's vision tower for a sharded checkpoint, whose index alone is
+    read)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return vision_tower_metadata(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not _is_safetensors(path):
