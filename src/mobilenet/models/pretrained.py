@@ -108,6 +108,16 @@ TIMM_MODELS: dict[str, tuple[str, float]] = {
     "mobilenetv4_hybrid_medium_075": ("mobilenet_v4_hybrid_medium", 0.75),
     "mobilenetv4_hybrid_large": ("mobilenet_v4_hybrid_large", 1.0),
     "mobilenetv4_hybrid_large_075": ("mobilenet_v4_hybrid_large", 0.75),
+    # timm's own variants and MobileNetV5 (the width is each model's own)
+    "mobilenetv2_110d": ("mobilenet_v2_110d", 1.1),
+    "mobilenetv2_120d": ("mobilenet_v2_120d", 1.2),
+    "mobilenetv3_large_150d": ("mobilenet_v3_large_150d", 1.5),
+    "mobilenetv4_conv_aa_medium": ("mobilenet_v4_conv_aa_medium", 1.0),
+    "mobilenetv4_conv_blur_medium": ("mobilenet_v4_conv_blur_medium", 1.0),
+    "mobilenetv4_conv_aa_large": ("mobilenet_v4_conv_aa_large", 1.0),
+    "mobilenetv5_300m": ("mobilenet_v5_300m", 1.0),
+    "mobilenetv5_300m_enc": ("mobilenet_v5_300m_enc", 1.0),
+    "mobilenetv5_base": ("mobilenet_v5_base", 1.0),
 }
 
 
