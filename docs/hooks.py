@@ -336,6 +336,40 @@ def memory_rows(rec: dict[str, Any], key: str) -> Rows:
     return header, rows
 
 
+def memory_labels(rec: dict[str, Any]) -> Rows:
+    """The standard forward, the logits executor and the label-map executor: what each
+    returns, its measured peak with and without it, and how its label map agrees."""
+    header = ["forward", "returns", "measured peak", "without the output", "peak / standard"]
+    header += ["time (median)", "label map = standard arg-max"]
+    run, unit = rec["default_init"], rec["unit_scale"]
+    rows = []
+    for key, name in (("standard", "standard"), ("logits", "executor"), ("labels", "executor")):
+        out = run["output_bytes"]["labels" if key == "labels" else "logits"]
+        kind = f"label map, {run['labels_dtype']}" if key == "labels" else "logits, float32"
+        agree = "-"
+        if key == "labels":
+            agree = ", ".join(
+                f"{r['equal_to_standard']:,} of {r['pixels']:,} ({what})"
+                for r, what in ((run, "initial BatchNorm"), (unit, "unit-scale logits"))
+            )
+        measured = run["measured"][key]
+        rows.append(
+            [
+                f"{name}, `output='{key}'`" if name == "executor" else name,
+                f"{kind}: {mib(out)}",
+                mib(measured),
+                mib(run["measured_without_output"][key]),
+                f"{measured / run['measured']['standard']:.3f}",
+                f"{ms(run['time_ms'][key])} ms",
+                agree,
+            ]
+        )
+    # the standard forward's way to the label map: its logits, then their arg-max
+    then = ["standard, then `argmax(1)`", "label map, int64", "-", "-", "-"]
+    rows.insert(1, [*then, f"{ms(run['time_ms']['standard_argmax'])} ms", "-"])
+    return header, rows
+
+
 def runtime_recipes(rec: dict[str, Any]) -> Rows:
     header = ["model", "variant", "wall ms", "wall / recipe (quartiles)", "CPU ms"]
     rows = []
@@ -378,6 +412,52 @@ def train_throughput(rec: dict[str, Any]) -> Rows:
         ]
         for r in rec["results"]
     ]
+    return header, rows
+
+
+def _speed(variant: dict[str, Any]) -> str:
+    if "failed" in variant:
+        return "failed"
+    return f"{variant['images_per_s']:.2f}" if "images_per_s" in variant else "-"
+
+
+def train_compile(rec: dict[str, Any]) -> Rows:
+    """`mobilenet train` eager against `--compile`: the engine's images/s, side by side."""
+    header = ["model", "batch", "resolution", "eager images/s", "`--compile` images/s"]
+    header += ["compiled / eager", "compile s"]
+    rows = []
+    for p in rec["points"]:
+        speeds = [_speed(p[v]) for v in ("eager", "compiled")]
+        ratio = f"{p['compiled_over_eager']:.2f}x" if "compiled_over_eager" in p else "-"
+        seconds = f"{p['compile_s']:.0f}" if "compile_s" in p else "-"
+        rows.append([p["model"], str(rec["batch"]), str(p["resolution"]), *speeds, ratio, seconds])
+    return header, rows
+
+
+def _top1_spread(arm: dict[str, Any]) -> str:
+    return f"{arm['mean']:.2f} ± {arm['std']:.2f} ({arm['min']:.1f} to {arm['max']:.1f})"
+
+
+def distill_mnist(rec: dict[str, Any]) -> Rows:
+    """A small student with and without a teacher: held-out top-1 over seeds, per setting."""
+    teacher = rec["teacher"]
+    header = ["student epochs", "kd alpha, T", "teacher top-1", "without teacher"]
+    header += ["with teacher", "gain (points)", "gain per seed"]
+    rows = []
+    for s in rec["settings"]:
+        f = s["final_top1"]
+        per_seed = ", ".join(f"{g:+.1f}" for g in f["gain_per_seed"].values())
+        rows.append(
+            [
+                str(s["epochs"]),
+                f"{s['kd_alpha']:g}, {s['kd_temperature']:g}",
+                f"{teacher['final_top1']:.1f}",
+                _top1_spread(f["without_teacher"]),
+                _top1_spread(f["with_teacher"]),
+                f"{f['gain']:+.2f}",
+                per_seed,
+            ]
+        )
     return header, rows
 
 
@@ -473,10 +553,13 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rows]] = {
     "ort_float_head": median_rows,
     "memory_efficient": lambda r: memory_rows(r, "results"),
     "memory_v4": lambda r: memory_rows(r, "rows"),
+    "memory_labels": memory_labels,
     "runtime_recipes": runtime_recipes,
     "data_startup": data_startup,
     "shards_startup": shards_startup,
     "train_throughput": train_throughput,
+    "train_compile": train_compile,
+    "distill_mnist": distill_mnist,
     "load_checks": load_checks,
     "hostile_files": hostile_files,
     "detection_mnist": history,

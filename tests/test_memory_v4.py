@@ -14,9 +14,9 @@ from mobilenet.memory import memory_report
 from mobilenet.memory.ops import Stem
 from mobilenet.memory.v4 import FullConv, GroupedUIB, WholeMQA
 
-from .helpers import randomize_bn, unit_scale_logits
+from .helpers import paper_models, randomize_bn, unit_scale_logits
 
-V4 = sorted(name for name in mobilenet.list_models() if name.startswith("mobilenet_v4"))
+V4 = sorted(name for name in paper_models() if name.startswith("mobilenet_v4"))
 TOLERANCE = 1e-5  # on logits of unit standard deviation
 
 
@@ -120,3 +120,19 @@ def test_a_block_without_an_executor_form_is_refused_by_name():
     )
     with pytest.raises(MobileNetError, match=message):
         memory_efficient(model, splits=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("mobilenet_v4_conv_aa_medium", "anti-aliased downsampling of features.1.expand"),
+        ("mobilenet_v5_base", "cannot split features.0.bn (an RMS norm"),
+    ],
+)
+def test_what_no_form_computes_is_refused_by_name(name, message):
+    """timm's anti-aliased V4 (its strided convs run at stride 1, then pool) and
+    MobileNetV5 (RMS norm over all channels) are refused in one line, not computed wrong."""
+    model = mobilenet.create_model(name, width_mult=0.25 if "v5" in name else 1.0)
+    with pytest.raises(MobileNetError) as error:
+        memory_efficient(model)
+    assert message in str(error.value) and "\n" not in str(error.value)

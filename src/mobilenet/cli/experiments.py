@@ -30,6 +30,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tiling", dest="band_rows", action="store_const", const=None)
     p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per forward")
+    p.add_argument(
+        "--output",
+        choices=("logits", "labels"),
+        default="logits",
+        help="what the executor returns: the logits, or a segmentation model's label map",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_memory)
 
@@ -54,9 +60,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
     import torch
 
     from ..memory import format_report, memory_report
+    from ..memory.labels import format_labels_report, labels_report
 
     torch.set_num_threads(args.threads)
-    report = memory_report(
+    run, show = memory_report, format_report
+    if args.output == "labels":  # a segmentation model's label map, computed band by band
+        run, show = labels_report, format_labels_report
+    report = run(
         args.model,
         args.width_mult,
         args.splits,
@@ -65,7 +75,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         args.band_rows,
         args.repeats,
     )
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else show(report))
     return 0
 
 

@@ -19,7 +19,7 @@ from ..limits import check_memory
 from .args import dense_task_config
 from .tasks import EXPORT_CHECK, TaskCommands, check_num_classes
 
-__all__ = ["COMMANDS", "SegmentationCommands", "segmentation_config"]
+__all__ = ["COMMANDS", "SegmentationCommands", "label_maps", "segmentation_config"]
 
 
 class SegmentationCommands(TaskCommands):
@@ -69,7 +69,7 @@ class SegmentationCommands(TaskCommands):
         if args.draw is None:
             raise MobileNetError("predict writes a segmentation model's masks: give --out FOLDER")
         trained = load_segmenter(args.weights, args.model)
-        results = segment_images(trained, args.images, args.draw)
+        results = segment_images(trained, args.images, args.draw, label_maps(trained.model))
         if args.json:
             print(json.dumps(results, indent=2))
             return 0
@@ -95,6 +95,21 @@ class SegmentationCommands(TaskCommands):
             input_size=input_size(size),
         )
         return trained.model, size, card
+
+
+def label_maps(model: Any):
+    """What ``predict`` makes its masks with: a PyTorch model's memory-efficient executor
+    of label maps (the same masks, without the logits at the image's size); None, the
+    model's own forward, for an ONNX file or a model the executor does not run."""
+    from ..memory import memory_efficient
+    from ..segmentation.model import SegmentationModel
+
+    if not isinstance(model, SegmentationModel):
+        return None
+    try:
+        return memory_efficient(model, output="labels")
+    except MobileNetError:  # a layer it has no form of: the standard forward runs it
+        return None
 
 
 def segmentation_config(args: argparse.Namespace):

@@ -54,6 +54,7 @@ from ..errors import MobileNetError
 from ..export.prepare import prepare_for_inference
 from ..layers import ConvBNAct
 from .backbone import DEFAULT_BAND_ROWS, TILE_STRIDE, backbone_segments, check_arguments
+from .forms import check_supported
 from .ops import Ledger, activate_, activation_kind, channel_groups, conv_bias, height_width
 from .segmentation import MemoryEfficientSegmenter
 
@@ -192,7 +193,10 @@ class MemoryEfficientMobileNet(nn.Module):
 
 
 def memory_efficient(
-    model: nn.Module, splits: int = 4, band_rows: int | None = DEFAULT_BAND_ROWS
+    model: nn.Module,
+    splits: int = 4,
+    band_rows: int | None = DEFAULT_BAND_ROWS,
+    output: str = "logits",
 ) -> MemoryEfficientMobileNet | MemoryEfficientSegmenter:
     """The memory-efficient executor of V2 Section 5.1 for an inverted-residual network:
     a V2 or V3 classifier (atrous or not), a V4 classifier (UIB, fused IB and Mobile MQA
@@ -205,9 +209,23 @@ def memory_efficient(
     upsampling is computed in (``None``: no tiling). The model is copied and its BatchNorm
     folded; it is left as it is.
 
+    ``output`` is what the executor returns: ``"logits"``, as the model; or, for a
+    segmentation model, ``"labels"``: the label map, the arg-max of the logits computed
+    band by band so that the full-resolution logits never exist (see
+    :mod:`mobilenet.memory.segmentation`).
+
     >>> net = memory_efficient(create_model("mobilenet_v2"), splits=4)
     >>> logits = net(torch.randn(1, 3, 224, 224))  # model.eval()(x), up to rounding
     """
+    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    check_supported(model, name)
     if getattr(model, "main_output", None) is not None:  # a segmentation model's maps
-        return MemoryEfficientSegmenter(model, splits, band_rows)
+        return MemoryEfficientSegmenter(model, splits, band_rows, output)
+    if output != "logits":
+        if output == "labels":
+            raise MobileNetError(
+                f"a label map (output 'labels') is a segmentation model's output; {name} "
+                "is a classifier, whose output is logits"
+            )
+        raise MobileNetError(f"output must be 'logits' or 'labels', not {output!r}")
     return MemoryEfficientMobileNet(model, splits, band_rows)

@@ -30,11 +30,18 @@ from ..blocks import (
     UniversalInvertedBottleneck,
 )
 from ..errors import MobileNetError
-from ..layers import ConvBNAct
+from ..layers import ConvBNAct, RmsNorm2d
 from .ops import GroupedInvertedResidual
 from .v4 import FullConv, GroupedUIB, WholeMQA
 
-__all__ = ["EXECUTOR_FORMS", "Builder", "FormOptions", "executor_form", "register_form"]
+__all__ = [
+    "EXECUTOR_FORMS",
+    "Builder",
+    "FormOptions",
+    "check_supported",
+    "executor_form",
+    "register_form",
+]
 
 
 @dataclass(frozen=True)
@@ -77,3 +84,23 @@ def executor_form(module: nn.Module, options: FormOptions, where: str) -> nn.Mod
     raise MobileNetError(
         f"the memory-efficient executor has no form of {type(module).__name__} (in {where})"
     )
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Refuse, in one line naming the first such layer, what no executor form computes:
+    a layer normalised over all its channels at once (MobileNetV5's RMS norm: an
+    expansion computed in channel groups would need every group's sum of squares before
+    its first activation), and a downsampling after the convolution (timm's anti-aliased
+    V4s compute a strided conv at stride 1, then pool)."""
+    for where, module in model.named_modules():
+        if isinstance(module, RmsNorm2d):
+            raise MobileNetError(
+                f"{name}: the memory-efficient executor cannot split {where} (an RMS norm "
+                "normalises each pixel over all its channels, so its layer cannot be "
+                "computed in channel groups)"
+            )
+        if isinstance(module, ConvBNAct) and getattr(module, "aa", None) is not None:
+            raise MobileNetError(
+                f"{name}: the memory-efficient executor has no form of the anti-aliased "
+                f"downsampling of {where} (a stride-1 conv followed by a pool)"
+            )

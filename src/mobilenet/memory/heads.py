@@ -16,18 +16,22 @@ whole would be large, and the result is the same function up to float rounding.
   into one accumulator and freed; the concatenation never exists. The image-pooling branch
   is constant over the map: its projection is a vector added to the bias.
 * **Bilinear upsampling** (``align_corners=False``, as the models) is separable: a band of
-  output rows reads two source rows each. :func:`upsample_rows` computes a band: the
-  vertical interpolation as a small matrix product on the source rows it needs, the
-  horizontal one with :func:`torch.nn.functional.interpolate` along the width only (the
-  other axis keeps its size, which the kernel copies exactly). LR-ASPP's upsampling of
-  its 128-channel branch to output stride 8 is classified band by band into the logits;
-  the model's final upsampling to the input size is written band by band into the output.
+  output rows reads two source rows each. :func:`upsample_rows` computes a band as
+  PyTorch's CPU kernel computes those rows of the whole image, bit for bit: the source
+  rows resized along the width by :func:`torch.nn.functional.interpolate` itself (the
+  other axis keeps its size, which the kernel copies exactly), then each output row
+  ``t0 * l0 + t1 * l1`` from two of them, with the kernel's weights and rounding
+  (:func:`resize_rows`). LR-ASPP's upsampling of its 128-channel branch to output stride
+  8 is classified band by band into the logits; the model's final upsampling to the
+  input size is written band by band into the output, or arg-maxed into a label map.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +51,15 @@ from .ops import (
     conv_bias,
 )
 
-__all__ = ["plan_upsample", "register_head_forms", "row_bands", "upsample_rows"]
+__all__ = [
+    "VECTORISED_SIZE",
+    "plan_resize_rows",
+    "register_head_forms",
+    "resize_rows",
+    "row_bands",
+    "source_span",
+    "upsample_rows",
+]
 
 
 # --------------------------------------------------------------------------- upsampling
@@ -60,51 +72,180 @@ def row_bands(rows: int, band_rows: int | None) -> Iterator[tuple[int, int]]:
         yield r0, min(r0 + step, rows)
 
 
-def _source_rows(n_in: int, n_out: int, r0: int, r1: int) -> tuple[int, int, Tensor]:
-    """The source rows ``[lo, hi)`` that output rows ``[r0, r1)`` of a bilinear resize from
-    ``n_in`` to ``n_out`` rows read, and the ``(r1 - r0, hi - lo)`` interpolation matrix.
+# PyTorch's CPU kernel resizes an output of at most this height + width (and one of 3
+# channels on one thread) on a vectorised path that rounds in another order.
+VECTORISED_SIZE = 128
 
-    The source coordinate of output row ``r`` is ``(r + 0.5) * n_in / n_out - 0.5``,
-    clamped at 0, in float32, as PyTorch's kernel computes it (``align_corners=False``)."""
-    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
-    src = (scale * (torch.arange(r0, r1, dtype=torch.float32) + 0.5) - 0.5).clamp_(min=0)
+RowSource = Callable[[int, int], Tensor]
+
+
+def _source_rows(n_in: int, n_out: int, r0: int, r1: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For output rows ``[r0, r1)`` of a bilinear resize from ``n_in`` to ``n_out`` rows
+    (``align_corners=False``): the two source rows each reads and their two weights,
+    ``(i0, i1, l0, l1)``, as PyTorch's CPU kernel computes them (:func:`_resize_weights`)."""
+    return tuple(v[r0:r1] for v in _resize_weights(n_in, n_out))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_weights(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_source_rows` for every output row (a few KiB, kept: every band reads them).
+
+    The source coordinate of output row ``r`` is ``scale * (r + 0.5) - 0.5``, ``scale =
+    n_in / n_out`` in float32, clamped at 0, with one rounding (the kernel's fused
+    multiply-add: rounded twice, it moves values by up to 1e-4 of their scale at 520 ->
+    375 rows); an unchanged size copies its rows."""
+    rows = torch.arange(n_out)
+    if n_in == n_out:
+        return rows, rows, torch.ones(n_out), torch.zeros(n_out)
+    scale = float(torch.tensor(n_in, dtype=torch.float32) / n_out)
+    # exact in float64 (a 24-bit scale times a half-integer), then rounded once
+    src = (scale * (rows.double() + 0.5) - 0.5).float().clamp_(min=0)
     i0 = src.long().clamp_(max=n_in - 1)
-    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
     l1 = (src - i0).clamp_(0, 1)
+    return i0, i1, 1 - l1, l1
+
+
+class _Band(NamedTuple):
+    """Output rows ``[r0, r1)`` of a resize: the source rows ``[lo, hi)`` they read, the
+    runs ``(a, b, row)`` of band rows ``[a, b)`` whose first (``runs0``) or second
+    (``runs1``) source row is ``row``, and the weights of the two, ``l0`` and ``l1``."""
+
+    lo: int
+    hi: int
+    runs0: tuple[tuple[int, int, int], ...]
+    runs1: tuple[tuple[int, int, int], ...]
+    l0: Tensor
+    l1: Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _band(n_in: int, n_out: int, r0: int, r1: int) -> _Band:
+    """:class:`_Band` of output rows ``[r0, r1)`` from ``n_in`` to ``n_out`` rows (kept: a
+    label map computes each band once per class)."""
+    i0, i1, l0, l1 = _source_rows(n_in, n_out, r0, r1)
     lo, hi = int(i0[0]), int(i1[-1]) + 1
-    m = torch.zeros(r1 - r0, hi - lo)
-    rows = torch.arange(r1 - r0)
-    m.index_put_((rows, i0 - lo), 1 - l1, accumulate=True)
-    m.index_put_((rows, i1 - lo), l1, accumulate=True)
-    return lo, hi, m
+    return _Band(lo, hi, tuple(_runs(i0)), tuple(_runs(i1)), l0, l1)
+
+
+def _runs(index: Tensor) -> Iterator[tuple[int, int, int]]:
+    """``(a, b, value)`` for each run ``index[a:b]`` of one value."""
+    values, counts = torch.unique_consecutive(index, return_counts=True)
+    a = 0
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        yield a, a + count, value
+        a += count
+
+
+def source_span(n_in: int, n_out: int, r0: int, r1: int) -> tuple[int, int]:
+    """The source rows ``[lo, hi)`` that output rows ``[r0, r1)`` of a bilinear resize from
+    ``n_in`` to ``n_out`` rows read."""
+    band = _band(n_in, n_out, r0, r1)
+    return band.lo, band.hi
+
+
+def _resize_one_axis(x: Tensor, size: tuple[int, int], keep: int) -> Tensor:
+    """``x``, ``(N, 1, H, W)``, resized to ``size`` where axis ``keep`` (2 or 3) keeps its
+    length: the other axis resized as PyTorch's separable kernel does in a whole-image
+    resize. Where the kernel would take its vectorised path instead (a small output), the
+    kept axis is padded with zeros past that bound, and cut back."""
+    short = VECTORISED_SIZE + 1 - size[0] - size[1]
+    if short <= 0:
+        return F.interpolate(x, size, mode="bilinear", align_corners=False)
+    pad, grown = ((0, short), (size[0], size[1] + short))
+    if keep == 2:
+        pad, grown = ((0, 0, 0, short), (size[0] + short, size[1]))
+    y = F.interpolate(F.pad(x, pad), grown, mode="bilinear", align_corners=False)
+    return y.narrow(keep, 0, size[keep - 2])
+
+
+def resize_rows(
+    rows_of: RowSource,
+    n_in: int,
+    size: tuple[int, int],
+    r0: int,
+    r1: int,
+    channels_last: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Rows ``[r0, r1)`` of the bilinear resize to ``size`` (``align_corners=False``) of a
+    map of ``n_in`` rows, whose rows ``[lo, hi)`` ``rows_of(lo, hi)`` gives: ``(C, hi -
+    lo, W)`` (the result is ``(C, r1 - r0, W')``), or ``(hi - lo, W, C)`` with
+    ``channels_last`` (the result is ``(r1 - r0, W', C)``); written into ``out`` if given.
+
+    Each value is the one the whole-image :func:`torch.nn.functional.interpolate` gives on
+    the CPU, bit for bit, where that takes its separable path (an output of height + width
+    above ``VECTORISED_SIZE``, more than 3 channels or more than one thread): the rows
+    the band reads resized along the width by the kernel itself, then each output row
+    ``t0 * l0 + t1 * l1`` from two of them, rounded as the kernel rounds it (``t1 * l1``,
+    then ``t0 * l0`` added in one rounding, as ``addcmul`` does)."""
+    axis = 0 if channels_last else 1
+    band = _band(n_in, size[0], r0, r1)
+    rows = rows_of(band.lo, band.hi)
+    if channels_last:  # (k, W, C) as k images of one channel: W resized, C kept
+        t = _resize_one_axis(rows[:, None], (size[1], rows.shape[2]), keep=3)[:, 0]
+        shape = (-1, 1, 1)
+    else:  # (C, k, W) as C images of one channel: the k rows kept, W resized
+        t = _resize_one_axis(rows[:, None], (band.hi - band.lo, size[1]), keep=2)[:, 0]
+        shape = (-1, 1)
+    del rows
+    if out is None:
+        out = t.new_empty((*t.shape[:axis], r1 - r0, *t.shape[axis + 1 :]))
+    # output rows that read the same source row take it at once (broadcast): no gathered copy
+    for a, b, row in band.runs1:
+        weight = band.l1[a:b].view(shape)
+        torch.mul(t.narrow(axis, row - band.lo, 1), weight, out=out.narrow(axis, a, b - a))
+    for a, b, row in band.runs0:
+        source, weight = t.narrow(axis, row - band.lo, 1), band.l0[a:b].view(shape)
+        out.narrow(axis, a, b - a).addcmul_(source, weight)
+    return out
 
 
 def upsample_rows(
-    x: Tensor, size: tuple[int, int], r0: int, r1: int, channels_last: bool = True
+    x: Tensor,
+    size: tuple[int, int],
+    r0: int,
+    r1: int,
+    channels_last: bool = True,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Rows ``[r0, r1)`` of the bilinear resize of ``x`` to ``size`` (``align_corners=False``).
+    """Rows ``[r0, r1)`` of the bilinear resize of ``x`` to ``size`` (``align_corners=False``,
+    :func:`resize_rows`). ``x`` is an ``(H, W, C)`` map (``channels_last``; the result is
+    ``(r1 - r0, W', C)``) or a ``(C, H, W)`` one (the result is ``(C, r1 - r0, W')``)."""
+    axis = 0 if channels_last else 1
 
-    ``x`` is an ``(H, W, C)`` map (``channels_last``; the result is ``(r1 - r0, W', C)``)
-    or a ``(C, H, W)`` one (the result is ``(C, r1 - r0, W')``)."""
-    n_in = x.shape[0] if channels_last else x.shape[1]
-    lo, hi, m = _source_rows(n_in, size[0], r0, r1)
-    m = m.to(x.dtype)
-    if channels_last:  # rows are the outer dimension: one product on (rows, W * C)
-        rows = (m @ x[lo:hi].reshape(hi - lo, -1)).view(r1 - r0, *x.shape[1:])
-        # (rows, W, C) read as one image of `rows` channels: W is resized, C copied
-        size = (size[1], x.shape[2])
-    else:
-        rows = m @ x[:, lo:hi]  # (C, r1 - r0, W)
-        size = (r1 - r0, size[1])  # rows copied, W resized
-    return F.interpolate(rows[None], size, mode="bilinear", align_corners=False)[0]
+    def rows_of(lo: int, hi: int) -> Tensor:
+        return x.narrow(axis, lo, hi - lo)
+
+    return resize_rows(rows_of, x.shape[axis], size, r0, r1, channels_last, out)
 
 
-def plan_upsample(ledger: Ledger, c: int, w_in: int, size: tuple[int, int], r0: int, r1: int):
-    """Replay :func:`upsample_rows`: the interpolated rows, then the band; returns the band's
-    bytes, left allocated (the interpolation matrix, a few KiB, is left out)."""
-    rows = ledger.alloc(4 * c * (r1 - r0) * w_in)
-    band = ledger.alloc(4 * c * (r1 - r0) * size[1])
-    ledger.free(rows)
+def plan_resize_rows(
+    ledger: Ledger,
+    c: int,
+    size_in: tuple[int, int],
+    size: tuple[int, int],
+    r0: int,
+    r1: int,
+    channels_last: bool = False,
+    source: int = 0,
+    into: bool = False,
+) -> int:
+    """Replay :func:`resize_rows` (or :func:`upsample_rows`) of a ``c``-channel map of
+    ``size_in``: ``source`` is what ``rows_of`` allocated (0 for a view), freed once
+    resized; the padding, the rows resized along the width, the band (none written
+    ``into`` an ``out``). Returns the band's bytes, left allocated (the weights, a few
+    KiB, left out)."""
+    lo, hi = source_span(size_in[0], size[0], r0, r1)
+    k = hi - lo
+    kept = c if channels_last else k  # the axis the width resize keeps, padded if short
+    short = max(0, VECTORISED_SIZE + 1 - kept - size[1])
+    maps = c * k + short * (k if channels_last else c)  # rows of the width resize
+    padded = ledger.alloc(4 * maps * size_in[1]) if short else 0
+    t = ledger.alloc(4 * maps * size[1])
+    ledger.free(padded + source)
+    band = 0 if into else ledger.alloc(4 * c * (r1 - r0) * size[1])
+    ledger.free(t)
     return band
 
 
@@ -229,7 +370,7 @@ class _LRASPP(nn.Module):
             ledger.free(ledger.alloc(4 * n * c))
         logits = ledger.alloc(4 * low[0] * low[1] * self.num_classes)
         for r0, r1 in row_bands(low[0], self.band_rows):
-            ledger.free(plan_upsample(ledger, f, high[1], low, r0, r1))
+            ledger.free(plan_resize_rows(ledger, f, high, low, r0, r1, channels_last=True))
         ledger.free(branch)
         return logits
 

@@ -6,10 +6,17 @@ VOC's ``SegmentationClass``), and ``<stem>_overlay.png``, the image with every p
 that is not background tinted half-way to its class's colour. Both are at the image's
 own size: the model sees the image resized to its input size, and its logits are
 resized back.
+
+Only the class of each pixel is needed, so a caller can hand :func:`segment_images` the
+model's label maps made another way (``labels``): ``mobilenet predict`` passes the
+memory-efficient executor's (``memory_efficient(model, output="labels")``), which resizes
+and arg-maxes the logits one band of rows at a time instead of holding them whole at the
+image's size (21 float32 maps: 84 bytes a pixel, where the label map takes one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +37,12 @@ from ..train.evaluate import finite_outputs
 from ..weights import read_checkpoint, saved_config
 from .builtin import dataset_root
 from .data import VOC_CLASSES, SegmentationFolder, Size, eval_transform, palette
+from .heads import resize
 from .metrics import evaluate_segmenter, predict_classes
 from .model import SegmentationModel, SegmenterConfig
 
 __all__ = [
+    "LabelMaps",
     "OnnxSegmenter",
     "evaluate_on",
     "load_segmenter",
@@ -44,6 +53,10 @@ __all__ = [
 
 TORCHVISION_SIZE = (520, 520)  # torchvision's segmentation weights evaluate at 520
 OVERLAY_ALPHA = 0.5
+
+# A batch of one image at the model's input size and a (height, width) -> the [1, h, w]
+# class of every pixel of the logits resized to that size (what predict_classes gives).
+LabelMaps = Callable[[torch.Tensor, Size], torch.Tensor]
 
 
 class OnnxSegmenter(nn.Module):
@@ -211,11 +224,14 @@ def output_names(paths: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def segment_images(trained: Trained, paths: list[str], out: str | Path) -> list[dict[str, Any]]:
+def segment_images(
+    trained: Trained, paths: list[str], out: str | Path, labels: LabelMaps | None = None
+) -> list[dict[str, Any]]:
     """Segment each image; write its mask and overlay into ``out`` (see the module
     docstring). Every input is checked before anything is written; each file is written
     whole or not at all. Each result gives the share of the image's pixels per class
-    found."""
+    found. ``labels`` makes the class maps in place of the model's forward (the same
+    maps: see the module docstring); NaN or infinite logits are refused either way."""
     for path in paths:
         require_regular_file(path)
         problem = header_problem(str(path))
@@ -232,8 +248,12 @@ def segment_images(trained: Trained, paths: list[str], out: str | Path) -> list[
         normalised = TF.normalize(
             TF.to_dtype(image, torch.float32, scale=True), list(config.mean), list(config.std)
         )
-        with finite_outputs([trained.model], str(trained.path or "the model")):
-            classes = predict_classes(trained.model, [normalised], trained.size)[0]
+        source = str(trained.path or "the model")
+        if labels is not None:
+            classes = _label_map(labels, normalised, trained.size, source)
+        else:
+            with finite_outputs([trained.model], source):
+                classes = predict_classes(trained.model, [normalised], trained.size)[0]
         mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
         _write_png(mask_path, _mask_image(classes, colours))
         _write_png(overlay_path, _overlay(image, classes, colours))
@@ -254,6 +274,15 @@ def segment_images(trained: Trained, paths: list[str], out: str | Path) -> list[
     return results
 
 
+def _label_map(labels: LabelMaps, image: torch.Tensor, size: Size, source: str) -> torch.Tensor:
+    """The class of every pixel of the normalised ``image`` ``[3, h, w]`` from ``labels``,
+    the image resized to the model's input ``size`` as :func:`predict_classes` resizes it."""
+    try:
+        return labels(resize(image[None], size), (image.shape[1], image.shape[2]))[0]
+    except MobileNetError as e:  # NaN logits, say: the maker does not know the file
+        raise MobileNetError(f"{source}: {e}") from None
+
+
 def _mask_image(classes: torch.Tensor, colours: list[tuple[int, int, int]]) -> Image.Image:
     """A palette PNG of class indices (16-bit greyscale beyond 256 classes)."""
     values = classes.numpy()
@@ -268,7 +297,8 @@ def _overlay(
     image: torch.Tensor, classes: torch.Tensor, colours: list[tuple[int, int, int]]
 ) -> Image.Image:
     pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
-    tint = np.asarray(colours, dtype=np.float32)[classes.numpy() % 256]
+    index = classes.numpy().astype(np.int64) % 256  # a uint8 map's % 256 would overflow
+    tint = np.asarray(colours, dtype=np.float32)[index]
     shown = (classes.numpy() != 0)[..., None]
     blended = np.where(shown, (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * tint, pixels)
     return Image.fromarray(blended.round().astype(np.uint8))
