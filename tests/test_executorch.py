@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from mobilenet import MobileNetError, list_models, save_weights
+from mobilenet import MobileNetError, save_weights
 from mobilenet.classification.predict import load_trained
 from mobilenet.cli import main
 from mobilenet.export import executorch as et
@@ -25,7 +25,7 @@ from mobilenet.export.executorch import (
 )
 from mobilenet.formats.executorch import PteModel
 
-from .helpers import cli_json, noise_image, random_model
+from .helpers import cli_json, noise_image, paper_models, random_model
 
 RES = 64
 
@@ -34,7 +34,7 @@ def _model(name: str, width_mult: float = 0.5):
     return random_model(name, RES, width_mult)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", paper_models())
 def test_every_classifier_exports_and_matches_pytorch(name, tmp_path):
     model = _model(name)
     path = tmp_path / f"{name}.pte"
