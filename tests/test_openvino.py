@@ -13,14 +13,13 @@ pytest.importorskip("openvino")
 
 import openvino as ov
 
-from mobilenet import list_models
 from mobilenet.deployed import Trained
 from mobilenet.errors import CheckpointError, MobileNetError
 from mobilenet.formats import BenchCase, BenchSetup, LoadRequest, QuantizeRequest, format_named
 from mobilenet.formats import openvino as openvino_format
 from mobilenet.integrity import reseal
 
-from .helpers import random_model
+from .helpers import paper_models, random_model
 
 FMT = format_named("openvino")
 RES = 32
@@ -84,7 +83,7 @@ def _reseal(xml, weights, old: str, new: str, count: int = -1) -> None:
     "name",
     [
         pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-        for n in list_models(task="classification")
+        for n in paper_models()
     ],
 )
 def test_float_ir_matches_pytorch_at_batch_1_and_3(name, tmp_path):
