@@ -9,13 +9,15 @@ no teacher, and with a mobilenet_v3_large teacher (``--teacher``) trained once, 
 script, on all 4,000 training digits with the ``demo`` recipe. All runs go through
 :func:`mobilenet.classification.task.train`, as ``mobilenet train`` does.
 
-A setting is ``EPOCHS,KD_ALPHA,KD_TEMPERATURE`` (the student's epochs; the demo recipe
-otherwise); ``--setting`` may be given more than once. Top-1 is reported both at the
-last epoch (no choice made on the held-out digits: the figure to compare) and at the
-best epoch (what ``best.safetensors`` keeps, chosen on those same digits).
+A setting is ``EPOCHS,KD_ALPHA,KD_TEMPERATURE[,MIXUP]`` (the student's epochs, and the
+mixup alpha of both arms; the demo recipe otherwise); ``--setting`` may be given more
+than once, and ``--add`` keeps the settings already recorded (each says its command).
+Top-1 is reported both at the last epoch (no choice made on the held-out digits: the
+figure to compare) and at the best epoch (what ``best.safetensors`` keeps, chosen on
+those same digits).
 
     python benchmarks/distill_mnist.py [--setting 8,0.5,4 [--setting ...]] [--seeds 0 1 2]
-        [--threads 1] [--work DIR]
+        [--threads 1] [--work DIR] [--add]
 
 With ``--work DIR`` the folders and the teacher are kept there, and a teacher found there
 is reused (the record says so) rather than trained again.
@@ -118,8 +120,10 @@ def student(
     data: Path, val: Path, out: Path, seed: int, setting: tuple[int, float, float], teacher
 ) -> dict[str, Any]:
     """One student run; ``teacher``: the teacher's weights, or None."""
-    epochs, alpha, temperature = setting
-    recipe = get_recipe(RECIPE, epochs=epochs, kd_alpha=alpha, kd_temperature=temperature)
+    epochs, alpha, temperature, mixup = setting
+    recipe = get_recipe(
+        RECIPE, epochs=epochs, kd_alpha=alpha, kd_temperature=temperature, mixup=mixup
+    )
     cfg = TrainConfig(
         STUDENT,
         str(data),
@@ -170,7 +174,7 @@ def arms(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def run_setting(args, setting, subset: Path, val: Path, teacher: str) -> dict[str, Any]:
-    epochs, alpha, temperature = setting
+    epochs, alpha, temperature, mixup = setting
     runs = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for seed in args.seeds:
@@ -179,7 +183,8 @@ def run_setting(args, setting, subset: Path, val: Path, teacher: str) -> dict[st
                 runs.append(student(subset, val, out, seed, setting, taught))
                 r = runs[-1]
                 print(
-                    f"  epochs {epochs} T {temperature} seed {seed} teacher {r['teacher']}: "
+                    f"  epochs {epochs} alpha {alpha} T {temperature} mixup {mixup} seed {seed} "
+                    f"teacher {r['teacher']}: "
                     f"final {r['final_top1']:.2f}  best {r['best_top1']:.2f}  {r['seconds']:.0f} s",
                     flush=True,
                 )
@@ -189,10 +194,26 @@ def run_setting(args, setting, subset: Path, val: Path, teacher: str) -> dict[st
         "epochs": epochs,
         "kd_alpha": alpha,
         "kd_temperature": temperature,
+        "mixup": mixup,
         "final_top1": arms(runs, "final_top1"),
         "best_top1": arms(runs, "best_top1"),
         "runs": runs,
     }
+
+
+def added_to(path: Path, teacher: dict[str, Any], settings: list[dict]) -> list[dict]:
+    """The settings of the record at ``path`` (made with the same teacher, reused from
+    ``--work``), then ``settings``; a setting measured again replaces the earlier one."""
+    earlier = json.loads(path.read_text())
+    same = ("final_top1", "train_seconds", "held_out_folder_top1")
+    if any(earlier["teacher"].get(k) != teacher.get(k) for k in same):
+        raise SystemExit(f"--add: {path} was made with another teacher (reuse its --work)")
+
+    def key(s: dict) -> tuple:
+        return s["epochs"], s["kd_alpha"], s["kd_temperature"], s.get("mixup", 0.0)
+
+    new = {key(s) for s in settings}
+    return [s for s in earlier["settings"] if key(s) not in new] + settings
 
 
 def source_state() -> dict[str, Any]:
@@ -210,12 +231,22 @@ def source_state() -> dict[str, Any]:
     }
 
 
+def setting(text: str) -> tuple[int, float, float, float]:
+    """``EPOCHS,KD_ALPHA,KD_TEMPERATURE[,MIXUP]`` as numbers."""
+    parts = text.split(",")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"--setting {text}: EPOCHS,KD_ALPHA,KD_TEMPERATURE[,MIXUP]")
+    epochs, alpha, temperature, mixup = [*parts, "0"][:4]
+    return int(epochs), float(alpha), float(temperature), float(mixup)
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--setting",
         action="append",
-        help="EPOCHS,KD_ALPHA,KD_TEMPERATURE of the students (default: 8,0.5,4)",
+        help="EPOCHS,KD_ALPHA,KD_TEMPERATURE[,MIXUP] of the students (default: 8,0.5,4; "
+        "MIXUP, the mixup alpha of both arms: 0, none)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, default=50)
@@ -226,9 +257,14 @@ def parse() -> argparse.Namespace:
         "--threads", type=int, default=1, help="PyTorch threads (0: PyTorch's default)"
     )
     parser.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the settings of the record at --json (same teacher: the same --work)",
+    )
     args = parser.parse_args()
     texts = args.setting or ["8,0.5,4"]
-    args.settings = [(int(e), float(a), float(t)) for e, a, t in (s.split(",") for s in texts)]
+    args.settings = [setting(text) for text in texts]
     return args
 
 
@@ -247,8 +283,13 @@ def main() -> None:
         settings = [run_setting(args, s, subset, val, teacher["weights"]) for s in args.settings]
     busy = others_since(window)
     teacher.pop("weights")
+    command = " ".join(["python benchmarks/distill_mnist.py", *sys.argv[1:]])
+    for s in settings:  # each setting says what made it (--add keeps earlier ones)
+        s.update(command=command, source=source_state(), busy_other_cores_of_the_run=busy)
+    if args.add:
+        settings = added_to(args.json, teacher, settings)
     record = {
-        "command": " ".join(["python benchmarks/distill_mnist.py", *sys.argv[1:]]),
+        "command": command,
         "machine": machine(),
         "cpu": cpu(),
         "torch": torch.__version__,
@@ -271,7 +312,8 @@ def main() -> None:
     for s in settings:
         f = s["final_top1"]
         print(
-            f"epochs {s['epochs']}, alpha {s['kd_alpha']}, T {s['kd_temperature']}: "
+            f"epochs {s['epochs']}, alpha {s['kd_alpha']}, T {s['kd_temperature']}, "
+            f"mixup {s.get('mixup', 0.0)}: "
             f"without {f['without_teacher']['mean']:.2f} +- {f['without_teacher']['std']:.2f}, "
             f"with {f['with_teacher']['mean']:.2f} +- {f['with_teacher']['std']:.2f}, "
             f"gain {f['gain']:+.2f} points"

@@ -442,7 +442,7 @@ def distill_mnist(rec: dict[str, Any]) -> Rows:
     """A small student with and without a teacher: held-out top-1 over seeds, per setting
     (the teacher's is that of the weights the students learn from, on the same digits)."""
     teacher = rec["teacher"]
-    header = ["student epochs", "kd alpha, T", "teacher top-1", "without teacher"]
+    header = ["student epochs", "kd alpha, T", "mixup", "teacher top-1", "without teacher"]
     header += ["with teacher", "gain (points)", "gain per seed"]
     rows = []
     for s in rec["settings"]:
@@ -452,6 +452,7 @@ def distill_mnist(rec: dict[str, Any]) -> Rows:
             [
                 str(s["epochs"]),
                 f"{s['kd_alpha']:g}, {s['kd_temperature']:g}",
+                f"{s.get('mixup', 0.0):g}" if s.get("mixup") else "none",
                 f"{teacher.get('held_out_folder_top1', teacher['best_top1']):.1f}",
                 _top1_spread(f["without_teacher"]),
                 _top1_spread(f["with_teacher"]),
