@@ -39,6 +39,22 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def randomize_v5(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A MobileNetV5 (ours or timm's) with random RMS norm scales, layer scales (1e-5 at
+    init would hide the residual branches) and biases, so every tensor shows in the
+    output; in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale.gamma"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() == 1:  # RMS norm scales
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model.eval()
+
+
 def recalibrate_bn(model: nn.Module, resolution: int = 96, seed: int = 0) -> nn.Module:
     """Set BatchNorm running statistics to those of a random batch (cumulative average).
 

@@ -65,7 +65,7 @@ def test_files_written_before_the_card_still_read():
         ("resolution", "32px", "metadata 'resolution' must be a positive integer or HxW"),
         ("resolution", "99999", "metadata 'resolution' '99999' is not an input size"),
         ("config", '{"num_classes": 3}', "metadata 'config' names no model"),
-        ("config", '{"name": "m", "num_classes": 0}', "metadata 'config' says 0 classes"),
+        ("config", '{"name": "m", "num_classes": -1}', "metadata 'config' says -1 classes"),
         ("task", "captioning", "metadata 'task' 'captioning' is not one of"),
         ("precision", "int4", "metadata 'precision' 'int4' is unknown"),
         ("card", "2", "model card version '2' is not one this mobilenet reads"),

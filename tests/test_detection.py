@@ -25,7 +25,8 @@ def test_detectors_are_registered_apart_from_classifiers():
     ]
     assert not set(DETECTORS) & set(list_models())
     segmentation = list_models(task="segmentation")
-    assert list_models(task=None) == list_models() + DETECTORS + segmentation
+    encoders = list_models(task="encoder")
+    assert list_models(task=None) == list_models() + DETECTORS + segmentation + encoders
 
 
 def test_default_boxes_follow_ssd_scales():

@@ -31,6 +31,8 @@ from mobilenet.weights import gemma3n, read_checkpoint
 from mobilenet.weights.gemma3n import INDEX_FILE, VISION_PREFIX
 from mobilenet.weights.io import read_metadata
 
+from .helpers import randomize_v5
+
 WIDTH = 0.05  # timm's channel_multiplier and our width_mult
 SHARDS = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
 TOWER_SHARDS = SHARDS[1:3]  # the others hold the language model only
@@ -56,16 +58,7 @@ def _tower(name: str = "mobilenetv5_300m_enc", width: float = WIDTH) -> nn.Modul
     tensor shows in the output."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, channel_multiplier=width, num_classes=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key.endswith("layer_scale.gamma"):
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif key.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif p.dim() == 1:  # RMS norm scales
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return model.eval()
+    return randomize_v5(model)
 
 
 def _language_model() -> dict[str, torch.Tensor]:

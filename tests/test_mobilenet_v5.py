@@ -16,28 +16,15 @@ from mobilenet.layers import GELUTanh, RmsNorm2d
 from mobilenet.models.mobilenet_v5 import MobileNetV5, MobileNetV5Encoder
 from mobilenet.models.v5_layouts import GEMMA_PREFIX
 
+from .helpers import randomize_v5
+
 V5 = ["mobilenet_v5_300m", "mobilenet_v5_300m_enc", "mobilenet_v5_base"]
 TIMM = {name: name.replace("mobilenet_v5", "mobilenetv5") for name in V5}  # timm's names
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random norm scales, layer scales (1e-5 at init would hide the residual branches)
-    and biases, so every tensor the layout maps shows in the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layer_scale.gamma"):
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif p.dim() == 1:  # RMS norm scales
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return model.eval()
-
-
 def _timm_reference(name: str, **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return _randomize(timm.create_model(name, pretrained=False, **kwargs))
+    return randomize_v5(timm.create_model(name, pretrained=False, **kwargs))
 
 
 def _assert_same(ref: nn.Module, model: nn.Module, sizes, batch: int = 2) -> None:
@@ -171,7 +158,8 @@ def test_drop_path_follows_timms_schedule():
 
 
 def test_registry_and_eval_configs():
-    assert set(V5) <= set(list_models())
+    assert set(V5) <= set(list_models(task=None))
+    assert list_models(task="encoder") == ["mobilenet_v5_300m_enc"]  # `mobilenet list` says so
     assert create_model("mobilenet_v5_300m_enc", width_mult=0.25).eval_config.resolution == 768
     base = create_model("mobilenet_v5_base", width_mult=0.25).eval_config
     assert (base.resolution, base.crop_pct, base.mean) == (256, 1.0, (0.5, 0.5, 0.5))
@@ -180,7 +168,7 @@ def test_registry_and_eval_configs():
 
 
 def test_model_api_feature_maps_and_msfa_map():
-    model = _randomize(create_model("mobilenet_v5_base", width_mult=0.25, num_classes=5))
+    model = randomize_v5(create_model("mobilenet_v5_base", width_mult=0.25, num_classes=5))
     assert isinstance(model, MobileNetV5)
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
@@ -208,7 +196,7 @@ def test_encoder_forward_is_the_msfa_map_and_backward_reaches_every_parameter():
 
 
 def test_own_file_round_trip_keeps_padding(tmp_path):
-    model = _randomize(create_model("mobilenet_v5_300m_enc", width_mult=0.25))
+    model = randomize_v5(create_model("mobilenet_v5_300m_enc", width_mult=0.25))
     path = save_weights(model, tmp_path / "v5.safetensors")
     loaded = create_model("mobilenet_v5_300m_enc", weights=path).eval()
     assert loaded.config == model.config and isinstance(loaded, MobileNetV5Encoder)
@@ -218,7 +206,7 @@ def test_own_file_round_trip_keeps_padding(tmp_path):
 
 
 def test_torch_export_matches_eager():
-    model = _randomize(create_model("mobilenet_v5_base", width_mult=0.25, num_classes=4))
+    model = randomize_v5(create_model("mobilenet_v5_base", width_mult=0.25, num_classes=4))
     x = torch.randn(1, 3, 64, 64)
     exported = torch.export.export(model, (x,)).module()
     with torch.no_grad():
@@ -245,7 +233,7 @@ def test_msfa_equals_timms(high, low):
     torch.manual_seed(0)
     ref = MobileNetV5MultiScaleFusionAdapter([16, 24], 32, 16).eval()
     ours = MultiScaleFusionAdapter(40, 32, 16, act=GELUTanh, norm=RmsNorm2d).eval()
-    _randomize(ref)
+    randomize_v5(ref)
     names = {"pw_exp": "expand", "pw_proj": "project"}
     state = {}
     for key, tensor in ref.state_dict().items():

@@ -12,8 +12,9 @@ ALL = paper_models()
 
 
 def test_registry_holds_every_variant():
-    v5 = ["mobilenet_v5_300m", "mobilenet_v5_300m_enc", "mobilenet_v5_base"]
+    v5 = ["mobilenet_v5_300m", "mobilenet_v5_base"]
     assert sorted(list_models()) == sorted([*ALL, *TIMM_VARIANTS, *v5])
+    assert list_models(task="encoder") == ["mobilenet_v5_300m_enc"]  # features, no classes
     assert ALL == [
         "mobilenet_v1",
         "mobilenet_v1_conv",

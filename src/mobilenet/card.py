@@ -10,7 +10,8 @@ The keys (card version 1)::
 
     card          "1"
     config        the model's config, a JSON object naming the model ("name")
-    task          classification | detection | segmentation
+    task          classification | detection | segmentation | encoder (features, no
+                  classes: MobileNetV5's, ``num_classes`` 0)
     classes       a JSON list of class names (detection: of the categories, label i + 1)
     category_ids  detection: a JSON list of the categories' dataset ids
     resolution    the input size: "224" (square) or "512x1024" (height x width)
@@ -41,7 +42,7 @@ from .errors import CheckpointError
 __all__ = ["CARD_KEYS", "CARD_VERSION", "TASKS", "Category", "ModelCard", "size_text"]
 
 CARD_VERSION = 1
-TASKS = ("classification", "detection", "segmentation")
+TASKS = ("classification", "detection", "segmentation", "encoder")
 PRECISIONS = ("float32", "int8")
 CARD_KEYS = (
     "card",
@@ -225,7 +226,7 @@ class _Reader:
         count = config.get("num_classes")
         if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
             raise self.damaged("config", f"says {count!r} classes")
-        if isinstance(count, int) and count < 1:
+        if isinstance(count, int) and count < 0:  # 0: no classifier (an encoder)
             raise self.damaged("config", f"says {count} classes")
         return config
 

@@ -69,7 +69,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     if args.all == (args.model is not None):
         raise MobileNetError("give a model name or --all (not both)")
-    names = list_models() if args.all else [args.model]
+    # --all: every classifier, then the encoders (their cost is the trunk's and the MSFA's)
+    names = list_models() + list_models(task="encoder") if args.all else [args.model]
     # Built on the meta device: shapes only, so any width and resolution costs nothing.
     models = [meta_model(name, **model_kwargs(args)) for name in names]
     costs = [cost(m, args.resolution or _default_resolution(m)) for m in models]

@@ -34,16 +34,15 @@ def quantize_formats() -> dict[str, Format]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..classification.predict import load_trained
-    from ..models.base import DeployedModel
-
     fmt = _quantize_format(args)
     task = checkpoint_task_of(args.weights, args.model)
-    if not task_named(task).quantizes:  # before the calibration data is read
+    commands = task_named(task)
+    if not commands.quantizes:  # before the calibration data is read
         raise MobileNetError(f"quantize takes classifiers; {args.weights} holds a {task} model")
-    trained = load_trained(args.weights, args.model)
-    if isinstance(trained.model, DeployedModel):
-        raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
+    if task not in fmt.tasks:  # e.g. an encoder's int8 PyTorch file: nothing here reads it
+        takes = [f"--format {n}" for n, f in quantize_formats().items() if task in f.tasks]
+        raise MobileNetError(f"{task} models quantize to {' or '.join(takes)} only")
+    trained = commands.trained_for_quantize(args)
     fmt.require(f"{fmt.name} quantization")  # before the calibration data is read
     if args.method == "qat":
         how = _train_qat(trained, args)
@@ -57,10 +56,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
         how = fmt.quantize(trained, request)
     out = args.out
-    print(
-        f"wrote {out}: {trained.model.config.name} int8 ({how}; per-channel weights); "
-        f"evaluate it with `mobilenet eval --weights {out} --data ...`"
+    # A model without classes (an encoder) has no score for eval to measure.
+    hint = (
+        f"; evaluate it with `mobilenet eval --weights {out} --data ...`" if trained.classes else ""
     )
+    print(f"wrote {out}: {trained.model.config.name} int8 ({how}; per-channel weights){hint}")
     return 0
 
 

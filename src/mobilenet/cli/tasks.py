@@ -86,6 +86,18 @@ class TaskCommands:
             say_preprocess(card.preprocess)  # export stays one error line
         return 0
 
+    def trained_for_quantize(self, args: argparse.Namespace) -> Any:
+        """``mobilenet quantize``: the float model of ``--weights`` (a
+        :class:`~mobilenet.deployed.Trained`) for a task that ``quantizes``; by default a
+        classifier's, with its classes and input size."""
+        from ..classification.predict import load_trained
+        from ..models.base import DeployedModel
+
+        trained = load_trained(args.weights, args.model)
+        if isinstance(trained.model, DeployedModel):
+            raise MobileNetError(f"{args.weights} is already exported: quantize the float weights")
+        return trained
+
     def trained_for_export(
         self, args: argparse.Namespace, fmt: Format
     ) -> tuple[Any, Any, ModelCard]:

@@ -23,7 +23,8 @@ __all__ = [
 def calibration_dataset(trained, data: str) -> Dataset:
     """The images to calibrate or fine-tune on, preprocessed as ``eval`` does (ranges
     observed on other inputs would not fit): a built-in dataset's training split (never
-    the held-out one), or a folder read with the model's class names."""
+    the held-out one), or a folder read with the model's class names (a model without
+    classes, an encoder, takes the folder's own sub-folders: labels are not used)."""
     from ..data.datasets import BUILTIN, ImageFolder, builtin_splits
     from ..data.imagenet import folder_classes
 
@@ -31,7 +32,8 @@ def calibration_dataset(trained, data: str) -> Dataset:
     if data in BUILTIN:
         return builtin_splits(data, transform, transform).train
     if Path(data).is_dir():
-        return ImageFolder(data, transform, classes=folder_classes(trained.classes))
+        classes = folder_classes(trained.classes) if trained.classes else None
+        return ImageFolder(data, transform, classes=classes)
     raise MobileNetError(
         f"data not found: {data} (an image folder, or one of: {', '.join(BUILTIN)})"
     )

@@ -1,6 +1,8 @@
 """Export to an ExecuTorch program (``.pte``) with XNNPACK kernels, for phones and small CPUs.
 
-The inference-prepared model (BatchNorm folded) goes through ``torch.export`` at a static
+The inference-prepared model (BatchNorm folded; RMS norms, attention and tanh-GELUs in
+the ops XNNPACK lowers whole and right: :func:`mobilenet.export.prepare.delegable_forms`,
+unsqueezes as views: :func:`unsqueeze_as_view`) goes through ``torch.export`` at a static
 batch of 1 (or, with ``max_batch``, a batch dimension from 1 to ``max_batch``), is lowered
 with the XNNPACK partitioner and serialised into memory. Before a byte is written,
 ExecuTorch's own Python runtime loads the bytes and runs them on batches of 1 and 3 (in
@@ -66,7 +68,7 @@ from .calibration import calibrated_export, observe
 from .check import check_against_pytorch
 from .int8_check import SLACK, check_int8
 from .metadata import model_metadata, model_name
-from .prepare import integer_activations, prepare_for_inference
+from .prepare import delegable_forms, integer_activations, prepare_for_inference
 from .pt2 import quiet_torch_export_logs
 from .pt2_program import first_line
 
@@ -79,6 +81,7 @@ __all__ = [
     "quantize_pte",
     "read_pte",
     "set_pte_threads",
+    "unsqueeze_as_view",
     "xnnpack_quantizer",
 ]
 
@@ -106,7 +109,7 @@ def export_pte(
     _require()
     _check_max_batch(max_batch)
     model = model.eval()
-    prepared = prepare_for_inference(model, channels_last=False)
+    prepared = delegable_forms(prepare_for_inference(model, channels_last=False))
     program = _torch_export(prepared, resolution, model_name(model), max_batch)
     meta = sealed_metadata(_metadata(model, resolution, metadata, "float32", max_batch))
     data = seal(_lower(program, meta, model_name(model)))
@@ -138,7 +141,7 @@ def export_pte_int8(
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "mobile", _PURPOSE)
     model = model.eval()
     name = model_name(model)
-    prepared = prepare_for_inference(model, channels_last=False)
+    prepared = delegable_forms(prepare_for_inference(model, channels_last=False))
     if integer_only:
         integer_activations(prepared)
     captured = _torch_export(prepared, resolution, name).module()
@@ -339,9 +342,26 @@ def _torch_export(
     try:
         with warnings.catch_warnings(), quiet_torch_export_logs():
             warnings.simplefilter("ignore")
-            return torch.export.export(module, (example,), dynamic_shapes=dynamic)
+            program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
     except Exception as e:  # torch raises many types for a model it cannot trace
         raise MobileNetError(f"torch.export cannot export {name}: {first_line(e)}") from None
+    return unsqueeze_as_view(program)
+
+
+def unsqueeze_as_view(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with every ``unsqueeze`` written as the ``view`` it is (to its static
+    shape, ``-1`` for a batch of 1 to ``max_batch``), in place: XNNPACK lowers a view of
+    any shape but an unsqueeze only of the last dimension, and each one it leaves (a
+    Mobile MQA block's shared key and value head) splits the delegated graph in two."""
+    graph = program.graph_module.graph
+    for node in graph.nodes:
+        if node.target is not torch.ops.aten.unsqueeze.default:
+            continue
+        sizes = [s if isinstance(s, int) else -1 for s in node.meta["val"].shape]
+        if sizes.count(-1) <= 1:
+            node.target, node.args = torch.ops.aten.view.default, (node.args[0], sizes)
+    program.graph_module.recompile()
+    return program
 
 
 def _lower(program: torch.export.ExportedProgram, meta: dict[str, str], name: str) -> bytes:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..blocks import MultiScaleFusionAdapter
 from ..errors import MobileNetError
 from ..models import MobileNet, ModelConfig
 from ..models.base import DeployedModel
@@ -33,6 +34,7 @@ __all__ = [
     "METHODS",
     "Int8Model",
     "convert_fx_int8",
+    "float_map_lists",
     "prepare_fx_int8",
     "quantize_model",
     "quantize_torch",
@@ -101,8 +103,22 @@ def prepare_fx_int8(model: MobileNet, method: str, resolution: int) -> torch.fx.
     example = (torch.zeros(1, 3, resolution, resolution),)
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if method == "ptq":
-        return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), example)
-    return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), example)
+        mapping = float_map_lists(model, get_default_qconfig_mapping(BACKEND))
+        return prepare_fx(model.eval(), mapping, example)
+    mapping = float_map_lists(model, get_default_qat_qconfig_mapping(BACKEND))
+    return prepare_qat_fx(model.train(), mapping, example)
+
+
+def float_map_lists(model: nn.Module, mapping):
+    """``mapping`` with each :class:`~mobilenet.blocks.MultiScaleFusionAdapter` of
+    ``model`` (MobileNetV5's) in float but for its FFN: FX puts an observer on a list of
+    maps (the adapter's resized inputs, before their concatenation), which takes only a
+    tensor. The FFN's 1x1 convs, nearly all of its work, stay int8."""
+    for name, module in model.named_modules():
+        if isinstance(module, MultiScaleFusionAdapter):
+            mapping.set_module_name(name, None)
+            mapping.set_module_name(f"{name}.ffn", mapping.global_qconfig)
+    return mapping
 
 
 def convert_fx_int8(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -27,6 +27,11 @@ of the float model's logits (their *spread*):
   every image the file's first class is one the reference scores within twice the allowed
   error of its own first (a choice rounding could flip: a flip needs two logits to move).
 
+A map (``[N, C, H, W]``: a segmentation model's logits, an encoder's features) is judged
+alike, each position a row of ``C`` values, the spread that of the whole float map. A
+model without classes (:func:`class_scores`: MobileNetV5's encoder, whose 2048 channels
+are features) has no first class to keep: its file is held to the distance alone.
+
 Measured on those three random networks (64x64, width 0.5, calibrated on digits; the
 PT2E references of both exporters, three seeds, four sets of images): the real files are
 0.6x to 1.4x the noise from their reference. The reference with 2%, 10% or 30% of every
@@ -53,6 +58,7 @@ import torch
 from torch import nn
 
 from ..errors import MobileNetError
+from .check import class_scores
 
 __all__ = [
     "NOISE_FLOOR",
@@ -83,6 +89,7 @@ class Int8Agreement:
     top1_image: int  # the calibration image of that gap
     top1_class: int  # the file's top-1 class there
     max_abs_diff: float  # the file's max abs difference from the float model, in logits
+    spread_of: str = "the logits'"  # what the distances are in units of, for messages
 
     @property
     def allowed(self) -> float:
@@ -93,7 +100,7 @@ class Int8Agreement:
         names what it was compared with."""
         if not self.error <= self.allowed:  # also refuses NaN
             return (
-                f"{engine} int8 is {self.error:.3f} of the logits' spread (RMS) from "
+                f"{engine} int8 is {self.error:.3f} of {self.spread_of} spread (RMS) from "
                 f"{reference} on the calibration images, more than {self.allowed:.3f} "
                 f"({self.slack:g}x this network's rounding noise, {self.noise:.3f}); "
                 "nothing written"
@@ -102,7 +109,7 @@ class Int8Agreement:
             return (
                 f"{engine} int8 ranks class {self.top1_class} first on calibration image "
                 f"{self.top1_image + 1}, which {reference} scores "
-                f"{self.top1_gap:.3f} of the logits' spread below its own first, more than "
+                f"{self.top1_gap:.3f} of {self.spread_of} spread below its own first, more than "
                 f"{2 * self.allowed:.3f} (twice the allowed error); nothing written"
             )
         return None
@@ -114,13 +121,18 @@ def int8_agreement(
     float_logits: torch.Tensor,
     sensitivity: float = 0.0,
     slack: float = SLACK,
+    scores: bool = True,
 ) -> Int8Agreement:
-    """The rule's measurements on logits already computed on the same images (rows:
-    images, columns: classes): the int8 file's, its reference's and the float model's.
-    ``sensitivity`` is the RMS distance of the reference's logits from themselves on the
-    images moved by half a step (what :func:`check_int8` measures), in logits."""
+    """The rule's measurements on outputs already computed on the same images: the int8
+    file's, its reference's and the float model's logits (rows: images, columns:
+    classes), or maps (``[N, C, H, W]``: every position a row). ``sensitivity`` is the RMS
+    distance of the reference's outputs from themselves on the images moved by half a step
+    (what :func:`check_int8` measures), in the output's units. ``scores``: whether the
+    channels are class scores (:func:`class_scores`); an encoder's features have no first
+    class to keep, and are held to the distance alone."""
+    images = file_logits.shape[0]
     ours, theirs, exact = (
-        t.detach().to(torch.float64) for t in (file_logits, reference_logits, float_logits)
+        _rows(t.detach().to(torch.float64)) for t in (file_logits, reference_logits, float_logits)
     )
     spread = float(exact.std()) if exact.numel() > 1 else 0.0
     spread = max(spread, 1e-6 * max(1.0, float(exact.abs().max())))  # constant logits
@@ -133,16 +145,26 @@ def int8_agreement(
         noise = math.nan  # max() would drop a NaN that comes second
     top1 = ours.argmax(1)
     gaps = (theirs.max(1).values - theirs.gather(1, top1[:, None])[:, 0]) / spread
+    if not scores:
+        gaps = torch.zeros_like(gaps)
     worst = int(gaps.argmax())
     return Int8Agreement(
         error=distance(ours, theirs),
         noise=noise,
         slack=slack,
         top1_gap=float(gaps[worst]),
-        top1_image=worst,
+        top1_image=worst // max(1, len(ours) // max(1, images)),
         top1_class=int(top1[worst]),
         max_abs_diff=float((ours - exact).abs().max()),
+        spread_of="the logits'" if scores else "the output's",
     )
+
+
+def _rows(output: torch.Tensor) -> torch.Tensor:
+    """Logits as they are; a map ``[N, C, H, W]`` as one row of ``C`` per position."""
+    if output.dim() <= 2:
+        return output
+    return output.movedim(1, -1).reshape(-1, output.shape[1])
 
 
 def check_int8(
@@ -172,7 +194,7 @@ def check_int8(
             f"{engine} int8 gives logits of shape {tuple(ours.shape)} where {reference_name} "
             f"gives {tuple(theirs.shape)}; nothing written"
         )
-    agreement = int8_agreement(ours, theirs, exact, sensitivity, slack)
+    agreement = int8_agreement(ours, theirs, exact, sensitivity, slack, class_scores(model))
     reason = agreement.refusal(engine, reference_name)
     if reason:
         raise MobileNetError(reason)

@@ -1,6 +1,7 @@
 """Export to LiteRT (``.tflite``, formerly TensorFlow Lite), for Android, iOS and microcontrollers.
 
-The inference-prepared model (BatchNorm folded) goes through litert-torch, the LiteRT
+The inference-prepared model (BatchNorm folded, attention as matrix products) goes
+through litert-torch, the LiteRT
 converter for PyTorch, and the flatbuffer is kept in memory. Before a byte is written,
 the LiteRT interpreter (``ai_edge_litert``, with its default XNNPACK delegate) loads the
 bytes and runs them on batches of 1 and 3, compared with PyTorch (1e-4 on unit-scale
@@ -16,7 +17,9 @@ the convolutions to NHWC inside the file either way; an NHWC input (its
 NCHW (mobilenet_v2 at 224, one thread), so the layout a PyTorch user already feeds is
 kept. The file is converted at batch 1 (litert-torch cannot lower the flatten of a
 symbolic batch); the interpreter resizes the batch of the input, and the export checks
-that at batch 3 too.
+that at batch 3 too. Where the converter has fixed the batch of a RESHAPE at 1 (the
+attention of MobileNetV5's encoder), the interpreter cannot plan another batch: the
+file's metadata then says ``batch`` 1, as an int8 file's (below).
 
 A TFLite flatbuffer has a metadata table of named buffers (the converter keeps its own
 ``min_runtime_version`` there). The model's config, classes and resolution, with the
@@ -65,7 +68,7 @@ from .check import check_against_pytorch
 from .executorch import INT8_SLACK
 from .int8_check import check_int8
 from .metadata import model_metadata, model_name
-from .prepare import integer_activations, prepare_for_inference
+from .prepare import delegable_forms, integer_activations, prepare_for_inference
 from .pt2 import quiet_torch_export_logs
 from .pt2_program import first_line
 
@@ -77,6 +80,8 @@ __all__ = [
     "probe_tflite",
     "quantize_tflite",
     "read_tflite",
+    "tflite_batch",
+    "tflite_metadata",
 ]
 
 FORMAT = "mobilenet-tflite"
@@ -101,10 +106,12 @@ def export_tflite(
     file appears. The file keeps the config, resolution and ``metadata`` (class names)."""
     _require_converter()
     model = model.eval()
-    prepared = prepare_for_inference(model, channels_last=False)
+    prepared = _delegable(prepare_for_inference(model, channels_last=False))
     flat = _convert(prepared, resolution, model_name(model))
-    meta = sealed_metadata(_metadata(model, resolution, metadata, "float32"))
-    data = seal(_with_metadata(flat, meta))
+    meta = _metadata(model, resolution, metadata, "float32")
+    if not _batch_resizable(flat, resolution):  # see the module's docstring
+        meta["batch"] = FIXED_BATCH
+    data = seal(_with_metadata(flat, sealed_metadata(meta)))
     run, _ = read_tflite(data, "the exported model", threads=1, verify=False)
     diff = check_against_pytorch(lambda t: run(t).numpy(), model, resolution, "LiteRT")
     write_bytes(path, data)
@@ -129,7 +136,8 @@ def export_tflite_int8(
 
     model = model.eval()
     name = model_name(model)
-    prepared = integer_activations(prepare_for_inference(model, channels_last=False))
+    prepared = _delegable(prepare_for_inference(model, channels_last=False), int8=True)
+    prepared = integer_activations(prepared)
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
     )
@@ -246,6 +254,34 @@ def _runner(interpreter: Any, image: dict, logits: dict, what: str, fixed: bool)
     return run
 
 
+def _batch_resizable(flat: bytes, resolution: int) -> bool:
+    """Whether the interpreter plans a batch of 2 for the converted model: not where the
+    converter has fixed a RESHAPE's batch at 1 (MobileNetV5's attention)."""
+    interpreter_module = require("ai_edge_litert.interpreter", "litert", _PURPOSE)
+    with quiet_native_stderr():
+        interpreter = interpreter_module.Interpreter(model_content=flat, num_threads=1)
+        index = interpreter.get_input_details()[0]["index"]
+        try:
+            interpreter.resize_tensor_input(index, [2, 3, resolution, resolution])
+            interpreter.allocate_tensors()  # where the delegate plans every shape
+        except (RuntimeError, ValueError):
+            return False
+    return True
+
+
+def tflite_batch(metadata: dict[str, str]) -> str:
+    """A file's batch sizes in words, from its metadata (for ``export``'s line)."""
+    if metadata.get("batch") == FIXED_BATCH:
+        return "batch 1 (larger batches image by image)"
+    return "batch 1, resizable"
+
+
+def tflite_metadata(data: bytes, what: str) -> dict[str, str]:
+    """The metadata of a ``.tflite`` written by this module, from its bytes (which the
+    interpreter has verified, or this process has just made)."""
+    return _read_metadata(data, what)
+
+
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
     if detail["dtype"] != np.int8:
         return x
@@ -325,6 +361,14 @@ def _read_metadata(data: bytes, what: str) -> dict[str, str]:
     if square is None or metadata.get("layout") != LAYOUT:
         raise MobileNetError(f"{what}: its mobilenet metadata is damaged")
     return metadata
+
+
+def _delegable(prepared: nn.Module, int8: bool = False) -> nn.Module:
+    """Attention as matrix products, which litert-torch converts right (its fused
+    attention of one key/value head for many query heads it does not), and for ``int8``
+    TensorFlow's SAME padding as concatenated zeros; RMS norms and GELUs as they are (see
+    :func:`mobilenet.export.prepare.delegable_forms`)."""
+    return delegable_forms(prepared, norms=False, gelus=False, pads=int8)
 
 
 def _capture(module: nn.Module, resolution: int, name: str) -> torch.fx.GraphModule:

@@ -61,16 +61,19 @@ def _runner(session) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def kernel_agreement(int8_session, qdq_session, images: torch.Tensor) -> Int8Agreement:
+def kernel_agreement(
+    int8_session, qdq_session, images: torch.Tensor, scores: bool = True
+) -> Int8Agreement:
     """How far ``int8_session`` (ONNX Runtime's int8 kernels) is from ``qdq_session`` (the
-    same file's QDQ graph in float32) on ``images``, in units of the logits' spread, with
-    the noise the rule allows (the QDQ graph's own sensitivity to one-step changes)."""
+    same file's QDQ graph in float32) on ``images``, in units of the output's spread, with
+    the noise the rule allows (the QDQ graph's own sensitivity to one-step changes);
+    ``scores``: whether its output channels are class scores (not an encoder's features)."""
     ours_run, theirs_run = _runner(int8_session), _runner(qdq_session)
     batches = (images[:1], images[:PROBE_IMAGES])
     theirs = torch.cat([theirs_run(x) for x in batches])
     ours = torch.cat([ours_run(x) for x in batches])
     sensitivity = probe_sensitivity(theirs_run, batches[1], theirs[1:])
-    return int8_agreement(ours, theirs, theirs, sensitivity)
+    return int8_agreement(ours, theirs, theirs, sensitivity, scores=scores)
 
 
 def runnable_int8_session(
@@ -80,12 +83,13 @@ def runnable_int8_session(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     warn: Callable[[str], None] | None = None,
+    scores: bool = True,
 ):
     """``session`` (an int8 file's, on ONNX Runtime's int8 kernels) where this CPU's
     kernels compute the file's arithmetic; else a session of its QDQ graph in float32,
-    after one line to ``warn`` saying why."""
+    after one line to ``warn`` saying why. ``scores``: see :func:`kernel_agreement`."""
     qdq = onnx_session(path, qdq_in_float=True)
-    agreement = kernel_agreement(session, qdq, probe_images(size, mean, std))
+    agreement = kernel_agreement(session, qdq, probe_images(size, mean, std), scores)
     if agreement.refusal("ONNX Runtime") is None:
         return session
     if warn is not None:
@@ -98,9 +102,9 @@ def runnable_int8_session(
             else ("; uint8 x int8 products saturate on x86 without VNNI")
         )
         warn(
-            f"{path}: this CPU's ONNX Runtime int8 kernels are {agreement.error:.2f} of the "
-            f"logits' spread from the file's quantized graph ({times:.0f}x its rounding "
-            f"noise{why}): running its QDQ graph in float32 instead, the same int8 model, "
+            f"{path}: this CPU's ONNX Runtime int8 kernels are {agreement.error:.2f} of "
+            f"{agreement.spread_of} spread from the file's quantized graph ({times:.0f}x its "
+            f"rounding noise{why}): running its QDQ graph in float32 instead, the same int8 model, "
             "slower"
         )
     return qdq

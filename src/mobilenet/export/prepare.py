@@ -1,10 +1,12 @@
 """Inference preparation shared by every engine: BatchNorm folded, channels_last, no grad;
-for quantizers that have no integer h-swish, the activations as integer-friendly ops; and
+for quantizers that have no integer h-swish, the activations as integer-friendly ops; for
+the phone runtimes' delegates, RMS norms and attention in the ops they lower; and
 BatchNorm statistics measured on given images."""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 
 import torch
@@ -13,12 +15,17 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..blocks import MobileMQA
-from ..layers import ConvBNAct
+from ..layers import ConvBNAct, DotProductAttention, GELUTanh, RmsNorm2d, SamePad, same_pad
 
 __all__ = [
+    "ChannelMeanRmsNorm2d",
+    "ConcatSamePad",
     "IntegerHardsigmoid",
     "IntegerHardswish",
+    "MatmulAttention",
+    "TanhFormulaGELU",
     "attention_norm_foldable",
+    "delegable_forms",
     "fold_batchnorm",
     "integer_activations",
     "measure_batchnorm",
@@ -139,4 +146,127 @@ def integer_activations(model: nn.Module) -> nn.Module:
             setattr(model, name, IntegerHardsigmoid())
         else:
             integer_activations(child)
+    return model
+
+
+class ChannelMeanRmsNorm2d(nn.Module):
+    """:class:`~mobilenet.layers.RmsNorm2d` with its mean over the channels written as a
+    1x1 convolution to one channel (weights ``1 / C``): the same function (the sum in
+    another order, ~1e-7 relative), in an op XNNPACK and LiteRT lower. Their mean
+    reduces the spatial axes only, so a channel mean is left to ExecuTorch's portable
+    kernels, each one a break between two delegated partitions."""
+
+    def __init__(self, norm: RmsNorm2d) -> None:
+        super().__init__()
+        channels = norm.weight.numel()
+        self.eps = norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
+        self.mean = nn.Conv2d(channels, 1, 1, bias=False)
+        self.mean.to(norm.weight.device, norm.weight.dtype)
+        with torch.no_grad():
+            self.mean.weight.fill_(1.0 / channels)
+        self.mean.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(self.mean(x * x) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+class MatmulAttention(nn.Module):
+    """:class:`~mobilenet.layers.DotProductAttention` as two batched matrix products and
+    a softmax: PyTorch's fused kernel exports as a masked softmax (``where``, ``any``,
+    ``full_like``) that XNNPACK does not lower, and ``matmul`` of 4-D tensors as copies
+    (``expand``) around ``bmm``. With one shared key/value head (multi-query attention) the
+    query heads are stacked along the sequence, so no key or value is copied per head."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch, heads, length, dim = q.shape
+        positions, value_dim = k.shape[2], v.shape[3]
+        q = q * dim**-0.5
+        if k.shape[1] == 1:  # [B, heads * L, d] against [B, P, d]
+            q = q.reshape(batch, heads * length, dim)
+            k, v = k.reshape(batch, positions, dim), v.reshape(batch, positions, value_dim)
+        else:  # [B * heads, L, d] against [B * heads, P, d]
+            q = q.reshape(batch * heads, length, dim)
+            k = k.reshape(batch * heads, positions, dim)
+            v = v.reshape(batch * heads, positions, value_dim)
+        out = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        return out.reshape(batch, heads, length, value_dim)
+
+
+class TanhFormulaGELU(nn.Module):
+    """GELU with the tanh approximation written out, ``0.5 x (1 + tanh(sqrt(2 / pi) (x +
+    0.044715 x^3)))`` (:class:`~mobilenet.layers.GELUTanh`, MobileNetV5's activation).
+    ExecuTorch's XNNPACK delegate lowers ``gelu`` without looking at ``approximate`` and
+    computes the exact (erf) GELU, up to 5e-4 off at each activation: through
+    MobileNetV5-300M's 130 activations, 1e-3 of the output's scale."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+        return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+class ConcatSamePad(nn.Module):
+    """:class:`~mobilenet.layers.SamePad` (TensorFlow's SAME zero padding) as rows and
+    columns of zeros concatenated to the map: the same tensor, without a PAD op. In an
+    int8 graph litert-torch moves a PAD to NHWC with its padding left on the NCHW axes
+    where the padded map has other readers (a Mobile MQA block's normalised input, read
+    by the query projection and by the strided key and value downsamplers), and cannot
+    convert it; a concatenation it moves right."""
+
+    def __init__(self, pad: SamePad) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = pad.kernel_size, pad.stride, pad.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right, top, bottom = same_pad(x.shape, self.kernel_size, self.stride, self.dilation)
+        x = _zeros_around(x, top, bottom, dim=2)
+        return _zeros_around(x, left, right, dim=3)
+
+
+def _zeros_around(x: torch.Tensor, before: int, after: int, dim: int) -> torch.Tensor:
+    """``x`` with ``before`` and ``after`` slices of zeros along ``dim``."""
+    parts = []
+    for count, at_end in ((before, False), (after, True)):
+        if count:
+            shape = list(x.shape)
+            shape[dim] = count
+            parts.append((at_end, x.new_zeros(shape)))
+    if not parts:
+        return x
+    ahead = [z for at_end, z in parts if not at_end]
+    behind = [z for at_end, z in parts if at_end]
+    return torch.cat([*ahead, x, *behind], dim=dim)
+
+
+def delegable_forms(
+    model: nn.Module, norms: bool = True, gelus: bool = True, pads: bool = False
+) -> nn.Module:
+    """Replace, in place, every :class:`~mobilenet.layers.DotProductAttention` of
+    ``model`` by :class:`MatmulAttention`, every :class:`~mobilenet.layers.RmsNorm2d` by
+    :class:`ChannelMeanRmsNorm2d` (``norms``) and every :class:`~mobilenet.layers.GELUTanh`
+    by :class:`TanhFormulaGELU` (``gelus``): the same functions, in ops the phone runtimes
+    lower whole and right.
+
+    ExecuTorch needs all three: left as they are, MobileNetV5-300M's attention blocks and
+    RMS norms cut its XNNPACK graph into ~90 delegated pieces joined by portable kernels
+    (minutes more to lower, slower to run), and its GELUs compute the erf GELU. LiteRT
+    needs the attention (and, in an int8 graph, ``pads``: every
+    :class:`~mobilenet.layers.SamePad` as a :class:`ConcatSamePad`) only: litert-torch
+    lowers MobileNetV5's multi-query attention
+    (one key/value head for 12 or 16 query heads) to a program whose output is 30% to 60%
+    of its scale off PyTorch's (random weights at width 0.05), and the matrix products
+    to one that agrees to 3e-6; its MEAN and GELU ops are right, and faster than the
+    written-out forms."""
+    for name, child in model.named_children():
+        if isinstance(child, DotProductAttention):
+            setattr(model, name, MatmulAttention())
+        elif norms and isinstance(child, RmsNorm2d):
+            setattr(model, name, ChannelMeanRmsNorm2d(child))
+        elif gelus and isinstance(child, GELUTanh):
+            setattr(model, name, TanhFormulaGELU())
+        elif pads and isinstance(child, SamePad):
+            setattr(model, name, ConcatSamePad(child))
+        else:
+            delegable_forms(child, norms, gelus, pads)
     return model

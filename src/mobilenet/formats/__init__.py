@@ -224,7 +224,9 @@ class Format:
 
     def task_of(self, path: Path) -> str:
         """The task of the model a file holds, for the commands that dispatch on it."""
-        return "classification"  # the exported programs other than ONNX hold classifiers
+        return (
+            "classification"  # what other formats hold (ONNX, ExecuTorch and LiteRT read the card)
+        )
 
     @property
     def exports(self) -> bool:

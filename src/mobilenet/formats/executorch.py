@@ -96,6 +96,7 @@ class PteFormat(Format):
         "ExecuTorch program (XNNPACK; a batch of 1, or 1 to --max-batch; "
         'pip install "mobilenet[mobile]")'
     )
+    tasks = ("classification", "encoder")
     quantizes = True
     integer_only = True
     options = ("max_batch",)
@@ -140,6 +141,16 @@ class PteFormat(Format):
         precision = metadata.get("dtype", card.precision)
         pte = PteModel(run, config, res, int(metadata["max_batch"]), precision)
         return Trained(pte, classes, res, path, card.preprocess, card)
+
+    def metadata(self, path: Path) -> dict[str, str]:
+        from ..export.executorch import read_pte
+
+        return read_pte(path)[1]
+
+    def task_of(self, path: Path) -> str:
+        """The task its card names (a classifier's, or an encoder's, whose commands
+        refuse ``eval`` and ``predict`` in one line)."""
+        return self.metadata(path).get("task", "classification")
 
     def engines(self) -> tuple[Engine, ...]:
         return runtime_engines(self, "executorch", _bench, _refuses)

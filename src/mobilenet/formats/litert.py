@@ -58,15 +58,17 @@ class TfliteFormat(Format):
     extra = "litert"
     modules = ("litert_torch", "ai_edge_litert")
     summary = 'LiteRT model (batch 1, resizable; pip install "mobilenet[litert]")'
+    tasks = ("classification", "encoder")
     quantizes = True
 
     def export(
         self, model: nn.Module, path: Path, resolution: Any, card: ModelCard, **options: Any
     ) -> Exported:
-        from ..export.litert import export_tflite
+        from ..export.litert import export_tflite, tflite_batch, tflite_metadata
 
         diff = export_tflite(model, path, resolution, card.metadata())
-        return Exported(diff, "LiteRT", "batch 1, resizable")
+        batch = tflite_batch(tflite_metadata(path.read_bytes(), str(path)))
+        return Exported(diff, "LiteRT", batch)
 
     def quantize(self, trained: Trained, request: QuantizeRequest) -> str:
         from ..export.litert import quantize_tflite
@@ -92,6 +94,16 @@ class TfliteFormat(Format):
         precision = metadata.get("dtype", card.precision)
         tflite = TfliteModel(run, config, res, TFLITE_SLICE, precision)
         return Trained(tflite, classes, res, path, card.preprocess, card)
+
+    def metadata(self, path: Path) -> dict[str, str]:
+        from ..export.litert import read_tflite
+
+        return read_tflite(path)[1]
+
+    def task_of(self, path: Path) -> str:
+        """The task its card names (a classifier's, or an encoder's, whose commands
+        refuse ``eval`` and ``predict`` in one line)."""
+        return self.metadata(path).get("task", "classification")
 
     def engines(self) -> tuple[Engine, ...]:
         return runtime_engines(self, "litert", _bench, square_classifiers_only)

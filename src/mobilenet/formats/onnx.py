@@ -103,8 +103,10 @@ class OnnxFormat(Format):
     extra = "deploy"
     modules = ("onnx", "onnxruntime")
     summary = "ONNX, checked against ONNX Runtime (dynamic batch)"
-    tasks = ("classification", "segmentation", "detection")
-    reads = ("classification", "segmentation")  # the tasks whose files eval and predict read
+    tasks = ("classification", "segmentation", "detection", "encoder")
+    # The tasks whose files eval and predict hand to their task's commands (an encoder's
+    # refuse them in one line).
+    reads = ("classification", "segmentation", "encoder")
     quantizes = True
     integer_only = True
     options = ("opset",)
@@ -137,7 +139,8 @@ class OnnxFormat(Format):
         # QDQ graph in float32 here: say so now (the file is right; the kernels are not).
         kept = written.preprocess
         normalise = {"mean": kept.mean, "std": kept.std} if kept is not None else {}
-        runnable_int8_session(out, session, trained.size, warn=_warn, **normalise)
+        scores = written.num_classes != 0  # an encoder's features have no first class
+        runnable_int8_session(out, session, trained.size, warn=_warn, scores=scores, **normalise)
         scheme = written.quantization or {}  # what the file says, not a second guess
         kept = ", ".join(scheme.get("float_modules", ()))
         every = f"{kept} in float32, " if kept else "every operator in int8, "
@@ -150,9 +153,9 @@ class OnnxFormat(Format):
         return read_metadata(onnx_session(path))
 
     def task_of(self, path: Path) -> str:
-        """The task of a classifier's or a segmentation model's file; a detector's raw
-        heads are read as ONNX only by ``detect``, so any other file is taken as a
-        classifier's."""
+        """The task of a classifier's, a segmentation model's or an encoder's file; a
+        detector's raw heads are read as ONNX only by ``detect``, so any other file is
+        taken as a classifier's."""
         task = self.metadata(path).get("task", "classification")
         return task if task in self.reads else "classification"
 

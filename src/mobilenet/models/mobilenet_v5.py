@@ -187,6 +187,8 @@ class MobileNetV5Encoder(MobileNetV5):
     """Gemma 3n's vision encoder (timm's ``MobileNetV5Encoder``): ``forward`` returns the
     MSFA map, ``[B, 2048, 16, 16]``; no classifier."""
 
+    task = "encoder"  # features, not class scores: exported files say so, eval refuses them
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
@@ -262,7 +264,7 @@ def mobilenet_v5_300m(
     return build_v5(name, V5_300M, width_mult, num_classes, dropout, drop_path_rate, padding)
 
 
-@register_model
+@register_model(task="encoder")
 def mobilenet_v5_300m_enc(
     width_mult: float = 1.0,
     num_classes: int = 0,

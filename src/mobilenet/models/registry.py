@@ -34,7 +34,7 @@ __all__ = [
     "register_model",
 ]
 
-TASKS = ("classification", "detection", "segmentation")
+TASKS = ("classification", "detection", "segmentation", "encoder")
 # The package that registers each task's models beyond the classifiers, imported on demand.
 _TASK_PACKAGES = {"detection": "mobilenet.detection", "segmentation": "mobilenet.segmentation"}
 
@@ -71,7 +71,7 @@ def _load(task: str | None = None) -> None:
             importlib.import_module(package)
 
 
-TASK_ORDER = ("classification", "detection", "segmentation")
+TASK_ORDER = ("classification", "detection", "segmentation", "encoder")
 
 
 def list_models(task: str | None = "classification") -> list[str]:
@@ -87,7 +87,7 @@ def list_models(task: str | None = "classification") -> list[str]:
 
 def model_task(name: str) -> str:
     """The task of a registered model: ``"classification"``, ``"detection"``,
-    ``"segmentation"``."""
+    ``"segmentation"``, ``"encoder"`` (features, no classes: MobileNetV5's)."""
     if name not in _REGISTRY:
         _load()
     if name not in _REGISTRY:
