@@ -81,10 +81,7 @@ def _reseal(xml, weights, old: str, new: str, count: int = -1) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
-        for n in paper_models()
-    ],
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in paper_models()],
 )
 def test_float_ir_matches_pytorch_at_batch_1_and_3(name, tmp_path):
     path = tmp_path / "model.xml"
