@@ -192,17 +192,20 @@ def test_the_int8_rule_judges_a_map_by_its_distance():
     assert 0 <= scored.top1_image < 3 and 0 <= scored.top1_class < 32
 
 
-def test_encoder_onnx_file_says_encoder_and_eval_predict_refuse_it(tmp_path, capsys):
+# 64: the fusion adapter resizes its 4x4 map up to 16x16; 512: it average-pools its
+# 32x32 map by 2, the path of Gemma 3n's 768 (a window the export must keep constant).
+@pytest.mark.parametrize("res", [64, 512])
+def test_encoder_onnx_file_says_encoder_and_eval_predict_refuse_it(res, tmp_path, capsys):
     out = tmp_path / "enc.onnx"
-    args = ["export", "--model", ENCODER, "--width-mult", "0.05", "--resolution", "64"]
+    args = ["export", "--model", ENCODER, "--width-mult", "0.05", "--resolution", str(res)]
     assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
-    assert f"wrote {out}: {ENCODER} at 64x64" in said
+    assert f"wrote {out}: {ENCODER} at {res}x{res}" in said
     run, metadata = _run_file(out)
-    assert metadata["task"] == "encoder" and metadata["resolution"] == "64"
+    assert metadata["task"] == "encoder" and metadata["resolution"] == str(res)
     config = json.loads(metadata["config"])
     assert config["name"] == ENCODER and config["num_classes"] == 0
-    assert run(torch.zeros(1, 3, 64, 64)).shape == (1, 2048, 16, 16)
+    assert run(torch.zeros(1, 3, res, res)).shape == (1, 2048, 16, 16)
     for line in _refusals(out, capsys, tmp_path):
         assert f"{out} is an encoder: its output is a feature map, not class scores" in line
 

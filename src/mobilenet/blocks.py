@@ -417,7 +417,9 @@ def resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return x
     if height % size[0] or width % size[1]:
         return F.interpolate(x, size=size, mode="bilinear")
-    kernel = (height // size[0], width // size[1])
+    # ints, not the shape's tensors a TorchScript trace (ONNX export) would make them:
+    # a pooling window must be a constant in the exported graph
+    kernel = (int(height) // size[0], int(width) // size[1])
     return F.avg_pool2d(x, kernel_size=kernel, stride=kernel)
 
 
