@@ -11,7 +11,12 @@ from mobilenet.cli.tasks import TaskCommands, tasks
 from mobilenet.formats import Engine, Format, engines, formats
 
 # How a top-level summary names a task's models (a new task needs its word here).
-TASK_WORDS = {"classification": "classif", "detection": "detect", "segmentation": "segment"}
+TASK_WORDS = {
+    "classification": "classif",
+    "detection": "detect",
+    "segmentation": "segment",
+    "encoder": "encoder",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -29,20 +29,14 @@ class EncoderCommands(TaskCommands):
     quantizes = True
     square_input = "an encoder's file takes a square input: --resolution N"
 
-    def train(self, args: argparse.Namespace):
-        what = args.model or args.weights
-        raise MobileNetError(
-            f"{what} is an encoder: it has no loss of its own to train; train the model it "
-            "serves, or a classifier"
-        )
-
-    def evaluate(self, args: argparse.Namespace) -> int:
-        what = args.weights or args.model
-        raise MobileNetError(_NOTHING_TO_SCORE.format(what=what, command="eval"))
-
-    def predict(self, args: argparse.Namespace) -> int:
-        what = args.weights or args.model
-        raise MobileNetError(_NOTHING_TO_SCORE.format(what=what, command="predict"))
+    def refusal(self, command: str, args: argparse.Namespace) -> str:
+        model, weights = getattr(args, "model", None), getattr(args, "weights", None)
+        if command == "train":
+            return (
+                f"{model or weights} is an encoder: it has no loss of its own to train; "
+                "train the model it serves, or a classifier"
+            )
+        return _NOTHING_TO_SCORE.format(what=weights or model, command=command)
 
     def trained_for_export(self, args: argparse.Namespace, fmt: Format):
         """The encoder of ``--weights`` at ``--resolution`` (else its own evaluation size)

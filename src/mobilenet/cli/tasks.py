@@ -54,15 +54,25 @@ class TaskCommands:
     def train(self, args: argparse.Namespace) -> tuple[Any, str]:
         """Train as ``args`` say; the result (``seconds``, ``out``) and its best score in
         words, for the summary."""
-        raise MobileNetError(f"{self.name} models are not trained by this mobilenet")
+        raise MobileNetError(self.refusal("train", args))
 
     def evaluate(self, args: argparse.Namespace) -> int:
         """``mobilenet eval``: score ``--weights`` on ``--data`` and print it."""
-        raise MobileNetError(f"{self.name} models are not evaluated by this mobilenet")
+        raise MobileNetError(self.refusal("eval", args))
 
     def predict(self, args: argparse.Namespace) -> int:
         """``mobilenet predict``: run ``--weights`` on the images and print what it found."""
-        raise MobileNetError(f"{self.name} models do not predict in this mobilenet")
+        raise MobileNetError(self.refusal("predict", args))
+
+    def refusal(self, command: str, args: argparse.Namespace) -> str:
+        """The one line for a ``command`` (train, eval, predict) this task's models do not
+        take."""
+        said = {
+            "train": "are not trained by",
+            "eval": "are not evaluated by",
+            "predict": "do not predict in",
+        }
+        return f"{self.name} models {said[command]} this mobilenet"
 
     def export(self, args: argparse.Namespace, fmt: Format) -> int:
         """``mobilenet export``: write the model as ``fmt`` (the model of ``--weights``, or
