@@ -463,6 +463,39 @@ def distill_mnist(rec: dict[str, Any]) -> Rows:
     return header, rows
 
 
+def v5_encoder(rec: dict[str, Any]) -> Rows:
+    """MobileNetV5's encoder per engine, input size and thread count: latency of one
+    image and the process's peak memory, loading included; the points not run, why."""
+    header = ["engine", "input", "threads", "latency (ms)", "peak memory (process RSS)"]
+    rows = []
+    for key, point in rec["points"].items():
+        engine, res, threads = key.split("/")
+        latency = ms(point["latency_s"] * 1e3)
+        rows.append([engine, f"{res}x{res}", threads, latency, mib(point["peak_rss_bytes"])])
+    for key, why in rec["not_run"].items():
+        if key.count("/") != 2:  # a step that is not a timed point (the cosine's)
+            continue
+        engine, res, threads = key.split("/")
+        rows.append([engine, f"{res}x{res}", threads, why, "-"])
+    for key, file in rec["files"].items():
+        if "not written" in file:
+            kind, res = key.split("/")
+            rows.append([f"({kind} file)", f"{res}x{res}", "-", file["not written"], "-"])
+    return header, rows
+
+
+def v5_encoder_cosine(rec: dict[str, Any]) -> Rows:
+    """The int8 file's map against the float encoder's, photograph by photograph."""
+    cosines = rec["int8_cosine_on_photos"]
+    header = ["photograph", "cosine (whole map)", "tokens: mean", "tokens: least"]
+    header.append("relative RMS error")
+    keys = ("map", "tokens_mean", "tokens_min", "relative_rms_error")
+    rows = [
+        [name, *(f"{c[k]:.4f}" for k in keys)] for name, c in cosines.items() if isinstance(c, dict)
+    ]
+    return header, rows
+
+
 def load_checks(rec: dict[str, Any]) -> Rows:
     header = [
         "file",
@@ -563,6 +596,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rows]] = {
     "train_compile": train_compile,
     "distill_mnist": distill_mnist,
     "load_checks": load_checks,
+    "v5_encoder": v5_encoder,
+    "v5_encoder:cosine": v5_encoder_cosine,
     "hostile_files": hostile_files,
     "detection_mnist": history,
     "detection_mnist_4000_images": history,
@@ -572,11 +607,13 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rows]] = {
 
 def render(name: str) -> str:
     """The table of record ``name`` (a specific one where it has one, its figures
-    otherwise; ``NAME:summary`` asks for its figures) and the machine line under it."""
+    otherwise; ``NAME:VIEW`` asks for another of its tables, ``NAME:summary`` for its
+    figures) and the machine line under it."""
     name, _, view = name.partition(":")
     rec = load_record(name)
     try:
-        header, rows = (summary if view else RENDERERS.get(name, summary))(rec)
+        renderer = RENDERERS.get(f"{name}:{view}" if view else name, summary)
+        header, rows = renderer(rec)
         table = markdown_table(header, rows)
     except (KeyError, TypeError, IndexError, ValueError) as error:
         raise TableError(f"benchmarks/{name}.json: cannot make its table ({error!r})") from error
