@@ -13,13 +13,17 @@ Eager and compiled run in two processes of their own that take turns, one epoch 
 in its first epoch; that epoch's time beyond its steps is the compile time, recorded
 apart). Each worker measures how many cores other processes kept busy during each of its
 epochs (:func:`mobilenet.machine.others_since`; during compilation that counts the
-compiler's own worker processes too). An epoch pair in which either epoch had more than
-``QUIET`` cores busy elsewhere is run again, up to ``--max-epochs``; the result is the
-median over the first ``--attempts`` undisturbed pairs (over all timed pairs, flagged
-``"undisturbed": false``, when there were not that many).
+compiler's own worker processes too). Before each pair the script waits (at most
+``--max-wait`` seconds) until other processes leave the cores idle; a pair in which
+either epoch still had more than ``QUIET`` cores busy elsewhere is run again, up to
+``--max-epochs``; the result is the median over the first ``--attempts`` undisturbed
+pairs (over all timed pairs, flagged ``"undisturbed": false``, when there were not that
+many). On a machine shared with other work, two threads on two cores slow down many
+times over as soon as one core is taken; so the waiting.
 
     python benchmarks/train_compile.py [--models ...] [--resolutions 224 128]
-        [--batch 32] [--steps 3] [--attempts 5] [--max-epochs 20] [--device cpu|cuda] [--amp]
+        [--batch 32] [--steps 3] [--attempts 5] [--max-epochs 12] [--max-wait 60]
+        [--device cpu|cuda] [--amp]
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from mobilenet.classification.task import ClassificationTask, TrainConfig, build_model
-from mobilenet.machine import cpu, load_snapshot, machine, others_since
+from mobilenet.machine import cores, cpu, free_cores, load_snapshot, machine, others_since
 from mobilenet.train import Setup, fit, get_recipe
 
 VARIANTS = ("eager", "compiled")
@@ -162,6 +166,15 @@ def quiet_pairs(epochs: dict[str, list[dict]], warmup: int) -> list[int]:
     ]
 
 
+def wait_quiet(limit_s: float) -> float:
+    """Wait (at most ``limit_s``) until other processes leave the cores idle for a second;
+    the seconds waited. The workers are idle meanwhile, so what is busy is the others."""
+    began = time.perf_counter()
+    while cores() - free_cores(1.0) > QUIET and time.perf_counter() - began < limit_s:
+        time.sleep(2.0)
+    return time.perf_counter() - began
+
+
 def run_point(args: argparse.Namespace, model: str, res: int, tmp: Path) -> dict[str, Any]:
     """Eager and compiled side by side at one (model, resolution), an epoch each in turn,
     until ``--attempts`` epoch pairs are undisturbed or ``--max-epochs`` are run."""
@@ -173,7 +186,9 @@ def run_point(args: argparse.Namespace, model: str, res: int, tmp: Path) -> dict
         if kind != "ready":
             failed[v] = text
     epochs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    waited = 0.0
     while not failed and len(epochs["eager"]) < args.max_epochs:
+        waited += wait_quiet(args.max_wait) if args.device == "cpu" else 0.0
         for v in VARIANTS:
             procs[v].stdin.write("go\n")
             procs[v].stdin.flush()
@@ -194,7 +209,7 @@ def run_point(args: argparse.Namespace, model: str, res: int, tmp: Path) -> dict
             kind, text = answer(procs[v], logs[v])
             threads[v] = int(text) if kind == "end" else None
         procs[v].wait()
-    return summarise(args, model, res, epochs, failed, threads)
+    return {**summarise(args, model, res, epochs, failed, threads), "waited_s": round(waited)}
 
 
 def summarise(
@@ -264,7 +279,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="epochs not timed")
     parser.add_argument("--attempts", type=int, default=5, help="timed epochs per variant")
     parser.add_argument(
-        "--max-epochs", type=int, default=20, help="epochs per variant at most (disturbed ones)"
+        "--max-epochs", type=int, default=12, help="epochs per variant at most (disturbed ones)"
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=60, help="seconds to wait for quiet before a pair"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
@@ -305,6 +323,7 @@ def main() -> None:
         "warmup_epochs": args.warmup,
         "timed_epochs": args.attempts,
         "max_epochs": args.max_epochs,
+        "max_wait_s": args.max_wait,
         "undisturbed_means_other_cores_at_most": QUIET,
         "load_average_at_start": [round(v, 2) for v in load],
         "busy_other_cores": max((b for b in busy if b is not None), default=None),
