@@ -224,9 +224,7 @@ class Format:
 
     def task_of(self, path: Path) -> str:
         """The task of the model a file holds, for the commands that dispatch on it."""
-        return (
-            "classification"  # what other formats hold (ONNX, ExecuTorch and LiteRT read the card)
-        )
+        return "classification"  # ONNX, ExecuTorch and LiteRT read theirs from the card
 
     @property
     def exports(self) -> bool:
